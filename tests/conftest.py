@@ -1,0 +1,28 @@
+"""Shared test fixtures and the hypothesis profile."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from hypothesis import settings
+
+# Reproducible in CI (no example database, derandomised); explorative locally.
+settings.register_profile("ci", deadline=None, print_blob=True, derandomize=True, database=None, max_examples=60)
+settings.register_profile("dev", deadline=None, print_blob=True, max_examples=60)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def v1_block_masks(rows: int, cols: int, with_separator: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """protected/newline masks of a v1 block: `rows` rows of `cols` grid tokens + newline, then a separator."""
+    newline = torch.zeros(rows, cols + 1, dtype=torch.bool)
+    newline[:, -1] = True
+    newline = newline.flatten()
+    if with_separator:
+        newline = torch.cat([newline, torch.zeros(1, dtype=torch.bool)])
+    protected = newline.clone()
+    if with_separator:
+        protected[-1] = True
+    return protected, newline
