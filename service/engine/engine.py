@@ -1,0 +1,162 @@
+"""OCREngine: one loaded model, and the walk of one page from image to result.
+
+upload image -> preprocess -> encode (vision + projector) -> prune -> assemble prompt
+-> generate -> postprocess. Each step is a module of this package; this file only
+strings them together and times them. The CLI, the HTTP worker, the benchmarks and the
+evaluation harness all call :meth:`OCREngine.run`, so every number measures the served path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pruning import PRUNERS, build_pruner
+
+from .assemble import Positions, assemble_prompt
+from .generate import NGramGuard, generate
+from .loading import DEFAULT_MODEL, load_model
+from .model import OcrModel
+from .postprocess import Box, decode_text, parse_boxes, to_markdown
+from .preprocess import Mode, preprocess
+from .prompts import Task, build_prompt, encode_prompt
+from .stats import PageStats, RetentionRequested, StageTimer
+
+log = logging.getLogger(__name__)
+
+PrunerName = Literal["rtprune", "none", "random", "norm", "divprune"]
+assert set(PrunerName.__args__) == set(PRUNERS), "keep PrunerName in step with pruning.PRUNERS"
+
+
+class OcrOptions(BaseModel):
+    """Everything a caller may choose per page. Defaults follow DeepSeek-OCR's own."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Mode = Mode.gundam
+    task: Task = Task.markdown
+    ref: str | None = Field(None, max_length=1000, description="what to find, for task 'locate'")
+    prompt: str | None = Field(None, max_length=4000, description="raw prompt with one <image>; overrides task")
+    pruner: PrunerName = "rtprune"
+    retention: float | Literal["auto"] = Field("auto", description="share of grid tokens kept, in (0, 1], or auto")
+    positions: Positions = Positions.original
+    max_new_tokens: int = Field(8192, ge=1, le=8192)
+    ngram_size: int = Field(30, ge=0, le=512, description="no-repeat n-gram size; 0 disables the guard")
+    ngram_window: int = Field(90, ge=0, le=8192, description="generated tokens the guard looks back over")
+    max_crops: int = Field(6, ge=2, le=9, description="most Gundam tiles")
+
+    @field_validator("retention")
+    @classmethod
+    def _retention_in_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0.0 < float(value) <= 1.0:
+            raise ValueError("retention must be in (0, 1] or 'auto'")
+        return value
+
+    def guard(self) -> NGramGuard:
+        return NGramGuard(size=self.ngram_size, window=self.ngram_window)
+
+    def prompt_text(self) -> str:
+        return build_prompt(self.task, ref=self.ref, prompt=self.prompt)
+
+    def validate_for_run(self) -> None:
+        """Checks that need more than one field; raise ValueError before any heavy work."""
+        self.prompt_text()
+        self.guard()
+
+
+class PageResult(BaseModel):
+    """One page: the model's raw text, clean markdown, layout boxes and statistics."""
+
+    markdown: str
+    text: str = Field(description="raw model output with grounding tags")
+    boxes: list[Box]
+    stats: PageStats
+
+
+class OCREngine:
+    """A loaded DeepSeek-OCR with RTPrune; create once per process with :meth:`load`."""
+
+    def __init__(self, model: OcrModel) -> None:
+        self.model = model
+
+    @classmethod
+    def load(
+        cls, model: str = DEFAULT_MODEL, *, device: str | None = None, dtype: str | None = None,
+        cache_dir: Path | None = None,
+    ) -> OCREngine:
+        loaded = load_model(model, device=device, dtype=dtype, cache_dir=cache_dir)
+        log.info("loaded %s (DeepSeek-OCR %s) on %s in %s%s", loaded.name, loaded.version, loaded.device,
+                 str(loaded.dtype).removeprefix("torch."), " with RANDOM weights" if loaded.random_weights else "")
+        return cls(OcrModel(loaded))
+
+    @property
+    def name(self) -> str:
+        return self.model.loaded.name
+
+    @property
+    def random_weights(self) -> bool:
+        return self.model.loaded.random_weights
+
+    def run(
+        self,
+        image: Image.Image,
+        options: OcrOptions | None = None,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        timer: StageTimer | None = None,
+    ) -> PageResult:
+        """OCR one page. ``should_stop`` is polled between decode steps (cancellation)."""
+        options = options or OcrOptions()
+        options.validate_for_run()
+        timer = timer or StageTimer(self.model.device)
+        version = self.model.version
+        with timer.stage("preprocess"):
+            page = preprocess(image, options.mode, version=version, max_crops=options.max_crops)
+        with timer.stage("vision"):
+            block = self.model.encode([page])[0]
+        keep_ratio = None if options.retention == "auto" else float(options.retention)
+        with timer.stage("prune"):
+            pruned = build_pruner(options.pruner, keep_ratio)(
+                block.features, block.protected, block.newline, block.global_view
+            )
+        with timer.stage("prefill"):
+            input_ids, image_start = encode_prompt(self.model.tokenizer, options.prompt_text(), block.n_tokens)
+            prompt = assemble_prompt(self.model.embed(input_ids), image_start, block.n_tokens, pruned.features,
+                                     pruned.kept_indices, options.positions)
+        generation = generate(self.model, prompt, max_new_tokens=options.max_new_tokens, guard=options.guard(),
+                              timer=timer, should_stop=should_stop)
+        text = decode_text(self.model.tokenizer, generation.tokens)
+        latency = timer.latency()
+        n_out = len(generation.tokens)
+        stats = PageStats(
+            visual_tokens=block.n_tokens,
+            visual_tokens_kept=pruned.n_kept,
+            retention=round(pruned.n_kept / block.n_tokens, 6),
+            retention_requested=RetentionRequested(
+                value=options.retention,
+                dynamic=pruned.keep_ratio if keep_ratio is None and pruned.r_sim is not None else None,
+                r_sim=pruned.r_sim,
+                r_txt=pruned.r_txt,
+            ),
+            prompt_tokens=prompt.length,
+            output_tokens=n_out,
+            latency_ms=latency,
+            decode_tokens_per_s=round(n_out / (latency.decode / 1e3), 3) if latency.decode > 0 else 0.0,
+            finish_reason=generation.finish_reason,
+        )
+        return PageResult(markdown=to_markdown(text), text=text, boxes=parse_boxes(text, page.size), stats=stats)
+
+    def warmup(self) -> None:
+        """One small forward through every stage, so the first request does not pay for lazy init."""
+        self.run(Image.new("RGB", (64, 64), "white"),
+                 OcrOptions(mode=Mode.gundam if self.model.version == "v2" else Mode.tiny, max_new_tokens=2))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device

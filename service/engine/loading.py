@@ -1,0 +1,174 @@
+"""Find the weights (hub id, local directory or preset) and build the transformers model.
+
+One path for every source: a directory laid out like ``deepseek-ai/DeepSeek-OCR`` (its
+``config.json`` as shipped, safetensors with the original key names, tokenizer files).
+A hub id is first materialised into the HF cache with ``snapshot_download``; the ``tiny``
+preset is such a directory that we write ourselves. Nothing silently falls back to
+random weights: a missing or partial checkpoint is an error that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config_v1 import is_v1_config, translate_v1_config
+from .presets import RANDOM_PRESETS, reference_config, seed_random_weights, tiny_checkpoint_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "deepseek-ai/DeepSeek-OCR"
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what to do about it."""
+
+
+@dataclass
+class LoadedModel:
+    """The transformers model and tokenizer, plus what the rest of the engine needs to know."""
+
+    model: Any  # UnlimitedOcrForConditionalGeneration | DeepseekOcr2ForConditionalGeneration
+    tokenizer: Any
+    name: str
+    version: str  # "v1" | "v2"
+    device: torch.device
+    dtype: torch.dtype
+    random_weights: bool
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """CUDA when available, else CPU; an explicit choice must exist."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was requested but CUDA is not available; use --device cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, float32 on CPU, unless asked otherwise."""
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of bf16, fp16, fp32") from None
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load DeepSeek-OCR (v1 or v2) from a hub id, a local directory, or a preset name."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if model == "random-full":
+        return _load_random_full(torch_device, torch_dtype, cache_dir)
+    directory = tiny_checkpoint_dir(cache_dir) if model == "tiny" else _checkpoint_directory(model)
+    loaded = _load_directory(directory, torch_device, torch_dtype)
+    loaded.name = model
+    loaded.random_weights = model in RANDOM_PRESETS
+    return loaded
+
+
+def _checkpoint_directory(model: str) -> Path:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json; point --model at a copy of the checkpoint repository")
+        return path
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{model} is not a checkpoint directory")
+    return _download(model)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    how_to = (
+        f"Pre-download it on a connected machine with `hf download {repo_id}` (it lands in the HF cache; "
+        "mount that cache and set HF_HUB_OFFLINE=1), or pass --model /path/to/a/local/copy. "
+        "To try the service without weights, ask for the random `tiny` preset explicitly."
+    )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except RepositoryNotFoundError as exc:
+        raise ModelLoadError(f"model {repo_id!r} was not found on the Hugging Face hub (or is private). {how_to}") from exc
+    except LocalEntryNotFoundError as exc:
+        raise ModelLoadError(f"model {repo_id!r} is not in the local HF cache and the hub cannot be reached. "
+                             f"{how_to}") from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not download {repo_id!r}: {exc}. {how_to}") from exc
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    try:
+        return json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {directory / 'config.json'}: {exc}") from exc
+
+
+def _model_class_and_config(raw: dict[str, Any], directory: Path) -> tuple[type, Any, str]:
+    if is_v1_config(raw):
+        from transformers import UnlimitedOcrForConditionalGeneration
+
+        return UnlimitedOcrForConditionalGeneration, translate_v1_config(raw), "v1"
+    if raw.get("model_type") == "deepseek_ocr2":
+        from transformers import AutoConfig, DeepseekOcr2ForConditionalGeneration
+
+        return DeepseekOcr2ForConditionalGeneration, AutoConfig.from_pretrained(directory), "v2"
+    raise ModelLoadError(
+        f"{directory / 'config.json'} is neither DeepSeek-OCR (model_type deepseek_vl_v2) nor DeepSeek-OCR-2 "
+        f"(model_type deepseek_ocr2); got model_type {raw.get('model_type')!r}"
+    )
+
+
+def _load_directory(directory: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    raw = _read_config(directory)
+    model_cls, config, version = _model_class_and_config(raw, directory)
+    if not any(directory.glob("*.safetensors")):
+        raise ModelLoadError(f"{directory} has no *.safetensors weights; the download may be incomplete "
+                             "(run `hf download` again)")
+    model, info = model_cls.from_pretrained(
+        directory, config=config, dtype=dtype, attn_implementation="sdpa", output_loading_info=True
+    )
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise ModelLoadError(
+            f"checkpoint {directory} does not fit {model_cls.__name__}: {len(info['missing_keys'])} missing and "
+            f"{len(info['mismatched_keys'])} mismatched tensors (e.g. {sorted(info['missing_keys'])[:3]}); "
+            "refusing to serve partly random weights"
+        )
+    # trust_remote_code=False: the shipped config has an auto_map, and a prompt would hang a server.
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    return LoadedModel(model.to(device).eval(), tokenizer, str(directory), version, device, dtype, False)
+
+
+def _load_random_full(device: torch.device, dtype: torch.dtype, cache_dir: Path | None) -> LoadedModel:
+    """The real architecture and config with random weights, for benchmarks (compute cost does not
+    depend on the values)."""
+    from transformers import AutoTokenizer, UnlimitedOcrForConditionalGeneration
+
+    config = translate_v1_config(reference_config())
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = UnlimitedOcrForConditionalGeneration(config).to(dtype)
+    seed_random_weights(model, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint_dir(cache_dir), trust_remote_code=False)
+    log.warning("model random-full has random weights: its output text is meaningless")
+    return LoadedModel(model.eval(), tokenizer, "random-full", "v1", device, dtype, True)

@@ -1,0 +1,94 @@
+"""The vision side of the walk: pages -> visual blocks, and the seams the generator uses.
+
+This is the only module that calls into transformers' model classes. The vision tower
+and projector run through the model's own ``get_image_features``, which returns each
+page's block as ``[local tiles, global view, view separator]`` in the language model's
+input space: exactly where RTPrune acts, before ``masked_scatter`` would put it into the
+prompt. We call the parts instead of ``forward`` so the pruner can sit in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layout import block_masks
+from .loading import LoadedModel
+from .preprocess import PreparedImage
+
+
+@dataclass(frozen=True)
+class VisualBlock:
+    """One page's visual tokens after the projector, with their layout.
+
+    ``features`` (n_tokens, hidden) in the model dtype; ``protected``/``newline`` (n_tokens,)
+    masks; ``global_view`` (3, S, S) float32 in [-1, 1] for the dynamic ratio.
+    """
+
+    features: torch.Tensor
+    protected: torch.Tensor
+    newline: torch.Tensor
+    global_view: torch.Tensor
+    page: PreparedImage
+
+    @property
+    def n_tokens(self) -> int:
+        return self.features.shape[0]
+
+
+class OcrModel:
+    """Thin adapter over the transformers model: encode pages, embed ids, run the decoder."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.version = loaded.version
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        text_config = self.model.config.text_config
+        self.text_config = text_config
+        self.max_positions: int = text_config.max_position_embeddings
+        # ids the tokenizer cannot decode (the embedding has 129,280 rows, the tokenizer 128,827)
+        self.vocab_limit: int = min(len(self.tokenizer), text_config.vocab_size)
+
+    @torch.inference_mode()
+    def encode(self, pages: list[PreparedImage]) -> list[VisualBlock]:
+        """Run the vision tower and projector over pages that share a global-view size."""
+        sizes = {page.global_view.shape for page in pages}
+        assert len(sizes) == 1, f"pages in one encoder call must share a global view size, got {sizes}"
+        pixel_values = torch.stack([p.global_view for p in pages]).to(self.device, self.dtype)  # (B, 3, S, S)
+        local = [p.tiles for p in pages if p.tiles is not None]
+        kwargs = {}
+        if local:
+            kwargs["pixel_values_local"] = torch.cat(local).to(self.device, self.dtype)  # (n_tiles, 3, T, T)
+            kwargs["num_local_patches"] = [p.num_tiles for p in pages]
+            if self.version == "v1":
+                kwargs["patches_grid"] = [list(p.grid) if p.grid else [1, 1] for p in pages]
+        output = self.model.model.get_image_features(pixel_values, **kwargs, return_dict=True)
+        blocks = []
+        for page, features in zip(pages, output.pooler_output, strict=True):
+            protected, newline = block_masks(page, self.version)
+            assert features.shape[0] == protected.numel(), (
+                f"encoder returned {features.shape[0]} tokens, layout expects {protected.numel()}"
+            )
+            blocks.append(
+                VisualBlock(features, protected.to(self.device), newline.to(self.device),
+                            page.global_view.to(self.device), page)
+            )
+        return blocks
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (..., hidden) in the model dtype."""
+        return self.model.get_input_embeddings()(input_ids.to(self.device))
+
+    def decoder(self, **kwargs):
+        """The language model's decoder stack (no LM head): prefill and decode steps call this."""
+        return self.model.model.language_model(**kwargs)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head over hidden states, in float32, with undecodable ids masked out."""
+        logits = self.model.lm_head(hidden).float()
+        logits[..., self.vocab_limit :] = float("-inf")
+        return logits
