@@ -26,3 +26,32 @@ def v1_block_masks(rows: int, cols: int, with_separator: bool = True) -> tuple[t
     if with_separator:
         protected[-1] = True
     return protected, newline
+
+
+# --- engine fixtures ---------------------------------------------------------------------------
+
+import pytest  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def preset_cache(tmp_path_factory) -> Path:  # noqa: F821 - annotation only
+    """Where the tiny checkpoint is written once per test session."""
+    return tmp_path_factory.mktemp("rtprune-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(preset_cache):
+    from service.engine import OCREngine
+
+    return OCREngine.load("tiny", device="cpu", cache_dir=preset_cache)
+
+
+def text_page(size: tuple[int, int] = (1100, 800), lines: int = 20) -> Image.Image:
+    """A white page with lines of black text, the shape of a real document scan."""
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    step = max(12, size[1] // (lines + 2))
+    for i in range(lines):
+        draw.text((40, step * (i + 1)), f"Line {i}: the quick brown fox jumps over the lazy dog.", fill="black")
+    return image

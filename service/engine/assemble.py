@@ -59,9 +59,11 @@ def assemble_prompt(
     device = text_embeds.device
     if Positions(positions) is Positions.compact:
         return PromptInputs(embeds, torch.arange(embeds.shape[0], device=device), embeds.shape[0])
-    position_ids = torch.cat([
-        torch.arange(image_start, device=device),
-        image_start + kept_indices.to(device),
-        torch.arange(image_start + n_visual, full_length, device=device),
-    ])  # (L,)
+    position_ids = torch.cat(
+        [
+            torch.arange(image_start, device=device),
+            image_start + kept_indices.to(device),
+            torch.arange(image_start + n_visual, full_length, device=device),
+        ]
+    )  # (L,)
     return PromptInputs(embeds, position_ids, full_length)

@@ -87,12 +87,22 @@ class OCREngine:
 
     @classmethod
     def load(
-        cls, model: str = DEFAULT_MODEL, *, device: str | None = None, dtype: str | None = None,
+        cls,
+        model: str = DEFAULT_MODEL,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
         cache_dir: Path | None = None,
     ) -> OCREngine:
         loaded = load_model(model, device=device, dtype=dtype, cache_dir=cache_dir)
-        log.info("loaded %s (DeepSeek-OCR %s) on %s in %s%s", loaded.name, loaded.version, loaded.device,
-                 str(loaded.dtype).removeprefix("torch."), " with RANDOM weights" if loaded.random_weights else "")
+        log.info(
+            "loaded %s (DeepSeek-OCR %s) on %s in %s%s",
+            loaded.name,
+            loaded.version,
+            loaded.device,
+            str(loaded.dtype).removeprefix("torch."),
+            " with RANDOM weights" if loaded.random_weights else "",
+        )
         return cls(OcrModel(loaded))
 
     @property
@@ -103,6 +113,7 @@ class OCREngine:
     def random_weights(self) -> bool:
         return self.model.loaded.random_weights
 
+    @torch.inference_mode()
     def run(
         self,
         image: Image.Image,
@@ -127,10 +138,22 @@ class OCREngine:
             )
         with timer.stage("prefill"):
             input_ids, image_start = encode_prompt(self.model.tokenizer, options.prompt_text(), block.n_tokens)
-            prompt = assemble_prompt(self.model.embed(input_ids), image_start, block.n_tokens, pruned.features,
-                                     pruned.kept_indices, options.positions)
-        generation = generate(self.model, prompt, max_new_tokens=options.max_new_tokens, guard=options.guard(),
-                              timer=timer, should_stop=should_stop)
+            prompt = assemble_prompt(
+                self.model.embed(input_ids),
+                image_start,
+                block.n_tokens,
+                pruned.features,
+                pruned.kept_indices,
+                options.positions,
+            )
+        generation = generate(
+            self.model,
+            prompt,
+            max_new_tokens=options.max_new_tokens,
+            guard=options.guard(),
+            timer=timer,
+            should_stop=should_stop,
+        )
         text = decode_text(self.model.tokenizer, generation.tokens)
         latency = timer.latency()
         n_out = len(generation.tokens)
@@ -154,8 +177,10 @@ class OCREngine:
 
     def warmup(self) -> None:
         """One small forward through every stage, so the first request does not pay for lazy init."""
-        self.run(Image.new("RGB", (64, 64), "white"),
-                 OcrOptions(mode=Mode.gundam if self.model.version == "v2" else Mode.tiny, max_new_tokens=2))
+        self.run(
+            Image.new("RGB", (64, 64), "white"),
+            OcrOptions(mode=Mode.gundam if self.model.version == "v2" else Mode.tiny, max_new_tokens=2),
+        )
 
     @property
     def device(self) -> torch.device:

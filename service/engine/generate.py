@@ -85,13 +85,19 @@ def generate(
     """Greedy decoding from ``prompt`` until eos, ``max_new_tokens`` or the model's positions run out."""
     budget = min(max_new_tokens, model.max_positions - prompt.next_position)
     if budget < 1:
-        raise ValueError(f"the prompt already uses {prompt.next_position} of the model's {model.max_positions} "
-                         "positions; nothing can be generated")
+        raise ValueError(
+            f"the prompt already uses {prompt.next_position} of the model's {model.max_positions} "
+            "positions; nothing can be generated"
+        )
     stop = should_stop or (lambda: False)
     cache = DynamicCache(config=model.text_config)
     with timer.stage("prefill"):
-        out = model.decoder(inputs_embeds=prompt.embeds[None], position_ids=prompt.position_ids[None],
-                            past_key_values=cache, use_cache=True)
+        out = model.decoder(
+            inputs_embeds=prompt.embeds[None],
+            position_ids=prompt.position_ids[None],
+            past_key_values=cache,
+            use_cache=True,
+        )
         logits = model.logits(out.last_hidden_state[0, -1])  # (vocab,)
     tokens: list[int] = []
     with timer.stage("decode"):
@@ -105,7 +111,11 @@ def generate(
             if stop():
                 raise Cancelled("generation cancelled")
             position = torch.tensor([[prompt.next_position + step]], device=model.device)
-            out = model.decoder(inputs_embeds=model.embed(torch.tensor([[token]])), position_ids=position,
-                                past_key_values=cache, use_cache=True)
+            out = model.decoder(
+                inputs_embeds=model.embed(torch.tensor([[token]])),
+                position_ids=position,
+                past_key_values=cache,
+                use_cache=True,
+            )
             logits = model.logits(out.last_hidden_state[0, -1])
     return Generation(tokens, "length")

@@ -24,8 +24,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-OCR"
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -107,10 +113,13 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
     except RepositoryNotFoundError as exc:
-        raise ModelLoadError(f"model {repo_id!r} was not found on the Hugging Face hub (or is private). {how_to}") from exc
+        raise ModelLoadError(
+            f"model {repo_id!r} was not found on the Hugging Face hub (or is private). {how_to}"
+        ) from exc
     except LocalEntryNotFoundError as exc:
-        raise ModelLoadError(f"model {repo_id!r} is not in the local HF cache and the hub cannot be reached. "
-                             f"{how_to}") from exc
+        raise ModelLoadError(
+            f"model {repo_id!r} is not in the local HF cache and the hub cannot be reached. {how_to}"
+        ) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelLoadError(f"could not download {repo_id!r}: {exc}. {how_to}") from exc
 
@@ -143,8 +152,9 @@ def _load_directory(directory: Path, device: torch.device, dtype: torch.dtype) -
     raw = _read_config(directory)
     model_cls, config, version = _model_class_and_config(raw, directory)
     if not any(directory.glob("*.safetensors")):
-        raise ModelLoadError(f"{directory} has no *.safetensors weights; the download may be incomplete "
-                             "(run `hf download` again)")
+        raise ModelLoadError(
+            f"{directory} has no *.safetensors weights; the download may be incomplete (run `hf download` again)"
+        )
     model, info = model_cls.from_pretrained(
         directory, config=config, dtype=dtype, attn_implementation="sdpa", output_loading_info=True
     )
@@ -156,7 +166,8 @@ def _load_directory(directory: Path, device: torch.device, dtype: torch.dtype) -
         )
     # trust_remote_code=False: the shipped config has an auto_map, and a prompt would hang a server.
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-    return LoadedModel(model.to(device).eval(), tokenizer, str(directory), version, device, dtype, False)
+    model = model.to(device).eval().requires_grad_(False)  # inference only: no autograd bookkeeping anywhere
+    return LoadedModel(model, tokenizer, str(directory), version, device, dtype, False)
 
 
 def _load_random_full(device: torch.device, dtype: torch.dtype, cache_dir: Path | None) -> LoadedModel:
@@ -171,4 +182,4 @@ def _load_random_full(device: torch.device, dtype: torch.dtype, cache_dir: Path 
     seed_random_weights(model, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint_dir(cache_dir), trust_remote_code=False)
     log.warning("model random-full has random weights: its output text is meaningless")
-    return LoadedModel(model.eval(), tokenizer, "random-full", "v1", device, dtype, True)
+    return LoadedModel(model.eval().requires_grad_(False), tokenizer, "random-full", "v1", device, dtype, True)

@@ -74,8 +74,9 @@ class OcrModel:
                 f"encoder returned {features.shape[0]} tokens, layout expects {protected.numel()}"
             )
             blocks.append(
-                VisualBlock(features, protected.to(self.device), newline.to(self.device),
-                            page.global_view.to(self.device), page)
+                VisualBlock(
+                    features, protected.to(self.device), newline.to(self.device), page.global_view.to(self.device), page
+                )
             )
         return blocks
 

@@ -46,7 +46,8 @@ V1_MODES = {
     Mode.large: ModeSpec(1280, 1280, False),
     Mode.gundam: ModeSpec(1024, 640, True),
 }
-V2_MODES = {  # DeepSeek-OCR-2: 1024 global + 768 tiles; without tiles one 768 view (transformers' crop_to_patches=False)
+# DeepSeek-OCR-2: 1024 global + 768 tiles; without tiles one 768 view (transformers' crop_to_patches=False)
+V2_MODES = {
     Mode.small: ModeSpec(768, 768, False),
     Mode.gundam: ModeSpec(1024, 768, True),
 }
@@ -139,13 +140,15 @@ def preprocess(image: Image.Image, mode: Mode | str, *, version: str = "v1", max
     version : "v1" (DeepSeek-OCR) or "v2" (DeepSeek-OCR-2).
     max_crops : most tiles in Gundam mode (v1's vLLM scripts use 6, its HF ``infer()`` 9).
     """
-    mode = Mode(mode)
     modes = V1_MODES if version == "v1" else V2_MODES
-    if mode not in modes:
-        raise ValueError(f"mode {mode.value!r} is not available for DeepSeek-OCR {version}; choose one of "
-                         f"{', '.join(m.value for m in modes)}")
+    if mode not in {m.value for m in modes}:
+        raise ValueError(
+            f"mode {mode!r} is not available for DeepSeek-OCR {version}; choose one of "
+            f"{', '.join(m.value for m in modes)}"
+        )
     if not MIN_CROPS <= max_crops <= 9:
         raise ValueError(f"max_crops must be between {MIN_CROPS} and 9, got {max_crops}")
+    mode = Mode(mode)
     spec = modes[mode]
     image = load_rgb(image)
     width, height = image.size

@@ -74,8 +74,9 @@ def tiny_config() -> dict[str, Any]:
         section.update(_TINY_TEXT)
     raw["vision_config"]["width"]["sam_vit_b"] = dict(_TINY_SAM)
     raw["vision_config"]["width"]["clip-l-14-224"] = dict(_TINY_CLIP)
-    raw["projector_config"].update(input_dim=_TINY_SAM["downsample_channels"][-1] + _TINY_CLIP["width"],
-                                   n_embed=_TINY_TEXT["hidden_size"])
+    raw["projector_config"].update(
+        input_dim=_TINY_SAM["downsample_channels"][-1] + _TINY_CLIP["width"], n_embed=_TINY_TEXT["hidden_size"]
+    )
     return raw
 
 
@@ -134,8 +135,9 @@ def write_tiny_checkpoint(out_dir: Path) -> None:
     # v1 also ships CLIP's patch conv, unused at inference (the SAM features replace it).
     width, patch = _TINY_CLIP["width"], _TINY_CLIP["patch_size"]
     generator = torch.Generator().manual_seed(TINY_SEED + 1)
-    state["model.vision_model.embeddings.patch_embedding.weight"] = torch.randn(width, 3, patch, patch,
-                                                                               generator=generator) * 0.02
+    state["model.vision_model.embeddings.patch_embedding.weight"] = (
+        torch.randn(width, 3, patch, patch, generator=generator) * 0.02
+    )
     for leftover in out_dir.iterdir():
         leftover.unlink()
     save_file(state, out_dir / SHARD_NAME, metadata={"format": "pt"})

@@ -39,8 +39,9 @@ def build_prompt(task: Task | str = Task.markdown, *, ref: str | None = None, pr
     """The prompt text for a task, or a validated raw prompt (which wins over the task)."""
     if prompt is not None:
         if prompt.count(IMAGE_TOKEN) != 1:
-            raise ValueError(f"a raw prompt must contain exactly one {IMAGE_TOKEN} placeholder, e.g. "
-                             f"'{IMAGE_TOKEN}\\nFree OCR.'")
+            raise ValueError(
+                f"a raw prompt must contain exactly one {IMAGE_TOKEN} placeholder, e.g. '{IMAGE_TOKEN}\\nFree OCR.'"
+            )
         return prompt.strip()
     task = Task(task)
     if task is Task.locate:

@@ -1,0 +1,135 @@
+"""Command line: ``rtprune-ocr serve`` (HTTP service) and ``rtprune-ocr ocr IMAGE`` (one page)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+RANDOM_WEIGHTS_WARNING = "model {name!r} has RANDOM weights: its text is meaningless (a preset for tests and try-outs)"
+
+
+def _retention(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("retention must be a number in (0, 1] or 'auto'") from None
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, *, defaults_from_env: bool) -> None:
+    default = argparse.SUPPRESS if defaults_from_env else None
+    parser.add_argument(
+        "--model",
+        default=default if defaults_from_env else "deepseek-ai/DeepSeek-OCR",
+        help="hub id, local checkpoint directory, or a random preset: tiny, random-full",
+    )
+    parser.add_argument("--device", default=default, help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument(
+        "--dtype", default=default, choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtprune-ocr", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ocr = commands.add_parser("ocr", help="OCR one image or PDF page and print markdown (or --json)")
+    ocr.add_argument("image", help="path to an image (PNG, JPEG, WebP, TIFF, BMP, GIF) or a PDF")
+    _add_model_arguments(ocr, defaults_from_env=False)
+    ocr.add_argument("--mode", default="gundam", choices=["tiny", "small", "base", "large", "gundam"])
+    ocr.add_argument("--task", default="markdown", choices=["markdown", "ocr", "free", "figure", "describe", "locate"])
+    ocr.add_argument("--ref", help="what to locate, for --task locate")
+    ocr.add_argument("--prompt", help="raw prompt with one <image> placeholder (overrides --task)")
+    ocr.add_argument("--pruner", default="rtprune", choices=["rtprune", "none", "random", "norm", "divprune"])
+    ocr.add_argument("--retention", type=_retention, default="auto", help="share of visual tokens kept, or auto")
+    ocr.add_argument("--positions", default="original", choices=["original", "compact"])
+    ocr.add_argument("--max-new-tokens", type=int, default=8192)
+    ocr.add_argument("--page", type=int, default=1, help="page of a PDF (1-based)")
+    ocr.add_argument("--json", action="store_true", help="print the page object: markdown, text, boxes, stats")
+
+    serve = commands.add_parser("serve", help="start the HTTP service (every option also via RTPRUNE_* env)")
+    _add_model_arguments(serve, defaults_from_env=True)
+    serve.add_argument("--host", default=argparse.SUPPRESS)
+    serve.add_argument("--port", type=int, default=argparse.SUPPRESS)
+    serve.add_argument("--api-key", dest="api_key", default=argparse.SUPPRESS)
+    serve.add_argument("--queue-size", dest="queue_size", type=int, default=argparse.SUPPRESS)
+    return parser
+
+
+def run_ocr(args: argparse.Namespace) -> int:
+    from service.engine import OCREngine, OcrOptions
+    from service.inputs import UploadError, open_document
+
+    try:
+        options = OcrOptions(
+            mode=args.mode,
+            task=args.task,
+            ref=args.ref,
+            prompt=args.prompt,
+            pruner=args.pruner,
+            retention=args.retention,
+            positions=args.positions,
+            max_new_tokens=args.max_new_tokens,
+        )
+        options.validate_for_run()
+    except (ValidationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with open(args.image, "rb") as handle:
+            pages = open_document(handle.read(), page_range=(args.page, args.page))
+    except (OSError, UploadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype)
+    if engine.random_weights:
+        print("warning: " + RANDOM_WEIGHTS_WARNING.format(name=engine.name), file=sys.stderr)
+    result = engine.run(pages[0], options)
+    if args.json:
+        print(json.dumps(result.model_dump(mode="json"), ensure_ascii=False, indent=2))
+    else:
+        print(result.markdown)
+        s = result.stats
+        print(
+            f"[{s.visual_tokens_kept}/{s.visual_tokens} visual tokens kept, {s.output_tokens} tokens out, "
+            f"{s.latency_ms.total:.0f} ms]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+    from service.settings import ServiceSettings
+
+    overrides = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields}
+    try:
+        settings = ServiceSettings(**overrides)
+    except ValidationError as exc:
+        print(f"error: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    serve(settings)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from service.engine import ModelLoadError
+
+    try:
+        return {"ocr": run_ocr, "serve": run_serve}[args.command](args)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

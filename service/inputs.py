@@ -1,0 +1,123 @@
+"""Upload bytes -> list of PIL pages, with the limits a public service needs.
+
+Images: PNG, JPEG, WebP, TIFF, BMP, GIF (first frame), EXIF orientation applied later by
+preprocessing. PDFs: rendered page by page with pypdfium2 (Apache-2.0/BSD) at 144 DPI,
+like the official scripts. The pixel limit is checked from the header, before any pixel
+is decoded, so a decompression bomb costs nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
+PDF_DPI = 144
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_PDF_PAGES = 50
+
+
+@dataclass
+class UploadError(Exception):
+    """A problem with the uploaded file itself; ``status`` is the HTTP status to answer with."""
+
+    status: int
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def is_pdf(data: bytes) -> bool:
+    return data[:1024].lstrip().startswith(b"%PDF")
+
+
+def open_document(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pdf_pages: int = DEFAULT_MAX_PDF_PAGES,
+    page_range: tuple[int, int | None] | None = None,
+) -> list[Image.Image]:
+    """Decode an upload into RGB-ready pages (1-based inclusive ``page_range`` for PDFs)."""
+    if not data:
+        raise UploadError(422, "empty_file", "the uploaded file is empty")
+    if is_pdf(data):
+        return _render_pdf(data, max_pixels=max_pixels, max_pages=max_pdf_pages, page_range=page_range)
+    if page_range not in (None, (1, 1), (1, None)):
+        raise UploadError(422, "invalid_page_range", "a page range applies to PDFs only; an image has one page")
+    return [_open_image(data, max_pixels=max_pixels)]
+
+
+def _open_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise UploadError(
+            415,
+            "unsupported_media_type",
+            f"not a supported image or PDF; send one of {', '.join(IMAGE_FORMATS)} or PDF",
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UploadError(413, "image_too_large", "the image is a decompression bomb (too many pixels)") from None
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > max_pixels:
+        raise UploadError(
+            413,
+            "image_too_large",
+            f"the image has {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
+        )
+    try:
+        image.seek(0)
+        image.load()
+    except Exception as exc:  # PIL raises many types for truncated or corrupt data
+        raise UploadError(422, "corrupt_file", f"the image could not be decoded: {type(exc).__name__}") from None
+    return image
+
+
+def _render_pdf(
+    data: bytes, *, max_pixels: int, max_pages: int, page_range: tuple[int, int | None] | None
+) -> list[Image.Image]:
+    import pypdfium2 as pdfium
+
+    try:
+        pdf = pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as exc:
+        raise UploadError(422, "corrupt_file", f"the PDF could not be opened: {exc}") from None
+    try:
+        n_pages = len(pdf)
+        first, last = page_range or (1, None)
+        last = n_pages if last is None else last
+        if not 1 <= first <= last <= n_pages:
+            raise UploadError(
+                422, "invalid_page_range", f"page range {first}-{last} is outside the document's {n_pages} pages"
+            )
+        count = last - first + 1
+        if count > max_pages:
+            raise UploadError(
+                413,
+                "too_many_pages",
+                f"{count} pages requested; the limit is {max_pages} per request (use a page range)",
+            )
+        pages = []
+        scale = PDF_DPI / 72
+        for index in range(first - 1, last):
+            page = pdf[index]
+            width, height = page.get_size()
+            pixels = int(width * scale) * int(height * scale)
+            if pixels > max_pixels:
+                raise UploadError(
+                    413,
+                    "image_too_large",
+                    f"page {index + 1} renders to {pixels:,} pixels at {PDF_DPI} DPI; the limit is {max_pixels:,}",
+                )
+            pages.append(page.render(scale=scale).to_pil())
+        return pages
+    finally:
+        pdf.close()
