@@ -24,7 +24,7 @@ from .generate import NGramGuard, generate
 from .loading import DEFAULT_MODEL, load_model
 from .model import OcrModel
 from .postprocess import Box, decode_text, parse_boxes, to_markdown
-from .preprocess import Mode, preprocess
+from .preprocess import V1_MODES, V2_MODES, Mode, preprocess
 from .prompts import Task, build_prompt, encode_prompt
 from .stats import PageStats, RetentionRequested, StageTimer
 
@@ -64,10 +64,16 @@ class OcrOptions(BaseModel):
     def prompt_text(self) -> str:
         return build_prompt(self.task, ref=self.ref, prompt=self.prompt)
 
-    def validate_for_run(self) -> None:
-        """Checks that need more than one field; raise ValueError before any heavy work."""
+    def validate_for_run(self, version: str = "v1") -> None:
+        """Checks that need more than one field or the model; raise ValueError before any heavy work."""
         self.prompt_text()
         self.guard()
+        modes = V1_MODES if version == "v1" else V2_MODES
+        if self.mode not in modes:
+            raise ValueError(
+                f"mode {self.mode.value!r} is not available for DeepSeek-OCR {version}; choose one of "
+                f"{', '.join(m.value for m in modes)}"
+            )
 
 
 class PageResult(BaseModel):
@@ -113,6 +119,14 @@ class OCREngine:
     def random_weights(self) -> bool:
         return self.model.loaded.random_weights
 
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    @property
+    def modes(self) -> list[str]:
+        return [m.value for m in (V1_MODES if self.version == "v1" else V2_MODES)]
+
     @torch.inference_mode()
     def run(
         self,
@@ -124,9 +138,9 @@ class OCREngine:
     ) -> PageResult:
         """OCR one page. ``should_stop`` is polled between decode steps (cancellation)."""
         options = options or OcrOptions()
-        options.validate_for_run()
-        timer = timer or StageTimer(self.model.device)
         version = self.model.version
+        options.validate_for_run(version)
+        timer = timer or StageTimer(self.model.device)
         with timer.stage("preprocess"):
             page = preprocess(image, options.mode, version=version, max_crops=options.max_crops)
         with timer.stage("vision"):

@@ -1,0 +1,136 @@
+"""Cross-cutting concerns as plain ASGI middlewares: request id + access log, API key, body limit.
+
+Plain ASGI (not ``BaseHTTPMiddleware``) so streaming bodies pass through untouched and the
+body limit can act while the upload is being read.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.handlers import UploadTooLarge
+from service.errors import ErrorInfo, ErrorResponse
+from service.metrics import Metrics
+
+log = logging.getLogger("rtprune_ocr.access")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/redoc")
+
+
+def _error(status: int, code: str, message: str, request_id: str | None, headers: dict | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(code=code, message=message, request_id=request_id))
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+class RequestContextMiddleware:
+    """Give every request an id (``X-Request-ID`` in and out) and log one structured line per request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = Headers(scope=scope).get("x-request-id", "")
+        request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            if scope["path"] == "/v1/ocr":
+                self.metrics.requests.labels(str(status)).inc()
+                self.metrics.request_seconds.observe(elapsed)
+            log.info(
+                "%s %s %s",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(elapsed * 1e3, 2),
+                },
+            )
+
+
+class ApiKeyMiddleware:
+    """When a key is configured, every path except health, metrics and docs needs ``X-API-Key``."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.api_key is None or scope["type"] != "http" or scope["path"].startswith(OPEN_PATHS):
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("x-api-key", "").encode()
+        if not hmac.compare_digest(given, self.api_key):  # constant time
+            response = _error(
+                401,
+                "unauthorized",
+                "missing or wrong X-API-Key header",
+                scope.get("state", {}).get("request_id"),
+                headers={"WWW-Authenticate": "X-API-Key"},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over the limit: at once from Content-Length, else while reading (never buffer it all)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = _error(
+                413,
+                "upload_too_large",
+                f"the request body exceeds the {self.max_bytes:,}-byte upload limit",
+                scope.get("state", {}).get("request_id"),
+            )
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise UploadTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counting_receive, send)

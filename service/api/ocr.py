@@ -1,0 +1,140 @@
+"""POST /v1/ocr: parse the form, decode the upload, queue the job, shape the response."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, Request, UploadFile
+from pydantic import ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import get_settings, get_worker
+from service.cli import RANDOM_WEIGHTS_WARNING
+from service.engine import Cancelled, OcrOptions, PageResult
+from service.engine.worker import Job, Worker
+from service.errors import ClientGone, DeadlineExceeded, ErrorResponse, InvalidParameter, NotReady
+from service.inputs import open_document
+from service.schemas import PAGE_SEPARATOR, OcrResponse, PageOut, aggregate
+from service.settings import ServiceSettings
+
+router = APIRouter(tags=["ocr"])
+DISCONNECT_POLL_S = 0.1
+
+
+class OcrForm(OcrOptions):
+    """The multipart form: the file plus every per-request option of the engine."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    file: UploadFile = Field(description="PNG, JPEG, WebP, TIFF, BMP, GIF, or PDF")
+    pages: str | None = Field(
+        None,
+        pattern=r"^\s*\d{1,5}\s*(-\s*\d{0,5}\s*)?$",
+        description="PDF pages, 1-based: '3', '2-5' or '2-' (to the end); default all",
+    )
+
+    def options(self) -> OcrOptions:
+        return OcrOptions(**self.model_dump(exclude={"file", "pages"}))
+
+    def page_range(self) -> tuple[int, int | None] | None:
+        if self.pages is None:
+            return None
+        first, _, last = self.pages.replace(" ", "").partition("-")
+        if not _:  # a single page
+            return int(first), int(first)
+        return int(first), int(last) if last else None
+
+
+ERROR_RESPONSES = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        401: "missing or wrong X-API-Key",
+        413: "upload, image or PDF over a limit",
+        415: "unsupported file type",
+        422: "invalid parameter or corrupt file",
+        499: "client closed the request",
+        500: "internal error",
+        503: "not ready, queue full or out of memory (Retry-After)",
+        504: "deadline exceeded",
+    }.items()
+}
+
+
+async def wait_for(request: Request, job: Job) -> list[PageResult]:
+    """Await the worker's result; cancel the job if the client leaves or the deadline passes."""
+    future = asyncio.wrap_future(job.future)
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return future.result()
+            if time.monotonic() > job.deadline:
+                raise DeadlineExceeded("the request ran past its deadline; its work was cancelled")
+            if await request.is_disconnected():
+                raise ClientGone("the client closed the connection; its work was cancelled")
+    except Cancelled:
+        if time.monotonic() > job.deadline:
+            raise DeadlineExceeded("the request ran past its deadline; its work was cancelled") from None
+        raise ClientGone("the request was cancelled") from None
+    finally:
+        job.cancel.set()  # no-op when finished; stops the worker otherwise
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never an unretrieved exception
+
+
+@router.post(
+    "/v1/ocr", summary="OCR an image or PDF to markdown, with RTPrune visual-token pruning", responses=ERROR_RESPONSES
+)
+async def ocr(
+    request: Request,
+    form: Annotated[OcrForm, Form()],
+    worker: Annotated[Worker, Depends(get_worker)],
+    settings: Annotated[ServiceSettings, Depends(get_settings)],
+) -> OcrResponse:
+    accepted_at = time.monotonic()
+    if worker.engine is None:
+        raise NotReady("the model is not ready", headers={"Retry-After": str(settings.retry_after_s)})
+    options = form.options()
+    try:
+        options.validate_for_run(worker.engine.version)
+        page_range = form.page_range()
+    except ValueError as exc:
+        raise InvalidParameter(str(exc)) from None
+    data = await form.file.read()
+    documents = await run_in_threadpool(
+        open_document,
+        data,
+        max_pixels=settings.max_image_pixels,
+        max_pdf_pages=settings.max_pdf_pages,
+        page_range=page_range,
+    )
+    job = Job(
+        documents,
+        options,
+        deadline=accepted_at + settings.request_timeout_s,
+        request_id=request.state.request_id,
+        accepted_at=accepted_at,
+    )
+    worker.submit(job, settings.retry_after_s)
+    results = await wait_for(request, job)
+    first_page = page_range[0] if page_range else 1
+    pages = [PageOut(page=first_page + i, **r.model_dump()) for i, r in enumerate(results)]
+    warnings = [RANDOM_WEIGHTS_WARNING.format(name=worker.engine.name)] if worker.engine.random_weights else []
+    warnings += [
+        f"page {p.page} stopped at max_new_tokens ({options.max_new_tokens}) or the position limit"
+        for p in pages
+        if p.stats.finish_reason == "length"
+    ]
+    return OcrResponse(
+        model=settings.model,
+        random_weights=worker.engine.random_weights,
+        mode=options.mode.value,
+        task=options.task.value,
+        pruner=options.pruner,
+        retention=options.retention,
+        markdown=PAGE_SEPARATOR.join(p.markdown for p in pages),
+        pages=pages,
+        stats=aggregate(results, (time.monotonic() - accepted_at) * 1e3),
+        warnings=warnings,
+    )

@@ -1,0 +1,169 @@
+"""One worker thread owns the model; requests wait for it in a bounded queue.
+
+The thread loads the engine (so loading never blocks the event loop and ``/healthz``
+answers while weights are read), warms it up, then takes jobs one at a time. The HTTP
+side only submits jobs and awaits their futures: a full queue is refused at once
+(503), and a job whose deadline passed or whose client left is cancelled, both while
+it waits and between decode steps, so the device never works for nobody.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from service.engine import Cancelled, OCREngine, OcrOptions, PageResult
+from service.engine.stats import StageTimer
+from service.errors import NotReady, OutOfMemory, Overloaded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One request's pages and options, and the handles to cancel it and collect its result."""
+
+    pages: list[Image.Image]
+    options: OcrOptions
+    deadline: float  # time.monotonic() after which the job is abandoned
+    request_id: str = "-"
+    accepted_at: float = field(default_factory=time.monotonic)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    future: Future = field(default_factory=Future)
+
+    def should_stop(self) -> bool:
+        return self.cancel.is_set() or time.monotonic() > self.deadline
+
+
+class Worker:
+    """Loads the engine in its thread, then runs queued jobs one by one."""
+
+    def __init__(
+        self,
+        load_engine: Callable[[], OCREngine],
+        *,
+        queue_size: int,
+        warmup: bool = True,
+        on_page: Callable[[PageResult], None] | None = None,
+        on_depth: Callable[[int, int], None] | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._load_engine = load_engine
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self._warmup = warmup
+        self._on_page = on_page or (lambda result: None)
+        self._on_depth = on_depth or (lambda waiting, running: None)
+        self._on_fatal = on_fatal or (lambda exc: None)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="rtprune-worker", daemon=True)
+        self.state: Literal["loading", "ready", "failed", "stopped"] = "loading"
+        self.error: str | None = None
+        self.engine: OCREngine | None = None
+        self.running = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking jobs, fail those still waiting, and wait for the current one."""
+        self._stopping.set()
+        self._thread.join(timeout)
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            _fail(job, NotReady("the service is shutting down"))
+        self.state = "stopped"
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, job: Job, retry_after_s: int) -> None:
+        """Queue a job, or refuse at once: not ready, or the queue is full."""
+        if self.state != "ready":
+            detail = f" (loading failed: {self.error})" if self.state == "failed" else ""
+            raise NotReady(f"the model is not ready{detail}", headers={"Retry-After": str(retry_after_s)})
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise Overloaded(
+                f"all {self._queue.maxsize} queue slots are taken; retry shortly",
+                headers={"Retry-After": str(retry_after_s)},
+            ) from None
+        self._report_depth()
+
+    def _report_depth(self) -> None:
+        self._on_depth(self._queue.qsize(), self.running)
+
+    def _main(self) -> None:
+        try:
+            engine = self._load_engine()
+            if self._warmup:
+                engine.warmup()
+        except BaseException as exc:  # a failed load must be reported, whatever it was
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("model loading failed: %s", self.error)
+            self._on_fatal(exc)
+            return
+        self.engine, self.state = engine, "ready"
+        log.info("model ready")
+        while not self._stopping.is_set():
+            try:
+                job = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self._process(job)
+
+    def _process(self, job: Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            self._report_depth()
+            return
+        if job.should_stop():
+            _fail(job, Cancelled("cancelled while waiting in the queue"))
+            self._report_depth()
+            return
+        self.running = 1
+        self._report_depth()
+        try:
+            results = []
+            for page in job.pages:
+                if job.should_stop():
+                    raise Cancelled("cancelled between pages")
+                timer = StageTimer(self.engine.device)
+                timer.add("queue", (time.monotonic() - job.accepted_at) * 1e3)
+                result = self.engine.run(page, job.options, should_stop=job.should_stop, timer=timer)
+                self._on_page(result)
+                results.append(result)
+            job.future.set_result(results)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("out of memory on request %s", job.request_id)
+            _fail(
+                job,
+                OutOfMemory(
+                    "the device ran out of memory on this request; retry with a smaller mode or fewer pages",
+                    headers={"Retry-After": "5"},
+                ),
+            )
+        except BaseException as exc:  # one request's failure must never stop the worker
+            _fail(job, exc)
+        finally:
+            self.running = 0
+            self._report_depth()
+
+
+def _fail(job: Job, exc: BaseException) -> None:
+    if not job.future.done():
+        job.future.set_exception(exc)

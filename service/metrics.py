@@ -1,0 +1,40 @@
+"""Prometheus metrics of one app, in a registry of its own (so tests can build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.engine.stats import STAGES, PageStats
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("rtprune_requests", "OCR requests by HTTP status", ["status"], registry=r)
+        self.pages = Counter("rtprune_pages", "pages OCR'd", registry=r)
+        self.stage_seconds = Histogram(
+            "rtprune_stage_seconds", "per-page latency by stage", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.request_seconds = Histogram(
+            "rtprune_request_seconds", "end-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.visual_tokens = Counter(
+            "rtprune_visual_tokens", "visual tokens before (in) and after (kept) pruning", ["kind"], registry=r
+        )
+        self.output_tokens = Counter("rtprune_output_tokens", "generated tokens", registry=r)
+        self.queue_depth = Gauge("rtprune_queue_depth", "requests waiting for the model", registry=r)
+        self.in_flight = Gauge("rtprune_in_flight", "requests being processed by the model", registry=r)
+        self.ready = Gauge("rtprune_ready", "1 when the model is loaded and warm", registry=r)
+
+    def observe_page(self, stats: PageStats) -> None:
+        self.pages.inc()
+        latency = stats.latency_ms
+        for stage in STAGES:
+            self.stage_seconds.labels(stage).observe(getattr(latency, stage) / 1e3)
+        self.stage_seconds.labels("total").observe(latency.total / 1e3)
+        self.visual_tokens.labels("in").inc(stats.visual_tokens)
+        self.visual_tokens.labels("kept").inc(stats.visual_tokens_kept)
+        self.output_tokens.inc(stats.output_tokens)

@@ -1,0 +1,88 @@
+"""Response models of the HTTP API (they are also its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from service.engine import PageResult
+from service.engine.stats import LatencyMs
+
+PAGE_SEPARATOR = "\n\n<--- Page Split --->\n\n"  # what the official PDF script writes between pages
+
+
+class PageOut(PageResult):
+    page: int = Field(description="1-based page number in the uploaded document")
+
+
+class AggregateStats(BaseModel):
+    """Totals over the pages of one request."""
+
+    pages: int
+    visual_tokens: int
+    visual_tokens_kept: int
+    retention: float
+    prompt_tokens: int
+    output_tokens: int
+    latency_ms: LatencyMs = Field(
+        description="stages summed over pages; queue is the first page's wait; total is the request's wall time"
+    )
+    decode_tokens_per_s: float
+
+
+class OcrResponse(BaseModel):
+    model: str
+    random_weights: bool = Field(description="true for the tiny / random-full presets: the text is meaningless")
+    mode: str
+    task: str
+    pruner: str
+    retention: float | Literal["auto"]
+    markdown: str = Field(description="all pages' markdown, joined by the official page separator")
+    pages: list[PageOut]
+    stats: AggregateStats
+    warnings: list[str] = Field(default_factory=list)
+
+
+class Limits(BaseModel):
+    max_upload_bytes: int
+    max_image_pixels: int
+    max_pdf_pages: int
+    queue_size: int
+    request_timeout_s: float
+
+
+class InfoResponse(BaseModel):
+    service_version: str
+    model: str
+    model_version: Literal["v1", "v2"] | None
+    random_weights: bool | None
+    device: str | None
+    dtype: str | None
+    state: str
+    modes: list[str]
+    pruners: list[str]
+    defaults: dict[str, object]
+    limits: Limits
+
+
+def aggregate(pages: list[PageResult], wall_ms: float) -> AggregateStats:
+    """Sum the pages' statistics into the request's."""
+    total = sum(p.stats.visual_tokens for p in pages)
+    kept = sum(p.stats.visual_tokens_kept for p in pages)
+    out = sum(p.stats.output_tokens for p in pages)
+    stages = {
+        stage: round(sum(getattr(p.stats.latency_ms, stage) for p in pages), 3)
+        for stage in ("preprocess", "vision", "prune", "prefill", "decode")
+    }
+    latency = LatencyMs(queue=pages[0].stats.latency_ms.queue if pages else 0.0, **stages, total=round(wall_ms, 3))
+    return AggregateStats(
+        pages=len(pages),
+        visual_tokens=total,
+        visual_tokens_kept=kept,
+        retention=round(kept / total, 6) if total else 1.0,
+        prompt_tokens=sum(p.stats.prompt_tokens for p in pages),
+        output_tokens=out,
+        latency_ms=latency,
+        decode_tokens_per_s=round(out / (latency.decode / 1e3), 3) if latency.decode > 0 else 0.0,
+    )

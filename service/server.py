@@ -1,0 +1,61 @@
+"""Run the app under uvicorn with structured logs; exit non-zero if the model cannot load."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import uvicorn
+
+from service.api.app import create_app
+from service.settings import ServiceSettings
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any extra fields (request_id, ...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(json_lines: bool) -> None:
+    handler = logging.StreamHandler()
+    if json_lines:
+        handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("uvicorn.access").disabled = True  # our access log carries the request id
+
+
+def serve(settings: ServiceSettings) -> None:
+    configure_logging(settings.log_json)
+    holder: dict[str, uvicorn.Server] = {}
+    failures: list[BaseException] = []
+
+    def on_fatal(exc: BaseException) -> None:
+        failures.append(exc)
+        if "server" in holder:
+            holder["server"].should_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal)
+    # One process, one worker: the model is loaded once; more uvicorn workers would load it again.
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None, workers=1, timeout_graceful_shutdown=30
+    )
+    server = holder["server"] = uvicorn.Server(config)
+    server.run()
+    if failures:
+        sys.exit(1)
