@@ -61,3 +61,7 @@ class ClientGone(ServiceError):
 
 class InvalidParameter(ServiceError):
     status, code = 422, "invalid_parameter"
+
+
+class InternalError(ServiceError):
+    status, code = 500, "internal_error"

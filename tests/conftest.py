@@ -30,6 +30,11 @@ def v1_block_masks(rows: int, cols: int, with_separator: bool = True) -> tuple[t
 
 # --- engine fixtures ---------------------------------------------------------------------------
 
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
 import pytest  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
@@ -55,3 +60,32 @@ def text_page(size: tuple[int, int] = (1100, 800), lines: int = 20) -> Image.Ima
     for i in range(lines):
         draw.text((40, step * (i + 1)), f"Line {i}: the quick brown fox jumps over the lazy dog.", fill="black")
     return image
+
+
+@contextmanager
+def live_server(app, timeout: float = 60.0):
+    """Serve ``app`` with a real uvicorn on a free loopback port until the block ends; yields the base URL."""
+    import httpx
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "live server did not become ready"
+            time.sleep(0.1)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Annotated
 
@@ -14,11 +15,12 @@ from service.api.deps import get_settings, get_worker
 from service.cli import RANDOM_WEIGHTS_WARNING
 from service.engine import Cancelled, OcrOptions, PageResult
 from service.engine.worker import Job, Worker
-from service.errors import ClientGone, DeadlineExceeded, ErrorResponse, InvalidParameter, NotReady
+from service.errors import ClientGone, DeadlineExceeded, ErrorResponse, InternalError, InvalidParameter, ServiceError
 from service.inputs import open_document
 from service.schemas import PAGE_SEPARATOR, OcrResponse, PageOut, aggregate
 from service.settings import ServiceSettings
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["ocr"])
 DISCONNECT_POLL_S = 0.1
 
@@ -78,6 +80,11 @@ async def wait_for(request: Request, job: Job) -> list[PageResult]:
         if time.monotonic() > job.deadline:
             raise DeadlineExceeded("the request ran past its deadline; its work was cancelled") from None
         raise ClientGone("the request was cancelled") from None
+    except ServiceError:
+        raise
+    except Exception as exc:  # the engine failed on this request only; the worker goes on
+        log.error("request %s failed in the engine", job.request_id, exc_info=exc, extra={"request_id": job.request_id})
+        raise InternalError("the engine failed on this request; the request id is in the server logs") from None
     finally:
         job.cancel.set()  # no-op when finished; stops the worker otherwise
         future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never an unretrieved exception
@@ -93,11 +100,10 @@ async def ocr(
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ) -> OcrResponse:
     accepted_at = time.monotonic()
-    if worker.engine is None:
-        raise NotReady("the model is not ready", headers={"Retry-After": str(settings.retry_after_s)})
+    engine = worker.ensure_ready(settings.retry_after_s)
     options = form.options()
     try:
-        options.validate_for_run(worker.engine.version)
+        options.validate_for_run(engine.version)
         page_range = form.page_range()
     except ValueError as exc:
         raise InvalidParameter(str(exc)) from None
@@ -120,7 +126,7 @@ async def ocr(
     results = await wait_for(request, job)
     first_page = page_range[0] if page_range else 1
     pages = [PageOut(page=first_page + i, **r.model_dump()) for i, r in enumerate(results)]
-    warnings = [RANDOM_WEIGHTS_WARNING.format(name=worker.engine.name)] if worker.engine.random_weights else []
+    warnings = [RANDOM_WEIGHTS_WARNING.format(name=engine.name)] if engine.random_weights else []
     warnings += [
         f"page {p.page} stopped at max_new_tokens ({options.max_new_tokens}) or the position limit"
         for p in pages
@@ -128,7 +134,7 @@ async def ocr(
     ]
     return OcrResponse(
         model=settings.model,
-        random_weights=worker.engine.random_weights,
+        random_weights=engine.random_weights,
         mode=options.mode.value,
         task=options.task.value,
         pruner=options.pruner,

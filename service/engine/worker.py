@@ -89,11 +89,16 @@ class Worker:
     def waiting(self) -> int:
         return self._queue.qsize()
 
+    def ensure_ready(self, retry_after_s: int) -> OCREngine:
+        """The engine, or NotReady (503) saying whether it is still loading or failed to load."""
+        if self.state != "ready" or self.engine is None:
+            detail = f" (loading failed: {self.error})" if self.state == "failed" else f" ({self.state})"
+            raise NotReady(f"the model is not ready{detail}", headers={"Retry-After": str(retry_after_s)})
+        return self.engine
+
     def submit(self, job: Job, retry_after_s: int) -> None:
         """Queue a job, or refuse at once: not ready, or the queue is full."""
-        if self.state != "ready":
-            detail = f" (loading failed: {self.error})" if self.state == "failed" else ""
-            raise NotReady(f"the model is not ready{detail}", headers={"Retry-After": str(retry_after_s)})
+        self.ensure_ready(retry_after_s)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
