@@ -22,17 +22,30 @@ def _retention(value: str) -> float | str:
         raise argparse.ArgumentTypeError("retention must be a number in (0, 1] or 'auto'") from None
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser, *, defaults_from_env: bool) -> None:
-    default = argparse.SUPPRESS if defaults_from_env else None
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        default=default if defaults_from_env else "deepseek-ai/DeepSeek-OCR",
-        help="hub id, local checkpoint directory, or a random preset: tiny, random-full",
+        default="deepseek-ai/DeepSeek-OCR",
+        help="hub id, local checkpoint directory, or a random preset: tiny, tiny-v2, random-full",
     )
-    parser.add_argument("--device", default=default, help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument(
-        "--dtype", default=default, choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU"
-    )
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+
+
+def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServiceSettings field; unset flags leave the environment (or the default) in charge."""
+    from service.settings import ServiceSettings
+
+    for name, field in ServiceSettings.model_fields.items():
+        env = f"RTPRUNE_{name.upper()}"
+        default = "unset" if field.default is None or name == "api_key" else repr(field.default)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=argparse.SUPPRESS,
+            metavar="VALUE",
+            help=f"{field.description or name} [{env}; default {default}]",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ocr = commands.add_parser("ocr", help="OCR one image or PDF page and print markdown (or --json)")
     ocr.add_argument("image", help="path to an image (PNG, JPEG, WebP, TIFF, BMP, GIF) or a PDF")
-    _add_model_arguments(ocr, defaults_from_env=False)
+    _add_model_arguments(ocr)
     ocr.add_argument("--mode", default="gundam", choices=["tiny", "small", "base", "large", "gundam"])
     ocr.add_argument("--task", default="markdown", choices=["markdown", "ocr", "free", "figure", "describe", "locate"])
     ocr.add_argument("--ref", help="what to locate, for --task locate")
@@ -54,12 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     ocr.add_argument("--page", type=int, default=1, help="page of a PDF (1-based)")
     ocr.add_argument("--json", action="store_true", help="print the page object: markdown, text, boxes, stats")
 
-    serve = commands.add_parser("serve", help="start the HTTP service (every option also via RTPRUNE_* env)")
-    _add_model_arguments(serve, defaults_from_env=True)
-    serve.add_argument("--host", default=argparse.SUPPRESS)
-    serve.add_argument("--port", type=int, default=argparse.SUPPRESS)
-    serve.add_argument("--api-key", dest="api_key", default=argparse.SUPPRESS)
-    serve.add_argument("--queue-size", dest="queue_size", type=int, default=argparse.SUPPRESS)
+    serve = commands.add_parser("serve", help="start the HTTP service; every flag is also an RTPRUNE_* variable")
+    _add_settings_arguments(serve)
     return parser
 
 
@@ -109,7 +118,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from service.server import serve
     from service.settings import ServiceSettings
 
-    overrides = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields}
+    overrides = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields}  # flags beat env
     try:
         settings = ServiceSettings(**overrides)
     except ValidationError as exc:

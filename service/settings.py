@@ -20,12 +20,14 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RTPRUNE_", env_file=None, extra="ignore")
 
-    model: str = Field(DEFAULT_MODEL, description="hub id, local checkpoint directory, or preset (tiny, random-full)")
+    model: str = Field(
+        DEFAULT_MODEL, description="hub id, local checkpoint directory, or random preset (tiny, tiny-v2, random-full)"
+    )
     device: str | None = Field(None, description="cuda, cuda:N or cpu; default cuda when available")
     dtype: Literal["bf16", "fp16", "fp32"] | None = Field(None, description="default bf16 on CUDA, fp32 on CPU")
     cache_dir: Path | None = Field(None, description="where presets are written (default ~/.cache/rtprune-ocr)")
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("0.0.0.0", description="interface to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
     api_key: SecretStr | None = Field(None, description="when set, /v1/* requires the X-API-Key header")
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="largest accepted request body")
     max_image_pixels: int = Field(40_000_000, ge=4096, description="largest image or rendered PDF page, in pixels")

@@ -24,12 +24,14 @@ NO_GUARD = {"ngram_size": 0, "ngram_window": 0}
 def transformers_generate(engine, image, mode: str, max_new_tokens: int) -> list[int]:
     """Reference: the unpruned model through transformers' own forward (masked_scatter) and generate."""
     model = engine.model
-    page = preprocess(image, mode)
-    n_visual = visual_token_count(page)
+    page = preprocess(image, mode, version=model.version)
+    n_visual = visual_token_count(page, model.version)
     input_ids, _ = encode_prompt(model.tokenizer, build_prompt("markdown"), n_visual)
     kwargs = {"pixel_values": page.global_view[None]}
     if page.tiles is not None:
-        kwargs.update(pixel_values_local=page.tiles, num_local_patches=[page.num_tiles], patches_grid=[list(page.grid)])
+        kwargs.update(pixel_values_local=page.tiles, num_local_patches=[page.num_tiles])
+        if model.version == "v1":
+            kwargs["patches_grid"] = [list(page.grid)]
     out = model.model.generate(
         input_ids=input_ids[None],
         **kwargs,
@@ -56,6 +58,35 @@ def test_unpruned_output_matches_transformers_generate(tiny_engine, mode, size):
         assert result.stats.visual_tokens_kept == result.stats.visual_tokens
         assert result.stats.output_tokens == 12
         assert result.text == expected, f"{pruner}@{retention} differs from transformers' generate"
+
+
+@pytest.fixture(scope="module")
+def tiny_v2_engine(preset_cache):
+    from service.engine import OCREngine
+
+    return OCREngine.load("tiny-v2", device="cpu", cache_dir=preset_cache)
+
+
+@pytest.mark.parametrize(
+    "mode,size,expected",
+    [("gundam", (1100, 800), 256 + 6 * 144 + 1), ("gundam", (600, 700), 257), ("small", (600, 800), 145)],
+)
+def test_deepseek_ocr2_through_the_same_engine(tiny_v2_engine, mode, size, expected):
+    image = text_page(size)
+    expected_text = decode_text(
+        tiny_v2_engine.model.tokenizer, transformers_generate(tiny_v2_engine, image, mode, max_new_tokens=8)
+    )
+    unpruned = tiny_v2_engine.run(image, OcrOptions(mode=mode, pruner="none", max_new_tokens=8, **NO_GUARD))
+    assert unpruned.stats.visual_tokens == expected
+    assert unpruned.text == expected_text  # token for token what transformers' own generate gives
+    pruned = tiny_v2_engine.run(image, OcrOptions(mode=mode, retention=0.5, max_new_tokens=2))
+    # v2 has no newline tokens: only the separator is protected
+    assert pruned.stats.visual_tokens_kept == (expected - 1) // 2 + 1
+
+
+def test_deepseek_ocr2_rejects_v1_only_modes(tiny_v2_engine):
+    with pytest.raises(ValueError, match="not available for DeepSeek-OCR v2"):
+        tiny_v2_engine.run(text_page(), OcrOptions(mode="large"))
 
 
 def _decode_with_recompute(engine, prompt, tokens):

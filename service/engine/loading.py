@@ -83,7 +83,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     if model == "random-full":
         return _load_random_full(torch_device, torch_dtype, cache_dir)
-    directory = tiny_checkpoint_dir(cache_dir) if model == "tiny" else _checkpoint_directory(model)
+    directory = tiny_checkpoint_dir(cache_dir, model) if model in ("tiny", "tiny-v2") else _checkpoint_directory(model)
     loaded = _load_directory(directory, torch_device, torch_dtype)
     loaded.name = model
     loaded.random_weights = model in RANDOM_PRESETS

@@ -36,7 +36,7 @@ TINY_PRESET_VERSION = 1  # bump when the tiny checkpoint changes, so stale copie
 TINY_SEED = 1234
 SHARD_NAME = "model-00001-of-000001.safetensors"
 
-RANDOM_PRESETS = ("tiny", "random-full")
+RANDOM_PRESETS = ("tiny", "tiny-v2", "random-full")
 
 _TINY_TEXT = {
     "hidden_size": 64,
@@ -104,15 +104,16 @@ def seed_random_weights(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
-def tiny_checkpoint_dir(cache_dir: Path | None = None) -> Path:
-    """Path of the tiny checkpoint, written on first use (atomically, so readers never see half)."""
-    target = (cache_dir or default_cache_dir()) / f"presets/tiny-v{TINY_PRESET_VERSION}"
+def tiny_checkpoint_dir(cache_dir: Path | None = None, name: str = "tiny") -> Path:
+    """Path of a tiny preset's checkpoint, written on first use (atomically, so readers never see half)."""
+    writer = {"tiny": write_tiny_checkpoint, "tiny-v2": write_tiny_v2_checkpoint}[name]
+    target = (cache_dir or default_cache_dir()) / f"presets/{name}-p{TINY_PRESET_VERSION}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        write_tiny_checkpoint(staging)
+        writer(staging)
         os.replace(staging, target)
     except OSError:
         if not (target / "config.json").exists():  # another process did not win the race either
@@ -150,3 +151,38 @@ def write_tiny_checkpoint(out_dir: Path) -> None:
     for name in ("processor_config.json",):
         shutil.copy(REFERENCE_DIR / name, out_dir / name)
     write_tokenizer_files(REFERENCE_DIR, out_dir)
+
+
+def write_tiny_v2_checkpoint(out_dir: Path) -> None:
+    """A tiny random DeepSeek-OCR-2 in transformers' own layout (as deepseek-community/DeepSeek-OCR-2 ships)."""
+    from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration
+
+    sam = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "mlp_dim": 64,
+        "global_attn_indexes": [1],
+        "output_channels": 16,
+        "downsample_channels": [32, 64],
+    }
+    encoder = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+    }  # the "decoder as encoder" over SAM tokens + learned queries
+    text = {key: value for key, value in _TINY_TEXT.items()}
+    text.update(
+        vocab_size=129280,
+        mlp_layer_types=["dense", "sparse"],
+        max_position_embeddings=8192,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    config = DeepseekOcr2Config(vision_config={"sam_config": sam, "encoder_config": encoder}, text_config=text)
+    model = DeepseekOcr2ForConditionalGeneration(config)
+    seed_random_weights(model, TINY_SEED)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    write_tokenizer_files(REFERENCE_DIR, out_dir)  # same tokenizer and ids as v1

@@ -1,0 +1,79 @@
+"""`rtprune-ocr serve` as a user starts it: a real process on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import text_page
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", *args]
+
+
+def test_serve_starts_reports_ready_and_answers(preset_cache, tmp_path):
+    port = free_port()
+    env = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache), "RTPRUNE_MAX_PDF_PAGES": "3"}
+    process = subprocess.Popen(
+        serve_command("--model", "tiny", "--port", str(port), "--device", "cpu"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the service did not become ready"
+            time.sleep(0.2)
+        info = httpx.get(f"{base}/v1/info").json()
+        assert info["limits"]["max_pdf_pages"] == 3  # the environment reached the settings
+        path = tmp_path / "page.png"
+        text_page((500, 400)).save(path)
+        response = httpx.post(
+            f"{base}/v1/ocr", files={"file": path.open("rb")}, data={"mode": "tiny", "max_new_tokens": "3"}, timeout=60
+        )
+        assert response.status_code == 200 and response.json()["random_weights"] is True
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert '"request_id"' in output  # structured JSON access log lines
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/checkpoint"])
+def test_serve_exits_nonzero_when_the_model_cannot_load(model):
+    result = subprocess.run(
+        serve_command("--model", model, "--port", str(free_port())), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert "not a checkpoint directory" in result.stdout + result.stderr
+
+
+def test_readme_documents_every_setting():
+    from pathlib import Path
+
+    from service.settings import ServiceSettings
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in ServiceSettings.model_fields:
+        assert f"`RTPRUNE_{name.upper()}`" in readme, f"README's settings table lacks RTPRUNE_{name.upper()}"
