@@ -172,13 +172,15 @@ def _load_directory(directory: Path, device: torch.device, dtype: torch.dtype) -
 
 def _load_random_full(device: torch.device, dtype: torch.dtype, cache_dir: Path | None) -> LoadedModel:
     """The real architecture and config with random weights, for benchmarks (compute cost does not
-    depend on the values)."""
+    depend on the values). Built directly in the target dtype on the target device; transformers'
+    own init is skipped since every tensor is overwritten by the seeded one anyway."""
     from transformers import AutoTokenizer, UnlimitedOcrForConditionalGeneration
+    from transformers.initialization import no_init_weights
 
     config = translate_v1_config(reference_config())
     config._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = UnlimitedOcrForConditionalGeneration(config).to(dtype)
+    with torch.device(device), no_init_weights():
+        model = UnlimitedOcrForConditionalGeneration._from_config(config, dtype=dtype)
     seed_random_weights(model, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint_dir(cache_dir), trust_remote_code=False)
     log.warning("model random-full has random weights: its output text is meaningless")

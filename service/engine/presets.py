@@ -32,7 +32,7 @@ from .tiny_tokenizer import write_tokenizer_files
 REFERENCE_DIR = Path(__file__).parent / "checkpoint_v1"
 """The real checkpoint's config and tokenizer config, vendored (MIT)."""
 
-TINY_PRESET_VERSION = 1  # bump when the tiny checkpoint changes, so stale copies are rewritten
+TINY_PRESET_VERSION = 2  # bump when the tiny checkpoint changes, so stale copies are rewritten
 TINY_SEED = 1234
 SHARD_NAME = "model-00001-of-000001.safetensors"
 
@@ -89,19 +89,21 @@ def seed_random_weights(model: torch.nn.Module, seed: int) -> None:
     """Deterministic random weights that give a healthy signal through every stage.
 
     transformers' own init leaves SAM nearly silent (initializer range 1e-10) and some
-    tensors empty; a random model only exercises the code if values vary.
+    tensors empty; a random model only exercises the code if values vary. Values are drawn
+    on each parameter's own device and dtype, so the 3.3 B-parameter preset needs no
+    float32 copy on the host.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
+            generator = generators.setdefault(param.device, torch.Generator(device=param.device).manual_seed(seed))
             if name.endswith("bias"):
                 param.zero_()
             elif "norm" in name and param.ndim == 1:
                 param.fill_(1.0)
             else:
                 fan_in = param[0].numel() if param.ndim > 1 else param.numel()
-                std = 1.0 / max(fan_in, 1) ** 0.5
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
+                param.normal_(0.0, 1.0 / max(fan_in, 1) ** 0.5, generator=generator)
 
 
 def tiny_checkpoint_dir(cache_dir: Path | None = None, name: str = "tiny") -> Path:
