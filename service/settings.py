@@ -33,6 +33,10 @@ class ServiceSettings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=4096, description="largest image or rendered PDF page, in pixels")
     max_pdf_pages: int = Field(50, ge=1, description="most PDF pages per request")
     queue_size: int = Field(16, ge=1, description="requests that may wait for the model; more get 503")
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="most pages run together in one batch; 1 turns batching off"
+    )
+    batch_wait_ms: float = Field(10.0, ge=0, le=5000, description="how long a batch waits for more requests to join")
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline (queue + work); then 504")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503")
     warmup: bool = Field(True, description="run one tiny page before reporting ready")

@@ -52,15 +52,15 @@ class GatedEngine:
     def warmup(self) -> None:
         self.engine.warmup()
 
-    def run(self, image, options=None, *, should_stop=None, timer=None):
+    def run_batch(self, tasks):
         self.started.set()
         while not self.gate.wait(0.01):
-            if should_stop and should_stop():
+            if all(task.should_stop() for task in tasks):
                 break
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
-        return self.engine.run(image, options, should_stop=should_stop, timer=timer)
+        return self.engine.run_batch(tasks)
 
 
 def settings(**overrides) -> ServiceSettings:

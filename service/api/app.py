@@ -40,6 +40,8 @@ def create_app(
         worker = Worker(
             load_engine or default_loader(settings),
             queue_size=settings.queue_size,
+            max_batch_size=settings.max_batch_size,
+            batch_wait_ms=settings.batch_wait_ms,
             warmup=settings.warmup,
             on_page=lambda result: metrics.observe_page(result.stats),
             on_depth=lambda waiting, running: (metrics.queue_depth.set(waiting), metrics.in_flight.set(running)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -17,16 +18,16 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pruning import PRUNERS, build_pruner
+from pruning import PRUNERS, PruneResult, build_pruner
 
 from .assemble import Positions, assemble_prompt
-from .generate import NGramGuard, generate
+from .generate import NGramGuard, Sequence, generate_batch
 from .loading import DEFAULT_MODEL, load_model
-from .model import OcrModel
+from .model import OcrModel, VisualBlock
 from .postprocess import Box, decode_text, parse_boxes, to_markdown
-from .preprocess import V1_MODES, V2_MODES, Mode, preprocess
+from .preprocess import V1_MODES, V2_MODES, Mode, PreparedImage, preprocess
 from .prompts import Task, build_prompt, encode_prompt
-from .stats import PageStats, RetentionRequested, StageTimer
+from .stats import PageStats, RetentionRequested, StageTimer, shared_stage
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,20 @@ class OcrOptions(BaseModel):
                 f"mode {self.mode.value!r} is not available for DeepSeek-OCR {version}; choose one of "
                 f"{', '.join(m.value for m in modes)}"
             )
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass
+class PageTask:
+    """One page of one request, as the batch runner takes it."""
+
+    image: Image.Image
+    options: OcrOptions
+    timer: StageTimer
+    should_stop: Callable[[], bool] = _never
 
 
 class PageResult(BaseModel):
@@ -127,7 +142,6 @@ class OCREngine:
     def modes(self) -> list[str]:
         return [m.value for m in (V1_MODES if self.version == "v1" else V2_MODES)]
 
-    @torch.inference_mode()
     def run(
         self,
         image: Image.Image,
@@ -137,57 +151,96 @@ class OCREngine:
         timer: StageTimer | None = None,
     ) -> PageResult:
         """OCR one page. ``should_stop`` is polled between decode steps (cancellation)."""
-        options = options or OcrOptions()
-        version = self.model.version
-        options.validate_for_run(version)
-        timer = timer or StageTimer(self.model.device)
-        with timer.stage("preprocess"):
-            page = preprocess(image, options.mode, version=version, max_crops=options.max_crops)
-        with timer.stage("vision"):
-            block = self.model.encode([page])[0]
-        keep_ratio = None if options.retention == "auto" else float(options.retention)
-        with timer.stage("prune"):
-            pruned = build_pruner(options.pruner, keep_ratio)(
-                block.features, block.protected, block.newline, block.global_view
+        task = PageTask(image, options or OcrOptions(), timer or StageTimer(self.model.device), should_stop or _never)
+        result = self.run_batch([task])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    @torch.inference_mode()
+    def run_batch(self, tasks: list[PageTask]) -> list[PageResult | BaseException]:
+        """OCR several pages together: one vision call per global-view size, one padded prefill,
+        one batched decode. Each page keeps its own options (mode, pruner, retention, ...),
+        its own stop rules and its own statistics; a problem with one page's options or its
+        cancellation is returned in its slot and does not disturb the others.
+        """
+        results: list[PageResult | BaseException | None] = [None] * len(tasks)
+        pages: dict[int, PreparedImage] = {}
+        for i, task in enumerate(tasks):
+            try:
+                task.options.validate_for_run(self.model.version)
+                with task.timer.stage("preprocess"):
+                    pages[i] = preprocess(
+                        task.image, task.options.mode, version=self.model.version, max_crops=task.options.max_crops
+                    )
+            except ValueError as exc:
+                results[i] = exc
+        blocks = self._encode(pages, tasks)
+        sequences: dict[int, Sequence] = {}
+        pruned_blocks: dict[int, PruneResult] = {}
+        for i, block in blocks.items():
+            task = tasks[i]
+            keep_ratio = None if task.options.retention == "auto" else float(task.options.retention)
+            with task.timer.stage("prune"):
+                pruned = build_pruner(task.options.pruner, keep_ratio)(
+                    block.features, block.protected, block.newline, block.global_view
+                )
+            with task.timer.stage("prefill"):
+                input_ids, image_start = encode_prompt(self.model.tokenizer, task.options.prompt_text(), block.n_tokens)
+                prompt = assemble_prompt(
+                    self.model.embed(input_ids),
+                    image_start,
+                    block.n_tokens,
+                    pruned.features,
+                    pruned.kept_indices,
+                    task.options.positions,
+                )
+            sequences[i] = Sequence(
+                prompt, task.options.max_new_tokens, task.options.guard(), task.timer, task.should_stop
             )
-        with timer.stage("prefill"):
-            input_ids, image_start = encode_prompt(self.model.tokenizer, options.prompt_text(), block.n_tokens)
-            prompt = assemble_prompt(
-                self.model.embed(input_ids),
-                image_start,
-                block.n_tokens,
-                pruned.features,
-                pruned.kept_indices,
-                options.positions,
-            )
-        generation = generate(
-            self.model,
-            prompt,
-            max_new_tokens=options.max_new_tokens,
-            guard=options.guard(),
-            timer=timer,
-            should_stop=should_stop,
-        )
-        text = decode_text(self.model.tokenizer, generation.tokens)
-        latency = timer.latency()
-        n_out = len(generation.tokens)
+            pruned_blocks[i] = pruned
+        generate_batch(self.model, list(sequences.values()))
+        for i, seq in sequences.items():
+            if isinstance(seq.outcome, BaseException):
+                results[i] = seq.outcome
+            else:
+                results[i] = self._result(blocks[i], pruned_blocks[i], seq, tasks[i])
+        return results
+
+    def _encode(self, pages: dict[int, PreparedImage], tasks: list[PageTask]) -> dict[int, VisualBlock]:
+        """Vision tower + projector, one call per global-view size; each page is charged the call's time."""
+        groups: dict[tuple, list[int]] = {}
+        for i, page in pages.items():
+            groups.setdefault(tuple(page.global_view.shape), []).append(i)
+        blocks = {}
+        for members in groups.values():
+            with shared_stage([tasks[i].timer for i in members], "vision", self.model.device):
+                encoded = self.model.encode([pages[i] for i in members])
+            blocks.update(zip(members, encoded, strict=True))
+        return blocks
+
+    def _result(self, block: VisualBlock, pruned: PruneResult, seq: Sequence, task: PageTask) -> PageResult:
+        text = decode_text(self.model.tokenizer, seq.outcome.tokens)
+        latency = task.timer.latency()
+        n_out = len(seq.outcome.tokens)
+        dynamic = task.options.retention == "auto" and pruned.r_sim is not None
         stats = PageStats(
             visual_tokens=block.n_tokens,
             visual_tokens_kept=pruned.n_kept,
             retention=round(pruned.n_kept / block.n_tokens, 6),
             retention_requested=RetentionRequested(
-                value=options.retention,
-                dynamic=pruned.keep_ratio if keep_ratio is None and pruned.r_sim is not None else None,
+                value=task.options.retention,
+                dynamic=pruned.keep_ratio if dynamic else None,
                 r_sim=pruned.r_sim,
                 r_txt=pruned.r_txt,
             ),
-            prompt_tokens=prompt.length,
+            prompt_tokens=seq.prompt.length,
             output_tokens=n_out,
             latency_ms=latency,
             decode_tokens_per_s=round(n_out / (latency.decode / 1e3), 3) if latency.decode > 0 else 0.0,
-            finish_reason=generation.finish_reason,
+            finish_reason=seq.outcome.finish_reason,
         )
-        return PageResult(markdown=to_markdown(text), text=text, boxes=parse_boxes(text, page.size), stats=stats)
+        return PageResult(markdown=to_markdown(text), text=text, boxes=parse_boxes(text, block.page.size), stats=stats)
 
     def warmup(self) -> None:
         """One small forward through every stage, so the first request does not pay for lazy init."""

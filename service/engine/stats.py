@@ -49,6 +49,23 @@ class PageStats(BaseModel):
     finish_reason: Literal["eos", "length"] = Field(description="eos, or the max_new_tokens / position budget ran out")
 
 
+@contextmanager
+def shared_stage(timers: list[StageTimer], name: str, device: torch.device | str) -> Iterator[None]:
+    """Time one stage that several requests share (a batched forward) and charge it to each."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = (time.perf_counter() - start) * 1e3
+        for timer in timers:
+            timer.add(name, elapsed)
+
+
 class StageTimer:
     """Accumulates stage wall times; synchronises CUDA so queued kernels are counted."""
 

@@ -1,10 +1,14 @@
-"""One worker thread owns the model; requests wait for it in a bounded queue.
+"""One worker thread owns the model; requests wait for it in a bounded queue and run in micro-batches.
 
 The thread loads the engine (so loading never blocks the event loop and ``/healthz``
 answers while weights are read), warms it up, then takes jobs one at a time. The HTTP
 side only submits jobs and awaits their futures: a full queue is refused at once
 (503), and a job whose deadline passed or whose client left is cancelled, both while
 it waits and between decode steps, so the device never works for nobody.
+
+Micro-batching: after taking a job the worker waits up to ``batch_wait_ms`` for more, until
+``max_batch_size`` pages are together, and runs them as one batch (``OCREngine.run_batch``).
+Requests do not join a batch that is already decoding (no continuous batching yet).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from PIL import Image
 
 from service.engine import Cancelled, OCREngine, OcrOptions, PageResult
+from service.engine.engine import PageTask
 from service.engine.stats import StageTimer
 from service.errors import NotReady, OutOfMemory, Overloaded
 
@@ -52,6 +57,8 @@ class Worker:
         load_engine: Callable[[], OCREngine],
         *,
         queue_size: int,
+        max_batch_size: int = 1,
+        batch_wait_ms: float = 0.0,
         warmup: bool = True,
         on_page: Callable[[PageResult], None] | None = None,
         on_depth: Callable[[int, int], None] | None = None,
@@ -60,6 +67,8 @@ class Worker:
         self._load_engine = load_engine
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self._warmup = warmup
+        self._max_batch_size = max(1, max_batch_size)
+        self._batch_wait_s = batch_wait_ms / 1e3 if max_batch_size > 1 else 0.0
         self._on_page = on_page or (lambda result: None)
         self._on_depth = on_depth or (lambda waiting, running: None)
         self._on_fatal = on_fatal or (lambda exc: None)
@@ -122,51 +131,93 @@ class Worker:
             self._on_fatal(exc)
             return
         self.engine, self.state = engine, "ready"
-        log.info("model ready")
+        log.info("model ready (max batch size %d)", self._max_batch_size)
         while not self._stopping.is_set():
             try:
                 job = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
-            self._process(job)
+            self._process(self._collect(job))
 
-    def _process(self, job: Job) -> None:
-        if not job.future.set_running_or_notify_cancel():
-            self._report_depth()
-            return
-        if job.should_stop():
-            _fail(job, Cancelled("cancelled while waiting in the queue"))
-            self._report_depth()
-            return
-        self.running = 1
+    def _collect(self, first: Job) -> list[Job]:
+        """Jobs that arrive within the batch window join the first, up to the batch size in pages."""
+        jobs, pages = [first], len(first.pages)
+        deadline = time.monotonic() + self._batch_wait_s
+        while pages < self._max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                job = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            jobs.append(job)
+            pages += len(job.pages)
+        return jobs
+
+    def _process(self, jobs: list[Job]) -> None:
+        """Run the pages of ``jobs`` in chunks of the batch size; settle each job's future."""
+        units: list[tuple[Job, int]] = []
+        for job in jobs:
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            if job.should_stop():
+                _fail(job, Cancelled("cancelled while waiting in the queue"))
+                continue
+            units += [(job, index) for index in range(len(job.pages))]
+        results: dict[int, list[PageResult]] = {id(job): [] for job, _ in units}
+        self.running = len({id(job) for job, _ in units})
         self._report_depth()
         try:
-            results = []
-            for page in job.pages:
-                if job.should_stop():
-                    raise Cancelled("cancelled between pages")
-                timer = StageTimer(self.engine.device)
-                timer.add("queue", (time.monotonic() - job.accepted_at) * 1e3)
-                result = self.engine.run(page, job.options, should_stop=job.should_stop, timer=timer)
-                self._on_page(result)
-                results.append(result)
-            job.future.set_result(results)
-        except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            log.warning("out of memory on request %s", job.request_id)
-            _fail(
-                job,
-                OutOfMemory(
-                    "the device ran out of memory on this request; retry with a smaller mode or fewer pages",
-                    headers={"Retry-After": "5"},
-                ),
-            )
-        except BaseException as exc:  # one request's failure must never stop the worker
-            _fail(job, exc)
+            for start in range(0, len(units), self._max_batch_size):
+                chunk = [
+                    (job, index) for job, index in units[start : start + self._max_batch_size] if not job.future.done()
+                ]
+                if chunk:
+                    self._run_chunk(chunk, results)
         finally:
             self.running = 0
             self._report_depth()
+
+    def _run_chunk(self, chunk: list[tuple[Job, int]], results: dict[int, list[PageResult]]) -> None:
+        now = time.monotonic()
+        tasks = []
+        for job, index in chunk:
+            timer = StageTimer(self.engine.device)
+            timer.add("queue", (now - job.accepted_at) * 1e3)
+            tasks.append(PageTask(job.pages[index], job.options, timer, job.should_stop))
+        try:
+            outcomes = self.engine.run_batch(tasks)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("out of memory on a batch of %d pages", len(tasks))
+            for job, _ in chunk:
+                _fail(
+                    job,
+                    OutOfMemory(
+                        "the device ran out of memory on this request; retry with a smaller mode, "
+                        "fewer pages or a smaller RTPRUNE_MAX_BATCH_SIZE",
+                        headers={"Retry-After": "5"},
+                    ),
+                )
+            return
+        except BaseException as exc:  # one batch's failure must never stop the worker
+            for job, _ in chunk:
+                _fail(job, exc)
+            return
+        if len(outcomes) != len(tasks):  # the batch contract: one outcome per page
+            outcomes = [RuntimeError(f"engine returned {len(outcomes)} results for {len(tasks)} pages")] * len(tasks)
+        for (job, index), outcome in zip(chunk, outcomes, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                _fail(job, outcome)
+                continue
+            self._on_page(outcome)
+            results[id(job)].append(outcome)
+            if index == len(job.pages) - 1:
+                job.future.set_result(results[id(job)])
 
 
 def _fail(job: Job, exc: BaseException) -> None:

@@ -1,0 +1,192 @@
+"""Micro-batching: a batch gives each request exactly what it would get alone, with its own stats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from service.api.app import create_app
+from service.engine import Cancelled, OcrOptions
+from service.engine.engine import PageTask
+from service.engine.stats import StageTimer
+from service.engine.worker import Job, Worker
+from service.settings import ServiceSettings
+from tests.conftest import text_page
+
+MIXED = [  # modes, pruners, retentions, positions, budgets and guards all differ
+    (text_page((600, 800)), OcrOptions(mode="tiny", pruner="rtprune", retention="auto", max_new_tokens=5)),
+    (text_page((1100, 800)), OcrOptions(mode="large", pruner="norm", retention=0.7, max_new_tokens=12)),
+    (text_page((1100, 800)), OcrOptions(mode="gundam", pruner="none", max_new_tokens=8, ngram_size=3, ngram_window=8)),
+    (text_page((700, 700)), OcrOptions(mode="base", pruner="divprune", retention=0.5, max_new_tokens=3)),
+    (
+        text_page((500, 400)),
+        OcrOptions(mode="tiny", pruner="random", retention=0.9, positions="compact", max_new_tokens=10, task="free"),
+    ),
+    (
+        text_page((600, 800)),
+        OcrOptions(mode="tiny", pruner="rtprune", retention=0.5, max_new_tokens=7, task="locate", ref="the title"),
+    ),
+]
+SAME_STATS = ("visual_tokens", "visual_tokens_kept", "retention", "prompt_tokens", "output_tokens", "finish_reason")
+
+
+def tasks(items):
+    return [PageTask(image, options, StageTimer()) for image, options in items]
+
+
+def test_mixed_batch_equals_running_each_alone(tiny_engine):
+    alone = [tiny_engine.run(image, options) for image, options in MIXED]
+    batched = tiny_engine.run_batch(tasks(MIXED))
+    for solo, together in zip(alone, batched, strict=True):
+        assert together.text == solo.text  # token for token
+        assert together.boxes == solo.boxes
+        for key in SAME_STATS:
+            assert getattr(together.stats, key) == getattr(solo.stats, key), key
+        assert together.stats.retention_requested == solo.stats.retention_requested
+    # the batch really padded: prompts of different lengths went through one prefill
+    assert len({r.stats.prompt_tokens for r in batched}) > 2
+
+
+def test_one_bad_task_does_not_spoil_the_batch(tiny_engine):
+    items = [*MIXED[:2], (text_page(), OcrOptions(task="locate"))]  # locate without ref
+    results = tiny_engine.run_batch(tasks(items))
+    assert isinstance(results[2], ValueError)
+    assert results[0].text == tiny_engine.run(*MIXED[0]).text
+
+
+def test_cancelling_one_sequence_leaves_the_others(tiny_engine):
+    calls = {"n": 0}
+
+    def stop_soon():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    items = [(text_page(), OcrOptions(mode="tiny", max_new_tokens=40, ngram_size=0)), MIXED[1], MIXED[4]]
+    batch = tasks(items)
+    batch[0].should_stop = stop_soon
+    results = tiny_engine.run_batch(batch)
+    assert isinstance(results[0], Cancelled)
+    assert results[1].text == tiny_engine.run(*MIXED[1]).text
+    assert results[2].text == tiny_engine.run(*MIXED[4]).text
+
+
+def test_worker_batches_concurrent_jobs_and_keeps_deadlines_per_request(tiny_engine):
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tiny_engine, name)
+
+        def warmup(self):
+            pass
+
+        def run_batch(self, batch):
+            seen.append(len(batch))
+            return tiny_engine.run_batch(batch)
+
+    worker = Worker(lambda: Spy(), queue_size=8, max_batch_size=4, batch_wait_ms=300, warmup=False)
+    worker.start()
+    try:
+        while worker.state != "ready":
+            time.sleep(0.01)
+        now = time.monotonic()
+        doomed = Job([text_page()], OcrOptions(mode="tiny", max_new_tokens=8192, ngram_size=0), deadline=now + 1.0)
+        jobs = [doomed] + [Job([image], options, deadline=now + 60) for image, options in MIXED[:3]]
+        for job in jobs:
+            worker.submit(job, retry_after_s=1)
+        start = time.monotonic()
+        with pytest.raises(Cancelled):
+            doomed.future.result(timeout=30)
+        assert time.monotonic() - start < 10  # stopped at its deadline, not after 8192 tokens
+        for job, (image, options) in zip(jobs[1:], MIXED[:3], strict=True):
+            result = job.future.result(timeout=60)[0]
+            assert result.text == tiny_engine.run(image, options).text
+            assert result.stats.latency_ms.queue > 0
+        assert max(seen) == 4  # the four jobs ran as one batch
+    finally:
+        worker.stop()
+
+
+def test_batched_http_requests_match_their_solo_answers(tiny_engine):
+    settings = ServiceSettings(model="tiny", log_json=False, max_batch_size=4, batch_wait_ms=300)
+    sizes = []
+    original = tiny_engine.run_batch
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tiny_engine, name)
+
+        def run_batch(self, batch):
+            sizes.append(len(batch))
+            return original(batch)
+
+    forms = [
+        {"mode": "tiny", "retention": "auto", "max_new_tokens": "6"},
+        {"mode": "large", "pruner": "norm", "retention": "0.7", "max_new_tokens": "4"},
+        {"mode": "gundam", "pruner": "none", "max_new_tokens": "5"},
+        {"mode": "base", "pruner": "divprune", "retention": "0.5", "max_new_tokens": "3"},
+    ]
+    png = _png(text_page((900, 700)))
+
+    async def scenario():
+        app = create_app(settings, load_engine=Spy)
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as client:
+                while (await client.get("/readyz")).status_code != 200:
+                    await asyncio.sleep(0.05)
+                sizes.clear()
+                together = await asyncio.gather(
+                    *[client.post("/v1/ocr", files={"file": ("p.png", png)}, data=f) for f in forms]
+                )
+                alone = [await client.post("/v1/ocr", files={"file": ("p.png", png)}, data=f) for f in forms]
+        return together, alone
+
+    together, alone = asyncio.run(scenario())
+    assert max(sizes) > 1, f"requests were not batched: {sizes}"
+    for t, a in zip(together, alone, strict=True):
+        assert t.status_code == a.status_code == 200
+        batched_page, solo_page = t.json()["pages"][0], a.json()["pages"][0]
+        assert batched_page["text"] == solo_page["text"]
+        assert batched_page["stats"]["visual_tokens_kept"] == solo_page["stats"]["visual_tokens_kept"]
+
+
+def test_batch_size_one_turns_batching_off(tiny_engine):
+    sizes = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tiny_engine, name)
+
+        def warmup(self):
+            pass
+
+        def run_batch(self, batch):
+            sizes.append(len(batch))
+            return tiny_engine.run_batch(batch)
+
+    worker = Worker(lambda: Spy(), queue_size=8, max_batch_size=1, batch_wait_ms=300, warmup=False)
+    worker.start()
+    try:
+        while worker.state != "ready":
+            time.sleep(0.01)
+        jobs = [Job([image], options, deadline=time.monotonic() + 60) for image, options in MIXED[:3]]
+        for job in jobs:
+            worker.submit(job, retry_after_s=1)
+        for job in jobs:
+            job.future.result(timeout=60)
+        assert sizes == [1, 1, 1]
+    finally:
+        worker.stop()
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
