@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="start the HTTP service; every flag is also an RTPRUNE_* variable")
     _add_settings_arguments(serve)
+    load = commands.add_parser("loadtest", help="locust load test, headless; starts a tiny server unless --host")
+    load.add_argument("--users", type=int, default=4)
+    load.add_argument("--duration", type=int, default=20, help="seconds")
+    load.add_argument("--out", type=Path, default=Path("load-report"))
+    load.add_argument("--host", help="URL of a running service (default: start one on the tiny preset)")
     return parser
 
 
@@ -128,13 +134,19 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_load(args: argparse.Namespace) -> int:
+    from service.loadtest import run_loadtest
+
+    return run_loadtest(args.users, args.duration, args.out, host=args.host)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from service.engine import ModelLoadError
 
     try:
-        return {"ocr": run_ocr, "serve": run_serve}[args.command](args)
+        return {"ocr": run_ocr, "serve": run_serve, "loadtest": run_load}[args.command](args)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

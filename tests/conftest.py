@@ -62,15 +62,19 @@ def text_page(size: tuple[int, int] = (1100, 800), lines: int = 20) -> Image.Ima
     return image
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @contextmanager
 def live_server(app, timeout: float = 60.0):
     """Serve ``app`` with a real uvicorn on a free loopback port until the block ends; yields the base URL."""
     import httpx
     import uvicorn
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
