@@ -70,6 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="start the HTTP service; every flag is also an RTPRUNE_* variable")
     _add_settings_arguments(serve)
+    evaluate = commands.add_parser("eval", help="accuracy vs retention on labelled pages, relative to unpruned")
+    evaluate.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="folder of images with same-stem .md ground truth, or OmniDocBench's JSON",
+    )
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--mode", default="large", choices=["tiny", "small", "base", "large", "gundam"])
+    evaluate.add_argument("--pruners", default="rtprune,norm,random,divprune")
+    evaluate.add_argument("--retention", default="1.0,0.9,0.8425,0.7,auto")
+    evaluate.add_argument("--limit", type=int, help="first N pages only")
+    evaluate.add_argument("--max-new-tokens", type=int, default=8192)
+    evaluate.add_argument("--out", type=Path, required=True)
+    evaluate.add_argument("--no-progress", action="store_true")
+
+    synth = commands.add_parser("synth", help="write synthetic labelled pages (image + markdown)")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--n", type=int, default=20)
+    synth.add_argument("--seed", type=int, default=0)
+
     load = commands.add_parser("loadtest", help="locust load test, headless; starts a tiny server unless --host")
     load.add_argument("--users", type=int, default=4)
     load.add_argument("--duration", type=int, default=20, help="seconds")
@@ -134,6 +155,50 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    from pruning import PRUNERS
+    from service.engine import OCREngine
+    from service.evaluation.dataset import load_pages
+    from service.evaluation.harness import Evaluation, parse_retentions, plot_summary, print_summary, settings_grid
+
+    pruners = [p.strip() for p in args.pruners.split(",") if p.strip()]
+    unknown = set(pruners) - set(PRUNERS)
+    try:
+        if unknown:
+            raise ValueError(f"unknown pruners {sorted(unknown)}; choose from {', '.join(PRUNERS)}")
+        retentions = parse_retentions(args.retention)
+        pages = load_pages(args.data, args.limit)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype)
+    if engine.random_weights:
+        print("warning: " + RANDOM_WEIGHTS_WARNING.format(name=engine.name), file=sys.stderr)
+    evaluation = Evaluation(
+        engine,
+        pages,
+        settings_grid(pruners, retentions),
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        out=args.out,
+    )
+    summary = evaluation.run(progress=not args.no_progress)
+    print_summary(summary)
+    weights = "random weights" if engine.random_weights else "real weights"
+    title = f"{engine.name} ({weights}), {args.mode}, {len(pages)} pages"
+    plot_summary(summary, args.out / "relative_accuracy.png", title)
+    print(f"wrote {args.out / 'pages.csv'}, {args.out / 'summary.json'}, {args.out / 'relative_accuracy.png'}")
+    return 0
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from service.evaluation.synth import write_pages
+
+    paths = write_pages(args.out, args.n, args.seed)
+    print(f"wrote {len(paths)} pages with markdown to {args.out}")
+    return 0
+
+
 def run_load(args: argparse.Namespace) -> int:
     from service.loadtest import run_loadtest
 
@@ -146,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from service.engine import ModelLoadError
 
     try:
-        return {"ocr": run_ocr, "serve": run_serve, "loadtest": run_load}[args.command](args)
+        commands = {"ocr": run_ocr, "serve": run_serve, "loadtest": run_load, "eval": run_eval, "synth": run_synth}
+        return commands[args.command](args)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,1 @@
+"""Accuracy versus retention on labelled documents, relative to the unpruned model."""
