@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import health, ocr
+from service.api import health, ocr, web
 from service.api.handlers import install_error_handlers
 from service.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from service.engine import OCREngine
@@ -65,6 +65,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(ocr.router)
+    web.attach(app)
     # added last = outermost: the request id exists before auth and the body limit answer
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value() if settings.api_key else None)

@@ -22,7 +22,8 @@ from service.metrics import Metrics
 
 log = logging.getLogger("rtprune_ocr.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/redoc")
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/redoc", "/static/")
+OPEN_EXACT = {"/"}  # the try-out page; its API calls carry the key
 
 
 def _error(status: int, code: str, message: str, request_id: str | None, headers: dict | None = None) -> JSONResponse:
@@ -84,7 +85,8 @@ class ApiKeyMiddleware:
         self.api_key = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.api_key is None or scope["type"] != "http" or scope["path"].startswith(OPEN_PATHS):
+        path = scope.get("path", "")
+        if self.api_key is None or scope["type"] != "http" or path in OPEN_EXACT or path.startswith(OPEN_PATHS):
             await self.app(scope, receive, send)
             return
         given = Headers(scope=scope).get("x-api-key", "").encode()

@@ -28,6 +28,7 @@ from .postprocess import Box, decode_text, parse_boxes, to_markdown
 from .preprocess import V1_MODES, V2_MODES, Mode, PreparedImage, preprocess
 from .prompts import Task, build_prompt, encode_prompt
 from .stats import PageStats, RetentionRequested, StageTimer, shared_stage
+from .token_map import TokenMap, build_token_map, preview_data_url
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class OcrOptions(BaseModel):
     ngram_size: int = Field(30, ge=0, le=512, description="no-repeat n-gram size; 0 disables the guard")
     ngram_window: int = Field(90, ge=0, le=8192, description="generated tokens the guard looks back over")
     max_crops: int = Field(6, ge=2, le=9, description="most Gundam tiles")
+    token_map: bool = Field(False, description="also return the global view's token map and a page preview")
 
     @field_validator("retention")
     @classmethod
@@ -98,6 +100,8 @@ class PageResult(BaseModel):
     text: str = Field(description="raw model output with grounding tags")
     boxes: list[Box]
     stats: PageStats
+    token_map: TokenMap | None = Field(None, description="only with token_map=true")
+    preview: str | None = Field(None, description="page preview as a JPEG data URL; only with token_map=true")
 
 
 class OCREngine:
@@ -240,7 +244,14 @@ class OCREngine:
             decode_tokens_per_s=round(n_out / (latency.decode / 1e3), 3) if latency.decode > 0 else 0.0,
             finish_reason=seq.outcome.finish_reason,
         )
-        return PageResult(markdown=to_markdown(text), text=text, boxes=parse_boxes(text, block.page.size), stats=stats)
+        result = PageResult(
+            markdown=to_markdown(text), text=text, boxes=parse_boxes(text, block.page.size), stats=stats
+        )
+        if task.options.token_map:
+            merges = task.options.pruner == "rtprune"
+            result.token_map = build_token_map(block, pruned, merges, self.model.version)
+            result.preview = preview_data_url(task.image)
+        return result
 
     def warmup(self) -> None:
         """One small forward through every stage, so the first request does not pay for lazy init."""
