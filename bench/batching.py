@@ -37,12 +37,14 @@ def page_png() -> bytes:
     return buffer.getvalue()
 
 
-async def closed_loop(engine: OCREngine, batch: int, concurrency: int, requests: int, form: dict) -> dict:
+async def closed_loop(
+    engine: OCREngine, batch: int, concurrency: int, requests: int, form: dict, wait_ms: float
+) -> dict:
     settings = ServiceSettings(
         model=engine.name,
         log_json=False,
         max_batch_size=batch,
-        batch_wait_ms=20,
+        batch_wait_ms=wait_ms,
         queue_size=max(16, 2 * concurrency),
         warmup=False,
     )
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--mode", default="tiny")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-wait-ms", type=float, default=ServiceSettings().batch_wait_ms)
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--requests-per-client", type=int, default=6)
     parser.add_argument("--out", default="bench/results/batching.json")
@@ -98,14 +101,17 @@ def main() -> None:
     engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype)
     engine.warmup()
     form = {"mode": args.mode, "max_new_tokens": str(args.max_new_tokens), "ngram_size": "0", "retention": "auto"}
-    label = f"{machine_label(engine.device)}, model {args.model}, mode {args.mode}, {args.max_new_tokens} new tokens"
+    label = (
+        f"{machine_label(engine.device)}, model {args.model}, mode {args.mode}, {args.max_new_tokens} new tokens, "
+        f"batch window {args.batch_wait_ms:g} ms"
+    )
     print(f"# {label}")
     print(f"{'conc':>4} {'batch':>5} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} | {'x req/s':>7} {'x p50':>6}")
     records = []
     for level, concurrency in enumerate(int(c) for c in args.concurrency.split(",")):
         requests = max(4, concurrency * args.requests_per_client)
         order = [1, args.batch_size] if level % 2 == 0 else [args.batch_size, 1]
-        runs = {b: asyncio.run(closed_loop(engine, b, concurrency, requests, form)) for b in order}
+        runs = {b: asyncio.run(closed_loop(engine, b, concurrency, requests, form, args.batch_wait_ms)) for b in order}
         off, on = runs[1], runs[args.batch_size]
         on["speedup_requests_per_s"] = on["requests_per_s"] / off["requests_per_s"]
         on["p50_ratio"] = on["p50_ms"] / off["p50_ms"]

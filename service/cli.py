@@ -129,7 +129,8 @@ def run_ocr(args: argparse.Namespace) -> int:
         print("warning: " + RANDOM_WEIGHTS_WARNING.format(name=engine.name), file=sys.stderr)
     result = engine.run(pages[0], options)
     if args.json:
-        print(json.dumps(result.model_dump(mode="json"), ensure_ascii=False, indent=2))
+        page = result.model_dump(mode="json", exclude={"token_map", "preview"})  # the web page's opt-in fields
+        print(json.dumps(page, ensure_ascii=False, indent=2))
     else:
         print(result.markdown)
         s = result.stats

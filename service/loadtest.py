@@ -25,7 +25,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _wait_ready(base: str, process: subprocess.Popen | None, timeout: float) -> None:
+def wait_ready(base: str, process: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+    """Poll ``base``/readyz until it answers 200; fail early if ``process`` (the server) exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -76,7 +77,7 @@ def run_loadtest(users: int, duration_s: int, out: Path, host: str | None = None
             env={**os.environ, "RTPRUNE_DEVICE": "cpu"} if model == "tiny" else dict(os.environ),
         )
     try:
-        _wait_ready(host, server, timeout=300)
+        wait_ready(host, server, timeout=300)
         command = [
             sys.executable,
             "-m",

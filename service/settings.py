@@ -36,7 +36,7 @@ class ServiceSettings(BaseSettings):
     max_batch_size: int = Field(
         8, ge=1, le=256, description="most pages run together in one batch; 1 turns batching off"
     )
-    batch_wait_ms: float = Field(10.0, ge=0, le=5000, description="how long a batch waits for more requests to join")
+    batch_wait_ms: float = Field(5.0, ge=0, le=5000, description="how long a batch waits for more requests to join")
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline (queue + work); then 504")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503")
     warmup: bool = Field(True, description="run one tiny page before reporting ready")

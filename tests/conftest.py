@@ -32,7 +32,6 @@ def v1_block_masks(rows: int, cols: int, with_separator: bool = True) -> tuple[t
 
 import socket  # noqa: E402
 import threading  # noqa: E402
-import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
 import pytest  # noqa: E402
@@ -71,8 +70,9 @@ def free_port() -> int:
 @contextmanager
 def live_server(app, timeout: float = 60.0):
     """Serve ``app`` with a real uvicorn on a free loopback port until the block ends; yields the base URL."""
-    import httpx
     import uvicorn
+
+    from service.loadtest import wait_ready
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
@@ -80,15 +80,7 @@ def live_server(app, timeout: float = 60.0):
     thread.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "live server did not become ready"
-            time.sleep(0.1)
+        wait_ready(base, timeout=timeout)
         yield base
     finally:
         server.should_exit = True

@@ -34,6 +34,31 @@ MIXED = [  # modes, pruners, retentions, positions, budgets and guards all diffe
 SAME_STATS = ("visual_tokens", "visual_tokens_kept", "retention", "prompt_tokens", "output_tokens", "finish_reason")
 
 
+class BatchSpy:
+    """The real engine, recording the size of every batch the worker hands it."""
+
+    def __init__(self, engine, sizes: list[int]) -> None:
+        self.engine, self.sizes = engine, sizes
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run_batch(self, batch):
+        self.sizes.append(len(batch))
+        return self.engine.run_batch(batch)
+
+
+def started_worker(engine, sizes: list[int], *, max_batch_size: int) -> Worker:
+    """A worker over a BatchSpy with a long batch window, already ready."""
+    worker = Worker(
+        lambda: BatchSpy(engine, sizes), queue_size=8, max_batch_size=max_batch_size, batch_wait_ms=300, warmup=False
+    )
+    worker.start()
+    while worker.state != "ready":
+        time.sleep(0.01)
+    return worker
+
+
 def tasks(items):
     return [PageTask(image, options, StageTimer()) for image, options in items]
 
@@ -75,24 +100,9 @@ def test_cancelling_one_sequence_leaves_the_others(tiny_engine):
 
 
 def test_worker_batches_concurrent_jobs_and_keeps_deadlines_per_request(tiny_engine):
-    seen = []
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(tiny_engine, name)
-
-        def warmup(self):
-            pass
-
-        def run_batch(self, batch):
-            seen.append(len(batch))
-            return tiny_engine.run_batch(batch)
-
-    worker = Worker(lambda: Spy(), queue_size=8, max_batch_size=4, batch_wait_ms=300, warmup=False)
-    worker.start()
+    seen: list[int] = []
+    worker = started_worker(tiny_engine, seen, max_batch_size=4)
     try:
-        while worker.state != "ready":
-            time.sleep(0.01)
         now = time.monotonic()
         doomed = Job([text_page()], OcrOptions(mode="tiny", max_new_tokens=8192, ngram_size=0), deadline=now + 1.0)
         jobs = [doomed] + [Job([image], options, deadline=now + 60) for image, options in MIXED[:3]]
@@ -113,16 +123,7 @@ def test_worker_batches_concurrent_jobs_and_keeps_deadlines_per_request(tiny_eng
 
 def test_batched_http_requests_match_their_solo_answers(tiny_engine):
     settings = ServiceSettings(model="tiny", log_json=False, max_batch_size=4, batch_wait_ms=300)
-    sizes = []
-    original = tiny_engine.run_batch
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(tiny_engine, name)
-
-        def run_batch(self, batch):
-            sizes.append(len(batch))
-            return original(batch)
+    sizes: list[int] = []
 
     forms = [
         {"mode": "tiny", "retention": "auto", "max_new_tokens": "6"},
@@ -133,7 +134,7 @@ def test_batched_http_requests_match_their_solo_answers(tiny_engine):
     png = _png(text_page((900, 700)))
 
     async def scenario():
-        app = create_app(settings, load_engine=Spy)
+        app = create_app(settings, load_engine=lambda: BatchSpy(tiny_engine, sizes))
         async with LifespanManager(app) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as client:
@@ -156,24 +157,9 @@ def test_batched_http_requests_match_their_solo_answers(tiny_engine):
 
 
 def test_batch_size_one_turns_batching_off(tiny_engine):
-    sizes = []
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(tiny_engine, name)
-
-        def warmup(self):
-            pass
-
-        def run_batch(self, batch):
-            sizes.append(len(batch))
-            return tiny_engine.run_batch(batch)
-
-    worker = Worker(lambda: Spy(), queue_size=8, max_batch_size=1, batch_wait_ms=300, warmup=False)
-    worker.start()
+    sizes: list[int] = []
+    worker = started_worker(tiny_engine, sizes, max_batch_size=1)
     try:
-        while worker.state != "ready":
-            time.sleep(0.01)
         jobs = [Job([image], options, deadline=time.monotonic() + 60) for image, options in MIXED[:3]]
         for job in jobs:
             worker.submit(job, retry_after_s=1)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
+from service.loadtest import wait_ready
 from tests.conftest import free_port, text_page
 
 
@@ -29,16 +29,7 @@ def test_serve_starts_reports_ready_and_answers(preset_cache, tmp_path):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the service did not become ready"
-            time.sleep(0.2)
+        wait_ready(base, process, timeout=120)
         info = httpx.get(f"{base}/v1/info").json()
         assert info["limits"]["max_pdf_pages"] == 3  # the environment reached the settings
         path = tmp_path / "page.png"

@@ -21,6 +21,16 @@ from tests.conftest import text_page
 NO_GUARD = {"ngram_size": 0, "ngram_window": 0}
 
 
+def unpruned_prompt(engine, mode: str = "tiny"):
+    """Prefill inputs of a text page with its whole visual block, for generate() tests."""
+    model = engine.model
+    block = model.encode([preprocess(text_page(), mode)])[0]
+    ids, start = encode_prompt(model.tokenizer, build_prompt("free"), block.n_tokens)
+    return assemble_prompt(
+        model.embed(ids), start, block.n_tokens, block.features, torch.arange(block.n_tokens), "original"
+    )
+
+
 def transformers_generate(engine, image, mode: str, max_new_tokens: int) -> list[int]:
     """Reference: the unpruned model through transformers' own forward (masked_scatter) and generate."""
     model = engine.model
@@ -188,11 +198,7 @@ def test_ngram_guard_blocks_a_repeat():
 
 def test_guard_stops_a_looping_generation(tiny_engine):
     model = tiny_engine.model
-    block = model.encode([preprocess(text_page(), "tiny")])[0]
-    ids, start = encode_prompt(model.tokenizer, build_prompt("free"), block.n_tokens)
-    prompt = assemble_prompt(
-        model.embed(ids), start, block.n_tokens, block.features, torch.arange(block.n_tokens), "original"
-    )
+    prompt = unpruned_prompt(tiny_engine)
 
     def run(guard):
         return generate(model, prompt, max_new_tokens=24, guard=guard, timer=StageTimer()).tokens
@@ -206,11 +212,7 @@ def test_guard_stops_a_looping_generation(tiny_engine):
 
 def test_max_new_tokens_is_bounded_by_positions(tiny_engine):
     model = tiny_engine.model
-    block = model.encode([preprocess(text_page(), "tiny")])[0]
-    ids, start = encode_prompt(model.tokenizer, build_prompt("free"), block.n_tokens)
-    prompt = assemble_prompt(
-        model.embed(ids), start, block.n_tokens, block.features, torch.arange(block.n_tokens), "original"
-    )
+    prompt = unpruned_prompt(tiny_engine)
     original = model.max_positions
     try:
         model.max_positions = prompt.next_position + 2

@@ -140,17 +140,21 @@ class Worker:
             self._process(self._collect(job))
 
     def _collect(self, first: Job) -> list[Job]:
-        """Jobs that arrive within the batch window join the first, up to the batch size in pages."""
+        """Jobs already waiting join the first at once; then the window waits for more, up to the batch size
+        in pages. With a zero window only what queued up while the previous batch ran is batched."""
         jobs, pages = [first], len(first.pages)
         deadline = time.monotonic() + self._batch_wait_s
         while pages < self._max_batch_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
             try:
-                job = self._queue.get(timeout=remaining)
+                job = self._queue.get_nowait()
             except queue.Empty:
-                break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    job = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
             jobs.append(job)
             pages += len(job.pages)
         return jobs
