@@ -2,8 +2,10 @@
 
 upload image -> preprocess -> encode (vision + projector) -> prune -> assemble prompt
 -> generate -> postprocess. Each step is a module of this package; this file only
-strings them together and times them. The CLI, the HTTP worker, the benchmarks and the
-evaluation harness all call :meth:`OCREngine.run`, so every number measures the served path.
+strings them together and times them. The CLI and the evaluation harness call
+:meth:`OCREngine.run`, the HTTP worker :meth:`OCREngine.run_batch` (``run`` is a batch of one),
+and the prefill benchmark times the same functions one by one, so every number measures the
+served path.
 """
 
 from __future__ import annotations

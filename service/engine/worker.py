@@ -1,13 +1,14 @@
 """One worker thread owns the model; requests wait for it in a bounded queue and run in micro-batches.
 
 The thread loads the engine (so loading never blocks the event loop and ``/healthz``
-answers while weights are read), warms it up, then takes jobs one at a time. The HTTP
+answers while weights are read), warms it up, then takes jobs off the queue. The HTTP
 side only submits jobs and awaits their futures: a full queue is refused at once
 (503), and a job whose deadline passed or whose client left is cancelled, both while
 it waits and between decode steps, so the device never works for nobody.
 
-Micro-batching: after taking a job the worker waits up to ``batch_wait_ms`` for more, until
-``max_batch_size`` pages are together, and runs them as one batch (``OCREngine.run_batch``).
+Micro-batching: jobs already waiting join the one just taken, then the worker waits up to
+``batch_wait_ms`` for more, until ``max_batch_size`` pages are together, and runs them as one
+batch (``OCREngine.run_batch``); a multi-page job larger than that runs in several batches.
 Requests do not join a batch that is already decoding (no continuous batching yet).
 """
 
@@ -50,7 +51,7 @@ class Job:
 
 
 class Worker:
-    """Loads the engine in its thread, then runs queued jobs one by one."""
+    """Loads the engine in its thread, then runs queued jobs in micro-batches."""
 
     def __init__(
         self,
