@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 
 import httpx
@@ -77,9 +78,14 @@ def test_mixed_batch_equals_running_each_alone(tiny_engine):
 
 
 def test_one_bad_task_does_not_spoil_the_batch(tiny_engine):
-    items = [*MIXED[:2], (text_page(), OcrOptions(task="locate"))]  # locate without ref
+    from PIL import Image
+
+    truncated = _png(text_page())
+    unreadable = Image.open(io.BytesIO(truncated[: len(truncated) // 2]))  # the header opens, the pixels fail
+    items = [*MIXED[:2], (text_page(), OcrOptions(task="locate")), (unreadable, OcrOptions(mode="tiny"))]
     results = tiny_engine.run_batch(tasks(items))
-    assert isinstance(results[2], ValueError)
+    assert isinstance(results[2], ValueError)  # locate without ref
+    assert isinstance(results[3], OSError)
     assert results[0].text == tiny_engine.run(*MIXED[0]).text
 
 
@@ -171,8 +177,6 @@ def test_batch_size_one_turns_batching_off(tiny_engine):
 
 
 def _png(image) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

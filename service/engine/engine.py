@@ -179,7 +179,7 @@ class OCREngine:
                     pages[i] = preprocess(
                         task.image, task.options.mode, version=self.model.version, max_crops=task.options.max_crops
                     )
-            except ValueError as exc:
+            except Exception as exc:  # bad options or an image PIL cannot convert: this page only
                 results[i] = exc
         blocks = self._encode(pages, tasks)
         sequences: dict[int, Sequence] = {}
