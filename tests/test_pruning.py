@@ -127,6 +127,30 @@ def test_text_density_of_a_text_like_page():
     assert text_density_ratio(stroke).item() == pytest.approx(expected, abs=1e-7)
 
 
+def reference_text_density(image: torch.Tensor) -> float:
+    """The released code's loop: per 64x64 patch, gray, Sobel conv2d with its own zero padding, share > 0.2."""
+    import torch.nn.functional as F
+
+    kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])[None, None]
+    ky = kx.transpose(2, 3)
+    gray = 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]
+    shares = []
+    for top in range(0, gray.shape[0], 64):
+        for left in range(0, gray.shape[1], 64):
+            patch = gray[top : top + 64, left : left + 64][None, None]
+            gx, gy = F.conv2d(patch, kx, padding=1), F.conv2d(patch, ky, padding=1)
+            shares.append(((gx**2 + gy**2).sqrt() > 0.2).float().mean().item())
+    return sum(shares) / len(shares)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_text_density_matches_the_per_patch_loop(seed):
+    gen = torch.Generator().manual_seed(seed)
+    image = (torch.rand(3, 256, 320, generator=gen) > 0.7).float() * 2 - 1  # sparse "ink" on white
+    image = image * torch.rand(1, 256, 320, generator=gen)  # graded strokes: magnitudes near the threshold too
+    assert text_density_ratio(image).item() == pytest.approx(reference_text_density(image), abs=1e-6)
+
+
 def test_dynamic_ratio_combines_terms_with_probabilistic_or():
     protected, newline = v1_block_masks(8, 8)
     x = torch.randn(protected.numel(), 64)
