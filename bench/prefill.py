@@ -20,6 +20,7 @@ to ``none`` measured in the same round; the ideal speedup is the prompt-length r
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -256,9 +257,12 @@ def main() -> None:
     print(f"# {label}, random-full, median of {args.repeats} interleaved rounds")
     print_table(records)
     out = Path(args.out)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # CPU: the whole process, not per setting
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # CPU: the whole process, not per setting
     write_json(
         out,
         {
+            "process_peak_rss_mb": peak_rss_mb,
             "machine": label,
             "device": args.device,
             "dtype": args.dtype,
