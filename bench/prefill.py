@@ -258,7 +258,6 @@ def main() -> None:
     print_table(records)
     out = Path(args.out)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # CPU: the whole process, not per setting
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # CPU: the whole process, not per setting
     write_json(
         out,
         {
