@@ -24,6 +24,20 @@ class UploadTooLarge(StarletteHTTPException):
         self.code = "upload_too_large"
 
 
+def error_json(
+    status: int,
+    code: str,
+    message: str,
+    request_id: str | None,
+    *,
+    headers: dict[str, str] | None = None,
+    details: list[dict[str, Any]] | None = None,
+) -> JSONResponse:
+    """The one error body: handlers and the plain-ASGI middlewares (which have no Request) both use it."""
+    body = ErrorResponse(error=ErrorInfo(code=code, message=message, request_id=request_id, details=details))
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
 def error_response(
     request: Request | None,
     status: int,
@@ -34,8 +48,7 @@ def error_response(
     details: list[dict[str, Any]] | None = None,
 ) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None) if request is not None else None
-    body = ErrorResponse(error=ErrorInfo(code=code, message=message, request_id=request_id, details=details))
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+    return error_json(status, code, message, request_id, headers=headers, details=details)
 
 
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:

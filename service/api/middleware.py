@@ -13,22 +13,15 @@ import time
 import uuid
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.handlers import UploadTooLarge
-from service.errors import ErrorInfo, ErrorResponse
+from service.api.handlers import UploadTooLarge, error_json
 from service.metrics import Metrics
 
 log = logging.getLogger("rtprune_ocr.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/redoc", "/static/")
 OPEN_EXACT = {"/"}  # the try-out page; its API calls carry the key
-
-
-def _error(status: int, code: str, message: str, request_id: str | None, headers: dict | None = None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(code=code, message=message, request_id=request_id))
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
 class RequestContextMiddleware:
@@ -91,7 +84,7 @@ class ApiKeyMiddleware:
             return
         given = Headers(scope=scope).get("x-api-key", "").encode()
         if not hmac.compare_digest(given, self.api_key):  # constant time
-            response = _error(
+            response = error_json(
                 401,
                 "unauthorized",
                 "missing or wrong X-API-Key header",
@@ -116,12 +109,8 @@ class BodyLimitMiddleware:
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            response = _error(
-                413,
-                "upload_too_large",
-                f"the request body exceeds the {self.max_bytes:,}-byte upload limit",
-                scope.get("state", {}).get("request_id"),
-            )
+            too_large = UploadTooLarge(self.max_bytes)
+            response = error_json(413, too_large.code, too_large.detail, scope.get("state", {}).get("request_id"))
             await response(scope, receive, send)
             return
         received = 0
