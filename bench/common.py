@@ -5,27 +5,21 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for queued device work so a clock reading covers it."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+from service.engine.stats import StageTimer
 
 
 def time_ms(fn: Callable[[], Any], device: torch.device | str) -> float:
-    """Wall time of one call in milliseconds, device synchronised before and after."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return (time.perf_counter() - start) * 1e3
+    """Wall time of one call in milliseconds, timed by the service's own (device-synchronised) StageTimer."""
+    timer = StageTimer(device)
+    with timer.stage("call"):
+        fn()
+    return timer.ms["call"]
 
 
 def summarize(samples: list[float]) -> dict[str, float]:

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine_label, summarize, synchronize, write_json
+from bench.common import machine_label, summarize, write_json
 from bench.pages import document_page
 from pruning import build_pruner
 from service.engine import OCREngine
@@ -57,48 +57,32 @@ def pages_for(quick: bool) -> dict[str, tuple[str, tuple[int, int]]]:
     return pages
 
 
-class Timed:
-    """Context manager that records synchronised wall time in ms."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.ms = 0.0
-
-    def __enter__(self) -> Timed:
-        synchronize(self.device)
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        synchronize(self.device)
-        self.ms = (time.perf_counter() - self._start) * 1e3
-
-
 def prefill_once(engine: OCREngine, block, pruner, device) -> dict[str, float]:
     """Prune, assemble and prefill one visual block; return stage times and lengths."""
     model = engine.model
-    with Timed(device) as prune:
+    timer = StageTimer(device)
+    with timer.stage("prune"):
         pruned = pruner(block.features, block.protected, block.newline, block.global_view)
-    with Timed(device) as assemble:
+    with timer.stage("assemble"):
         ids, start = encode_prompt(model.tokenizer, build_prompt("markdown"), block.n_tokens)
         prompt = assemble_prompt(model.embed(ids), start, block.n_tokens, pruned.features, pruned.kept_indices)
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.text_config)
-    with Timed(device) as llm:
+    with timer.stage("llm"):
         out = model.decoder(
             inputs_embeds=prompt.embeds[None],
             position_ids=prompt.position_ids[None],
             past_key_values=cache,
             use_cache=True,
         )
-    with Timed(device) as head:
+    with timer.stage("head"):
         model.logits(out.last_hidden_state[0, -1])
     return {
-        "prune_ms": prune.ms,
-        "assemble_ms": assemble.ms,
-        "llm_prefill_ms": llm.ms,
-        "head_ms": head.ms,
+        "prune_ms": timer.ms["prune"],
+        "assemble_ms": timer.ms["assemble"],
+        "llm_prefill_ms": timer.ms["llm"],
+        "head_ms": timer.ms["head"],
         "prompt_tokens": prompt.length,
         "visual_tokens_kept": pruned.n_kept,
         "keep_ratio": pruned.keep_ratio,
@@ -126,16 +110,17 @@ def run_page(engine, mode: str, size, settings, repeats: int, decode_tokens: int
         vision_ms: list[float] = []
         peak_mb: list[float | None] = [None] * len(settings)
         for rep in range(repeats):
-            with Timed(device) as vision:
+            vision = StageTimer(device)
+            with vision.stage("vision"):
                 block = engine.model.encode([page])[0]
-            vision_ms.append(vision.ms)
+            vision_ms.append(vision.ms["vision"])
             order = [(rep + i) % len(settings) for i in range(len(settings))]
             for i in order:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 sample = prefill_once(engine, block, pruners[i], device)
                 sample["e2e_prefill_ms"] = (
-                    vision.ms
+                    vision.ms["vision"]
                     + sample["prune_ms"]
                     + sample["assemble_ms"]
                     + sample["llm_prefill_ms"]
@@ -144,7 +129,7 @@ def run_page(engine, mode: str, size, settings, repeats: int, decode_tokens: int
                 rounds[i].append(sample)
                 if device.type == "cuda":
                     peak_mb[i] = max(peak_mb[i] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
-            print(f"  {mode} round {rep + 1}/{repeats}: vision {vision.ms:.0f} ms", flush=True)
+            print(f"  {mode} round {rep + 1}/{repeats}: vision {vision.ms['vision']:.0f} ms", flush=True)
         decode = [decode_speed(engine, block, pruner, decode_tokens) for pruner in pruners]
     baseline = rounds[0]
     records = []

@@ -51,10 +51,6 @@ class OutOfMemory(ServiceError):
     status, code = 503, "out_of_memory"
 
 
-class Unauthorized(ServiceError):
-    status, code = 401, "unauthorized"
-
-
 class ClientGone(ServiceError):
     status, code = 499, "client_closed_request"
 

@@ -74,19 +74,10 @@ class StageTimer:
         self.ms: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self._started = time.perf_counter()
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        self._sync()
-        start = time.perf_counter()
-        try:
+        with shared_stage([self], name, self.device):
             yield
-        finally:
-            self._sync()
-            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1e3
 
     def add(self, name: str, ms: float) -> None:
         self.ms[name] = self.ms.get(name, 0.0) + ms
