@@ -84,10 +84,7 @@ def load_model(
     if model == "random-full":
         return _load_random_full(torch_device, torch_dtype, cache_dir)
     directory = tiny_checkpoint_dir(cache_dir, model) if model in ("tiny", "tiny-v2") else _checkpoint_directory(model)
-    loaded = _load_directory(directory, torch_device, torch_dtype)
-    loaded.name = model
-    loaded.random_weights = model in RANDOM_PRESETS
-    return loaded
+    return _load_directory(directory, torch_device, torch_dtype, name=model, random_weights=model in RANDOM_PRESETS)
 
 
 def _checkpoint_directory(model: str) -> Path:
@@ -146,7 +143,9 @@ def _model_class_and_config(raw: dict[str, Any], directory: Path) -> tuple[type,
     )
 
 
-def _load_directory(directory: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def _load_directory(
+    directory: Path, device: torch.device, dtype: torch.dtype, *, name: str, random_weights: bool
+) -> LoadedModel:
     from transformers import AutoTokenizer
 
     raw = _read_config(directory)
@@ -167,7 +166,7 @@ def _load_directory(directory: Path, device: torch.device, dtype: torch.dtype) -
     # trust_remote_code=False: the shipped config has an auto_map, and a prompt would hang a server.
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     model = model.to(device).eval().requires_grad_(False)  # inference only: no autograd bookkeeping anywhere
-    return LoadedModel(model, tokenizer, str(directory), version, device, dtype, False)
+    return LoadedModel(model, tokenizer, name, version, device, dtype, random_weights)
 
 
 def _load_random_full(device: torch.device, dtype: torch.dtype, cache_dir: Path | None) -> LoadedModel:
