@@ -11,8 +11,6 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-RANDOM_WEIGHTS_WARNING = "model {name!r} has RANDOM weights: its text is meaningless (a preset for tests and try-outs)"
-
 
 def _retention(value: str) -> float | str:
     if value == "auto":
@@ -100,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_ocr(args: argparse.Namespace) -> int:
-    from service.engine import OCREngine, OcrOptions
+    from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine, OcrOptions
     from service.inputs import UploadError, open_document
 
     try:
@@ -120,7 +118,7 @@ def run_ocr(args: argparse.Namespace) -> int:
         return 2
     try:
         with open(args.image, "rb") as handle:
-            pages = open_document(handle.read(), page_range=(args.page, args.page))
+            pages = open_document(handle.read(), page_range=(args.page, args.page)).pages()
     except (OSError, UploadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -158,7 +156,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from pruning import PRUNERS
-    from service.engine import OCREngine
+    from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine
     from service.evaluation.dataset import load_pages
     from service.evaluation.harness import Evaluation, parse_retentions, plot_summary, print_summary, settings_grid
 

@@ -1,16 +1,23 @@
-"""Upload bytes -> list of PIL pages, with the limits a public service needs.
+"""Upload bytes -> a :class:`Document` of pages, with the limits a public service needs.
 
 Images: PNG, JPEG, WebP, TIFF, BMP, GIF (first frame), EXIF orientation applied later by
 preprocessing. PDFs: rendered page by page with pypdfium2 (Apache-2.0/BSD) at 144 DPI,
-like the official scripts. The pixel limit is checked from the header, before any pixel
-is decoded, so a decompression bomb costs nothing.
+like the official scripts. The pixel limit is checked from the header (a PDF page's size
+from its page box), before any pixel is decoded, so a decompression bomb costs nothing.
+
+PDF pages are rendered **lazily**, when the scheduler is about to run them, so a long
+document does not hold every rendered page in memory while it waits. PDFium is not
+thread-safe (concurrent renders crash the process or return blank pages), so every call
+into it holds :data:`PDFIUM_LOCK`: request threads that open and measure a PDF and the
+scheduler that renders its pages take turns.
 """
 
 from __future__ import annotations
 
 import io
+import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
@@ -32,6 +39,52 @@ class UploadError(Exception):
         return self.message
 
 
+PDFIUM_LOCK = threading.Lock()  # every pypdfium2 call in this process holds it
+
+
+@dataclass
+class Document:
+    """The pages of one upload, in order; ``page(i)`` gives the i-th as a PIL image.
+
+    ``numbers`` are the pages' 1-based numbers in the uploaded file (a PDF page range
+    starts later than 1). Images are decoded up front; PDF pages render on demand.
+    """
+
+    numbers: list[int]
+    _images: list[Image.Image] = field(default_factory=list, repr=False)
+    _pdf: bytes | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def page(self, index: int) -> Image.Image:
+        if self._pdf is None:
+            return self._images[index]
+        return render_pdf_page(self._pdf, self.numbers[index] - 1)
+
+    def pages(self) -> list[Image.Image]:
+        """Every page at once (the CLI and the evaluation harness; the service renders lazily)."""
+        return [self.page(i) for i in range(len(self))]
+
+
+def render_pdf_page(data: bytes, index: int) -> Image.Image:
+    """Render one page (0-based) at :data:`PDF_DPI`; the document is opened for this page only."""
+    import pypdfium2 as pdfium
+
+    with PDFIUM_LOCK:
+        pdf = pdfium.PdfDocument(data)
+        try:
+            bitmap = pdf[index].render(scale=PDF_DPI / 72)
+            try:
+                return bitmap.to_pil().convert("RGB")  # a copy that owns its pixels
+            finally:
+                bitmap.close()
+        except pdfium.PdfiumError as exc:
+            raise UploadError(422, "corrupt_file", f"PDF page {index + 1} could not be rendered: {exc}") from None
+        finally:
+            pdf.close()
+
+
 def is_pdf(data: bytes) -> bool:
     return data[:1024].lstrip().startswith(b"%PDF")
 
@@ -42,15 +95,18 @@ def open_document(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_pdf_pages: int = DEFAULT_MAX_PDF_PAGES,
     page_range: tuple[int, int | None] | None = None,
-) -> list[Image.Image]:
-    """Decode an upload into RGB-ready pages (1-based inclusive ``page_range`` for PDFs)."""
+) -> Document:
+    """Check an upload and make it a :class:`Document` (1-based inclusive ``page_range`` for PDFs).
+
+    Every limit is checked here, before any PDF page is rendered."""
     if not data:
         raise UploadError(422, "empty_file", "the uploaded file is empty")
     if is_pdf(data):
-        return _render_pdf(data, max_pixels=max_pixels, max_pages=max_pdf_pages, page_range=page_range)
+        numbers = _measure_pdf(data, max_pixels=max_pixels, max_pages=max_pdf_pages, page_range=page_range)
+        return Document(numbers, _pdf=data)
     if page_range not in (None, (1, 1), (1, None)):
         raise UploadError(422, "invalid_page_range", "a page range applies to PDFs only; an image has one page")
-    return [_open_image(data, max_pixels=max_pixels)]
+    return Document([1], _images=[_open_image(data, max_pixels=max_pixels)])
 
 
 def _open_image(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -81,43 +137,44 @@ def _open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     return image
 
 
-def _render_pdf(
+def _measure_pdf(
     data: bytes, *, max_pixels: int, max_pages: int, page_range: tuple[int, int | None] | None
-) -> list[Image.Image]:
+) -> list[int]:
+    """The 1-based numbers of the pages to OCR, after checking the range, page count and page sizes."""
     import pypdfium2 as pdfium
 
-    try:
-        pdf = pdfium.PdfDocument(data)
-    except pdfium.PdfiumError as exc:
-        raise UploadError(422, "corrupt_file", f"the PDF could not be opened: {exc}") from None
-    try:
-        n_pages = len(pdf)
-        first, last = page_range or (1, None)
-        last = n_pages if last is None else last
-        if not 1 <= first <= last <= n_pages:
-            raise UploadError(
-                422, "invalid_page_range", f"page range {first}-{last} is outside the document's {n_pages} pages"
-            )
-        count = last - first + 1
-        if count > max_pages:
-            raise UploadError(
-                413,
-                "too_many_pages",
-                f"{count} pages requested; the limit is {max_pages} per request (use a page range)",
-            )
-        pages = []
-        scale = PDF_DPI / 72
-        for index in range(first - 1, last):
-            page = pdf[index]
-            width, height = page.get_size()
-            pixels = int(width * scale) * int(height * scale)
-            if pixels > max_pixels:
+    with PDFIUM_LOCK:
+        try:
+            pdf = pdfium.PdfDocument(data)
+        except pdfium.PdfiumError as exc:
+            raise UploadError(422, "corrupt_file", f"the PDF could not be opened: {exc}") from None
+        try:
+            n_pages = len(pdf)
+            first, last = page_range or (1, None)
+            last = n_pages if last is None else last
+            if not 1 <= first <= last <= n_pages:
+                raise UploadError(
+                    422, "invalid_page_range", f"page range {first}-{last} is outside the document's {n_pages} pages"
+                )
+            count = last - first + 1
+            if count > max_pages:
                 raise UploadError(
                     413,
-                    "image_too_large",
-                    f"page {index + 1} renders to {pixels:,} pixels at {PDF_DPI} DPI; the limit is {max_pixels:,}",
+                    "too_many_pages",
+                    f"{count} pages requested; the limit is {max_pages} per request (use a page range)",
                 )
-            pages.append(page.render(scale=scale).to_pil())
-        return pages
-    finally:
-        pdf.close()
+            scale = PDF_DPI / 72
+            for index in range(first - 1, last):
+                width, height = pdf[index].get_size()
+                pixels = int(width * scale) * int(height * scale)
+                if pixels > max_pixels:
+                    raise UploadError(
+                        413,
+                        "image_too_large",
+                        f"page {index + 1} renders to {pixels:,} pixels at {PDF_DPI} DPI; the limit is {max_pixels:,}",
+                    )
+            return list(range(first, last + 1))
+        except pdfium.PdfiumError as exc:
+            raise UploadError(422, "corrupt_file", f"the PDF could not be read: {exc}") from None
+        finally:
+            pdf.close()

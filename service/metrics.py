@@ -25,8 +25,15 @@ class Metrics:
             "rtprune_visual_tokens", "visual tokens before (in) and after (kept) pruning", ["kind"], registry=r
         )
         self.output_tokens = Counter("rtprune_output_tokens", "generated tokens", registry=r)
-        self.queue_depth = Gauge("rtprune_queue_depth", "requests waiting for the model", registry=r)
-        self.in_flight = Gauge("rtprune_in_flight", "requests being processed by the model", registry=r)
+        self.queue_depth = Gauge("rtprune_queue_depth", "pages waiting for the model (queued pages)", registry=r)
+        self.in_flight = Gauge("rtprune_in_flight", "requests with a page running", registry=r)
+        self.running_pages = Gauge("rtprune_running_pages", "pages in the running batch or about to join", registry=r)
+        self.batch_tokens = Gauge(
+            "rtprune_batch_tokens", "KV-cache tokens in use (rows x longest row, padding included)", registry=r
+        )
+        self.batch_tokens_limit = Gauge("rtprune_batch_tokens_limit", "the KV-cache token budget", registry=r)
+        self.decode_steps = Counter("rtprune_decode_steps", "decode steps of the running batch", registry=r)
+        self.steps_per_second = Gauge("rtprune_decode_steps_per_second", "decode steps/s over 5 s", registry=r)
         self.ready = Gauge("rtprune_ready", "1 when the model is loaded and warm", registry=r)
 
     def observe_page(self, stats: PageStats) -> None:

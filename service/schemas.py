@@ -48,8 +48,16 @@ class Limits(BaseModel):
     max_upload_bytes: int
     max_image_pixels: int
     max_pdf_pages: int
-    queue_size: int
+    queue_size: int = Field(description="pages that may wait for the model")
     request_timeout_s: float
+
+
+class Batching(BaseModel):
+    mode: Literal["continuous", "static"]
+    max_batch_size: int = Field(description="most pages running at once")
+    max_batch_tokens: int | None = Field(description="KV-cache budget in tokens (known once the model is loaded)")
+    max_prefill_tokens: int = Field(description="visual tokens admitted per decode step")
+    batch_wait_ms: float
 
 
 class InfoResponse(BaseModel):
@@ -64,6 +72,7 @@ class InfoResponse(BaseModel):
     pruners: list[str]
     defaults: dict[str, object]
     limits: Limits
+    batching: Batching
 
 
 def aggregate(pages: list[PageResult], wall_ms: float) -> AggregateStats:

@@ -40,6 +40,21 @@ def configure_logging(json_lines: bool) -> None:
     logging.getLogger("uvicorn.access").disabled = True  # our access log carries the request id
 
 
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT the scheduler stops admitting at once and answers waiting requests 503,
+    while uvicorn lets the running ones finish (within the grace period) before it exits."""
+
+    def __init__(self, config: uvicorn.Config, app, grace_s: float) -> None:
+        super().__init__(config)
+        self._app, self._grace_s = app, grace_s
+
+    def handle_exit(self, sig: int, frame) -> None:
+        scheduler = getattr(self._app.state, "scheduler", None)
+        if scheduler is not None:
+            scheduler.begin_shutdown(self._grace_s)
+        super().handle_exit(sig, frame)
+
+
 def serve(settings: ServiceSettings) -> None:
     configure_logging(settings.log_json)
     holder: dict[str, uvicorn.Server] = {}
@@ -53,9 +68,14 @@ def serve(settings: ServiceSettings) -> None:
     app = create_app(settings, on_fatal=on_fatal)
     # One process, one worker: the model is loaded once; more uvicorn workers would load it again.
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None, workers=1, timeout_graceful_shutdown=30
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        workers=1,
+        timeout_graceful_shutdown=settings.shutdown_grace_s + 5,  # the scheduler answers everyone within the grace
     )
-    server = holder["server"] = uvicorn.Server(config)
+    server = holder["server"] = DrainingServer(config, app, settings.shutdown_grace_s)
     server.run()
     if failures:
         sys.exit(1)

@@ -32,11 +32,28 @@ class ServiceSettings(BaseSettings):
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="largest accepted request body")
     max_image_pixels: int = Field(40_000_000, ge=4096, description="largest image or rendered PDF page, in pixels")
     max_pdf_pages: int = Field(50, ge=1, description="most PDF pages per request")
-    queue_size: int = Field(16, ge=1, description="requests that may wait for the model; more get 503")
-    max_batch_size: int = Field(
-        8, ge=1, le=256, description="most pages run together in one batch; 1 turns batching off"
+    queue_size: int = Field(
+        128, ge=1, description="pages that may wait for the model; a document that does not fit gets 503"
     )
-    batch_wait_ms: float = Field(5.0, ge=0, le=5000, description="how long a batch waits for more requests to join")
+    batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: pages join and leave the running batch at every decode step; "
+        "static: a batch runs to its end before new pages start (for comparison)",
+    )
+    max_batch_size: int = Field(32, ge=1, le=1024, description="most pages running at once; 1 turns batching off")
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="KV-cache budget in tokens (rows x longest row, pruned prompts plus generated tokens); "
+        "default: 60% of the GPU memory free after warm-up, 32768 on CPU",
+    )
+    max_prefill_tokens: int = Field(
+        8192, ge=1, description="visual tokens admitted per decode step, so a big document does not stall decoding"
+    )
+    batch_wait_ms: float = Field(5.0, ge=0, le=5000, description="how long an idle batch waits for more pages")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long running pages may finish; waiting requests get 503 at once"
+    )
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline (queue + work); then 504")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503")
     warmup: bool = Field(True, description="run one tiny page before reporting ready")
@@ -47,3 +64,18 @@ class ServiceSettings(BaseSettings):
         if self.api_key is not None and not self.api_key.get_secret_value():
             self.api_key = None  # an empty RTPRUNE_API_KEY means no key, not a key that is empty
         return self
+
+    def scheduler_config(self):
+        """The scheduler's share of the settings."""
+        from service.scheduler import SchedulerConfig
+
+        return SchedulerConfig(
+            queue_size=self.queue_size,
+            max_batch_size=self.max_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            max_prefill_tokens=self.max_prefill_tokens,
+            batch_wait_ms=self.batch_wait_ms,
+            batching=self.batching,
+            retry_after_s=self.retry_after_s,
+            warmup=self.warmup,
+        )

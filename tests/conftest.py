@@ -85,3 +85,53 @@ def live_server(app, timeout: float = 60.0):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+# --- scheduler fixtures ------------------------------------------------------------------------
+
+
+class RecordingEngine:
+    """The real engine, recording how many pages each decode step of the scheduler's batch ran."""
+
+    def __init__(self, engine, rows_per_step: list[int]) -> None:
+        self.engine, self.rows_per_step = engine, rows_per_step
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def new_batch(self):
+        from service.engine.batch import RunningBatch
+
+        log = self.rows_per_step
+
+        class RecordingBatch(RunningBatch):
+            def step(self):
+                log.append(len(self.rows))
+                return super().step()
+
+        return RecordingBatch(self.engine.model)
+
+
+def started_scheduler(engine, **config):
+    """A scheduler over ``engine`` (no warm-up), already ready."""
+    import time
+
+    from service.scheduler import Scheduler, SchedulerConfig
+
+    scheduler = Scheduler(lambda: engine, SchedulerConfig(**{"warmup": False, **config}))
+    scheduler.start()
+    deadline = time.monotonic() + 30
+    while scheduler.state != "ready":
+        assert scheduler.state == "loading" and time.monotonic() < deadline, scheduler.error
+        time.sleep(0.01)
+    return scheduler
+
+
+def image_job(image, options, *, timeout: float = 120.0, **kwargs):
+    """A scheduler job of one image page."""
+    import time
+
+    from service.inputs import Document
+    from service.scheduler import Job
+
+    return Job(Document([1], _images=[image]), options, deadline=time.monotonic() + timeout, **kwargs)

@@ -52,7 +52,7 @@ class GatedEngine:
     def warmup(self) -> None:
         self.engine.warmup()
 
-    def run_batch(self, tasks):
+    def prepare(self, tasks):
         self.started.set()
         while not self.gate.wait(0.01):
             if all(task.should_stop() for task in tasks):
@@ -60,7 +60,7 @@ class GatedEngine:
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
-        return self.engine.run_batch(tasks)
+        return self.engine.prepare(tasks)
 
 
 def settings(**overrides) -> ServiceSettings:
@@ -289,11 +289,11 @@ def test_queue_full_is_503_with_retry_after_at_once(tiny_engine):
 
         first = threading.Thread(target=send, args=("running",))
         first.start()
-        assert engine.started.wait(10)  # the worker holds request 1
+        assert engine.started.wait(10)  # the scheduler holds request 1
         second = threading.Thread(target=send, args=("queued",))
         second.start()
         deadline = time.monotonic() + 10
-        while app.state.worker.waiting < 1:  # request 2 waits in the only slot
+        while app.state.scheduler.queued_pages < 1:  # request 2 waits in the only slot
             assert time.monotonic() < deadline
             time.sleep(0.01)
         start = time.perf_counter()
@@ -363,9 +363,9 @@ def test_deadline_is_504_and_cancels_the_generation(tiny_engine):
         response = post(client, {"max_new_tokens": "8192", "ngram_size": "0", "mode": "tiny"})
         assert_error(response, 504, "deadline_exceeded")
         assert time.perf_counter() - start < 5
-        worker = app.state.worker
+        scheduler = app.state.scheduler
         deadline = time.monotonic() + 3  # 8192 tokens take ~30 s on this model: stopping early proves cancellation
-        while worker.running:
+        while scheduler.running_pages:
             assert time.monotonic() < deadline, "the cancelled generation kept running"
             time.sleep(0.02)
 
@@ -391,7 +391,7 @@ def test_client_disconnect_cancels_the_work(tiny_engine):
     """A real uvicorn on loopback: a client that hangs up mid-generation stops the decode."""
     app = create_app(settings(), load_engine=lambda: tiny_engine)
     with live_server(app) as base:
-        worker = app.state.worker
+        scheduler = app.state.scheduler
         boundary = "xyz"
         fields = {**FAST, "max_new_tokens": "8192", "ngram_size": "0"}
         body = (
@@ -414,12 +414,12 @@ def test_client_disconnect_cancels_the_work(tiny_engine):
         with socket.create_connection(("127.0.0.1", port)) as conn:
             conn.sendall(head + body)
             deadline = time.monotonic() + 10
-            while not worker.running:
+            while not scheduler.running_pages:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
         # the socket is closed: the generation must stop long before its 8192 tokens (~30 s)
         deadline = time.monotonic() + 5
-        while worker.running:
+        while scheduler.running_pages:
             assert time.monotonic() < deadline, "work continued after the client left"
             time.sleep(0.02)
 
@@ -429,7 +429,7 @@ def test_concurrent_requests_are_all_served(service):
     from asgi_lifespan import LifespanManager
 
     async def scenario():
-        app = create_app(settings(queue_size=8), load_engine=lambda: service[1].state.worker.engine)
+        app = create_app(settings(queue_size=8), load_engine=lambda: service[1].state.scheduler.engine)
         async with LifespanManager(app) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:

@@ -1,4 +1,4 @@
-"""Micro-batching: a batch gives each request exactly what it would get alone, with its own stats."""
+"""Batching: a batch gives each request exactly what it would get alone, with its own stats."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ from service.api.app import create_app
 from service.engine import Cancelled, OcrOptions
 from service.engine.engine import PageTask
 from service.engine.stats import StageTimer
-from service.engine.worker import Job, Worker
 from service.settings import ServiceSettings
-from tests.conftest import text_page
+from tests.conftest import RecordingEngine, image_job, started_scheduler, text_page
 
 MIXED = [  # modes, pruners, retentions, positions, budgets and guards all differ
     (text_page((600, 800)), OcrOptions(mode="tiny", pruner="rtprune", retention="auto", max_new_tokens=5)),
@@ -33,31 +32,6 @@ MIXED = [  # modes, pruners, retentions, positions, budgets and guards all diffe
     ),
 ]
 SAME_STATS = ("visual_tokens", "visual_tokens_kept", "retention", "prompt_tokens", "output_tokens", "finish_reason")
-
-
-class BatchSpy:
-    """The real engine, recording the size of every batch the worker hands it."""
-
-    def __init__(self, engine, sizes: list[int]) -> None:
-        self.engine, self.sizes = engine, sizes
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def run_batch(self, batch):
-        self.sizes.append(len(batch))
-        return self.engine.run_batch(batch)
-
-
-def started_worker(engine, sizes: list[int], *, max_batch_size: int) -> Worker:
-    """A worker over a BatchSpy with a long batch window, already ready."""
-    worker = Worker(
-        lambda: BatchSpy(engine, sizes), queue_size=8, max_batch_size=max_batch_size, batch_wait_ms=300, warmup=False
-    )
-    worker.start()
-    while worker.state != "ready":
-        time.sleep(0.01)
-    return worker
 
 
 def tasks(items):
@@ -105,15 +79,14 @@ def test_cancelling_one_sequence_leaves_the_others(tiny_engine):
     assert results[2].text == tiny_engine.run(*MIXED[4]).text
 
 
-def test_worker_batches_concurrent_jobs_and_keeps_deadlines_per_request(tiny_engine):
-    seen: list[int] = []
-    worker = started_worker(tiny_engine, seen, max_batch_size=4)
+def test_scheduler_batches_concurrent_jobs_and_keeps_deadlines_per_request(tiny_engine):
+    steps: list[int] = []
+    scheduler = started_scheduler(RecordingEngine(tiny_engine, steps), max_batch_size=4, batch_wait_ms=300)
     try:
-        now = time.monotonic()
-        doomed = Job([text_page()], OcrOptions(mode="tiny", max_new_tokens=8192, ngram_size=0), deadline=now + 1.0)
-        jobs = [doomed] + [Job([image], options, deadline=now + 60) for image, options in MIXED[:3]]
+        doomed = image_job(text_page(), OcrOptions(mode="tiny", max_new_tokens=8192, ngram_size=0), timeout=1.0)
+        jobs = [doomed] + [image_job(image, options) for image, options in MIXED[:3]]
         for job in jobs:
-            worker.submit(job, retry_after_s=1)
+            scheduler.submit(job)
         start = time.monotonic()
         with pytest.raises(Cancelled):
             doomed.future.result(timeout=30)
@@ -122,9 +95,9 @@ def test_worker_batches_concurrent_jobs_and_keeps_deadlines_per_request(tiny_eng
             result = job.future.result(timeout=60)[0]
             assert result.text == tiny_engine.run(image, options).text
             assert result.stats.latency_ms.queue > 0
-        assert max(seen) == 4  # the four jobs ran as one batch
+        assert max(steps) == 4  # the four jobs decoded together
     finally:
-        worker.stop()
+        scheduler.stop()
 
 
 def test_batched_http_requests_match_their_solo_answers(tiny_engine):
@@ -140,7 +113,7 @@ def test_batched_http_requests_match_their_solo_answers(tiny_engine):
     png = _png(text_page((900, 700)))
 
     async def scenario():
-        app = create_app(settings, load_engine=lambda: BatchSpy(tiny_engine, sizes))
+        app = create_app(settings, load_engine=lambda: RecordingEngine(tiny_engine, sizes))
         async with LifespanManager(app) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as client:
@@ -163,17 +136,17 @@ def test_batched_http_requests_match_their_solo_answers(tiny_engine):
 
 
 def test_batch_size_one_turns_batching_off(tiny_engine):
-    sizes: list[int] = []
-    worker = started_worker(tiny_engine, sizes, max_batch_size=1)
+    steps: list[int] = []
+    scheduler = started_scheduler(RecordingEngine(tiny_engine, steps), max_batch_size=1, batch_wait_ms=300)
     try:
-        jobs = [Job([image], options, deadline=time.monotonic() + 60) for image, options in MIXED[:3]]
+        jobs = [image_job(image, options) for image, options in MIXED[:3]]
         for job in jobs:
-            worker.submit(job, retry_after_s=1)
+            scheduler.submit(job)
         for job in jobs:
             job.future.result(timeout=60)
-        assert sizes == [1, 1, 1]
+        assert steps and set(steps) == {1}
     finally:
-        worker.stop()
+        scheduler.stop()
 
 
 def _png(image) -> bytes:

@@ -11,10 +11,15 @@ from starlette.concurrency import run_in_threadpool
 from service import __version__
 from service.api import health, ocr, web
 from service.api.handlers import install_error_handlers
-from service.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from service.api.middleware import (
+    AdmissionMiddleware,
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+)
 from service.engine import OCREngine
-from service.engine.worker import Worker
 from service.metrics import Metrics
+from service.scheduler import Scheduler
 from service.settings import ServiceSettings
 
 
@@ -37,22 +42,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        worker = Worker(
+        scheduler = Scheduler(
             load_engine or default_loader(settings),
-            queue_size=settings.queue_size,
-            max_batch_size=settings.max_batch_size,
-            batch_wait_ms=settings.batch_wait_ms,
-            warmup=settings.warmup,
+            settings.scheduler_config(),
             on_page=lambda result: metrics.observe_page(result.stats),
-            on_depth=lambda waiting, running: (metrics.queue_depth.set(waiting), metrics.in_flight.set(running)),
+            on_step=lambda rows: metrics.decode_steps.inc(),
             on_fatal=on_fatal,
         )
-        app.state.worker = worker
-        worker.start()  # loads in the worker thread; /readyz says 503 until it is warm
+        app.state.scheduler = scheduler
+        scheduler.start()  # loads in the scheduler's thread; /readyz says 503 until it is warm
         try:
             yield
         finally:
-            await run_in_threadpool(worker.stop)
+            await run_in_threadpool(scheduler.stop)
 
     app = FastAPI(
         title="rtprune-ocr",
@@ -66,8 +68,14 @@ def create_app(
     app.include_router(health.router)
     app.include_router(ocr.router)
     web.attach(app)
-    # added last = outermost: the request id exists before auth and the body limit answer
+    # added last = outermost: the request id exists before auth, admission and the body limit answer
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        AdmissionMiddleware,
+        paths={"/v1/ocr"},
+        full=lambda: hasattr(app.state, "scheduler") and app.state.scheduler.queue_full(),
+        retry_after_s=settings.retry_after_s,
+    )
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value() if settings.api_key else None)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

@@ -1,11 +1,11 @@
-"""FastAPI dependencies: the app's settings, worker and metrics, from ``app.state``."""
+"""FastAPI dependencies: the app's settings, scheduler and metrics, from ``app.state``."""
 
 from __future__ import annotations
 
 from fastapi import Request
 
-from service.engine.worker import Worker
 from service.metrics import Metrics
+from service.scheduler import Scheduler
 from service.settings import ServiceSettings
 
 
@@ -13,8 +13,8 @@ def get_settings(request: Request) -> ServiceSettings:
     return request.app.state.settings
 
 
-def get_worker(request: Request) -> Worker:
-    return request.app.state.worker
+def get_scheduler(request: Request) -> Scheduler:
+    return request.app.state.scheduler
 
 
 def get_metrics(request: Request) -> Metrics:

@@ -10,11 +10,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pruning import PRUNERS
 from service import __version__
-from service.api.deps import get_metrics, get_settings, get_worker
+from service.api.deps import get_metrics, get_scheduler, get_settings
 from service.engine import OcrOptions
-from service.engine.worker import Worker
 from service.metrics import Metrics
-from service.schemas import InfoResponse, Limits
+from service.scheduler import Scheduler
+from service.schemas import Batching, InfoResponse, Limits
 from service.settings import ServiceSettings
 
 router = APIRouter(tags=["health"])
@@ -30,28 +30,37 @@ async def healthz() -> dict[str, str]:
     summary="The model is loaded and warmed up; 503 before",
     responses={503: {"description": "loading or failed"}},
 )
-async def readyz(worker: Annotated[Worker, Depends(get_worker)]) -> JSONResponse:
-    if worker.state == "ready":
+async def readyz(
+    scheduler: Annotated[Scheduler, Depends(get_scheduler)],
+    settings: Annotated[ServiceSettings, Depends(get_settings)],
+) -> JSONResponse:
+    if scheduler.state == "ready":
         return JSONResponse({"status": "ready"})
-    body = {"status": worker.state, "error": {"code": "not_ready", "message": worker.error or "the model is loading"}}
-    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    message = scheduler.error or ("the service is shutting down" if scheduler.state != "loading" else "loading")
+    body = {"status": scheduler.state, "error": {"code": "not_ready", "message": message}}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(
-    worker: Annotated[Worker, Depends(get_worker)], registry: Annotated[Metrics, Depends(get_metrics)]
+    scheduler: Annotated[Scheduler, Depends(get_scheduler)], registry: Annotated[Metrics, Depends(get_metrics)]
 ) -> Response:
-    registry.queue_depth.set(worker.waiting)
-    registry.in_flight.set(worker.running)
-    registry.ready.set(1 if worker.state == "ready" else 0)
+    registry.queue_depth.set(scheduler.queued_pages)
+    registry.in_flight.set(scheduler.running_requests)
+    registry.running_pages.set(scheduler.running_pages)
+    registry.batch_tokens.set(scheduler.batch_tokens)
+    registry.batch_tokens_limit.set(scheduler.batch_tokens_limit or 0)
+    registry.steps_per_second.set(scheduler.steps_per_s())
+    registry.ready.set(1 if scheduler.state == "ready" else 0)
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/info", summary="Model, device, defaults and limits")
 async def info(
-    worker: Annotated[Worker, Depends(get_worker)], settings: Annotated[ServiceSettings, Depends(get_settings)]
+    scheduler: Annotated[Scheduler, Depends(get_scheduler)],
+    settings: Annotated[ServiceSettings, Depends(get_settings)],
 ) -> InfoResponse:
-    engine = worker.engine
+    engine = scheduler.engine
     defaults = OcrOptions().model_dump(mode="json", exclude={"ref", "prompt"})
     return InfoResponse(
         service_version=__version__,
@@ -60,7 +69,7 @@ async def info(
         random_weights=engine.random_weights if engine else None,
         device=str(engine.device) if engine else None,
         dtype=str(engine.model.dtype).removeprefix("torch.") if engine else None,
-        state=worker.state,
+        state=scheduler.state,
         modes=engine.modes if engine else [],
         pruners=list(PRUNERS),
         defaults=defaults,
@@ -70,5 +79,12 @@ async def info(
             max_pdf_pages=settings.max_pdf_pages,
             queue_size=settings.queue_size,
             request_timeout_s=settings.request_timeout_s,
+        ),
+        batching=Batching(
+            mode=settings.batching,
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=scheduler.batch_tokens_limit,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            batch_wait_ms=settings.batch_wait_ms,
         ),
     )

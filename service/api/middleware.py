@@ -1,4 +1,5 @@
-"""Cross-cutting concerns as plain ASGI middlewares: request id + access log, API key, body limit.
+"""Cross-cutting concerns as plain ASGI middlewares: request id + access log, API key, body limit,
+admission (a full queue refuses an upload before its body is read).
 
 Plain ASGI (not ``BaseHTTPMiddleware``) so streaming bodies pass through untouched and the
 body limit can act while the upload is being read.
@@ -11,6 +12,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -125,3 +127,26 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class AdmissionMiddleware:
+    """A full page queue answers an upload 503 with Retry-After before a byte of its body is read."""
+
+    def __init__(self, app: ASGIApp, *, paths: set[str], full: Callable[[], bool], retry_after_s: int) -> None:
+        self.app = app
+        self.paths = paths
+        self.full = full
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths and self.full():
+            response = error_json(
+                503,
+                "overloaded",
+                "the queue is full; retry shortly",
+                scope.get("state", {}).get("request_id"),
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

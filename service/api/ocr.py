@@ -11,12 +11,11 @@ from fastapi import APIRouter, Depends, Form, Request, UploadFile
 from pydantic import ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import get_settings, get_worker
-from service.cli import RANDOM_WEIGHTS_WARNING
-from service.engine import Cancelled, OcrOptions, PageResult
-from service.engine.worker import Job, Worker
+from service.api.deps import get_scheduler, get_settings
+from service.engine import RANDOM_WEIGHTS_WARNING, Cancelled, OcrOptions, PageResult, PromptTooLong
 from service.errors import ClientGone, DeadlineExceeded, ErrorResponse, InternalError, InvalidParameter, ServiceError
-from service.inputs import open_document
+from service.inputs import UploadError, open_document
+from service.scheduler import Job, Scheduler
 from service.schemas import PAGE_SEPARATOR, OcrResponse, PageOut, aggregate
 from service.settings import ServiceSettings
 
@@ -58,7 +57,7 @@ ERROR_RESPONSES = {
         422: "invalid parameter or corrupt file",
         499: "client closed the request",
         500: "internal error",
-        503: "not ready, queue full or out of memory (Retry-After)",
+        503: "not ready, queue full, shutting down or out of memory (Retry-After)",
         504: "deadline exceeded",
     }.items()
 }
@@ -80,13 +79,15 @@ async def wait_for(request: Request, job: Job) -> list[PageResult]:
         if time.monotonic() > job.deadline:
             raise DeadlineExceeded("the request ran past its deadline; its work was cancelled") from None
         raise ClientGone("the request was cancelled") from None
-    except ServiceError:
+    except (ServiceError, UploadError):
         raise
-    except Exception as exc:  # the engine failed on this request only; the worker goes on
+    except PromptTooLong as exc:
+        raise InvalidParameter(str(exc)) from None
+    except Exception as exc:  # the engine failed on this request only; the scheduler goes on
         log.error("request %s failed in the engine", job.request_id, exc_info=exc, extra={"request_id": job.request_id})
         raise InternalError("the engine failed on this request; the request id is in the server logs") from None
     finally:
-        job.cancel.set()  # no-op when finished; stops the worker otherwise
+        job.cancel.set()  # no-op when finished; stops the scheduler's work otherwise
         future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never an unretrieved exception
 
 
@@ -96,11 +97,11 @@ async def wait_for(request: Request, job: Job) -> list[PageResult]:
 async def ocr(
     request: Request,
     form: Annotated[OcrForm, Form()],
-    worker: Annotated[Worker, Depends(get_worker)],
+    scheduler: Annotated[Scheduler, Depends(get_scheduler)],
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ) -> OcrResponse:
     accepted_at = time.monotonic()
-    engine = worker.ensure_ready(settings.retry_after_s)
+    engine = scheduler.ensure_ready()
     options = form.options()
     try:
         options.validate_for_run(engine.version)
@@ -108,7 +109,7 @@ async def ocr(
     except ValueError as exc:
         raise InvalidParameter(str(exc)) from None
     data = await form.file.read()
-    documents = await run_in_threadpool(
+    document = await run_in_threadpool(
         open_document,
         data,
         max_pixels=settings.max_image_pixels,
@@ -116,16 +117,15 @@ async def ocr(
         page_range=page_range,
     )
     job = Job(
-        documents,
+        document,
         options,
         deadline=accepted_at + settings.request_timeout_s,
         request_id=request.state.request_id,
         accepted_at=accepted_at,
     )
-    worker.submit(job, settings.retry_after_s)
+    scheduler.submit(job)
     results = await wait_for(request, job)
-    first_page = page_range[0] if page_range else 1
-    pages = [PageOut(page=first_page + i, **r.model_dump()) for i, r in enumerate(results)]
+    pages = [PageOut(page=number, **r.model_dump()) for number, r in zip(document.numbers, results, strict=True)]
     warnings = [RANDOM_WEIGHTS_WARNING.format(name=engine.name)] if engine.random_weights else []
     warnings += [
         f"page {p.page} stopped at max_new_tokens ({options.max_new_tokens}) or the position limit"

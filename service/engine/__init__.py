@@ -1,7 +1,16 @@
 """The OCR engine: DeepSeek-OCR loaded once, RTPrune applied per page."""
 
-from .engine import OCREngine, OcrOptions, PageResult
+from .engine import OCREngine, OcrOptions, PageResult, PromptTooLong
 from .generate import Cancelled
-from .loading import DEFAULT_MODEL, ModelLoadError
+from .loading import DEFAULT_MODEL, RANDOM_WEIGHTS_WARNING, ModelLoadError
 
-__all__ = ["DEFAULT_MODEL", "Cancelled", "ModelLoadError", "OCREngine", "OcrOptions", "PageResult"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "RANDOM_WEIGHTS_WARNING",
+    "Cancelled",
+    "ModelLoadError",
+    "OCREngine",
+    "OcrOptions",
+    "PageResult",
+    "PromptTooLong",
+]

@@ -2,10 +2,12 @@
 
 upload image -> preprocess -> encode (vision + projector) -> prune -> assemble prompt
 -> generate -> postprocess. Each step is a module of this package; this file only
-strings them together and times them. The CLI and the evaluation harness call
-:meth:`OCREngine.run`, the HTTP worker :meth:`OCREngine.run_batch` (``run`` is a batch of one),
-and the prefill benchmark times the same functions one by one, so every number measures the
-served path.
+strings them together and times them. It offers the walk whole (:meth:`OCREngine.run`,
+:meth:`OCREngine.run_batch`, for the CLI, the evaluation harness and the benchmarks) and in
+steps (:meth:`OCREngine.prepare` -> :class:`RunningBatch` join/step/remove ->
+:meth:`OCREngine.finish`) for the HTTP service's scheduler, which joins pages between decode
+steps. Both run the same functions, so every number measures the served path. The engine
+knows nothing of HTTP or queues.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pruning import PRUNERS, PruneResult, build_pruner
 
 from .assemble import Positions, assemble_prompt
-from .generate import NGramGuard, Sequence, generate_batch
+from .batch import RunningBatch
+from .generate import NGramGuard, Sequence, generate_batch, prompt_problem
+from .layout import visual_token_count
 from .loading import DEFAULT_MODEL, load_model
 from .model import OcrModel, VisualBlock
 from .postprocess import Box, decode_text, parse_boxes, to_markdown
@@ -93,6 +97,24 @@ class PageTask:
     options: OcrOptions
     timer: StageTimer
     should_stop: Callable[[], bool] = _never
+
+
+class PromptTooLong(ValueError):
+    """The page's prompt leaves no position of the model to generate into (a client error)."""
+
+
+@dataclass
+class PreparedPage:
+    """A page ready to join a batch: its visual block, what pruning kept, and the sequence to decode."""
+
+    task: PageTask
+    block: VisualBlock
+    pruned: PruneResult
+    sequence: Sequence
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.sequence.prompt.length
 
 
 class PageResult(BaseModel):
@@ -165,12 +187,34 @@ class OCREngine:
 
     @torch.inference_mode()
     def run_batch(self, tasks: list[PageTask]) -> list[PageResult | BaseException]:
-        """OCR several pages together: one vision call per global-view size, one padded prefill,
-        one batched decode. Each page keeps its own options (mode, pruner, retention, ...),
-        its own stop rules and its own statistics; a problem with one page's options or its
-        cancellation is returned in its slot and does not disturb the others.
+        """OCR several pages together as one static batch: one vision call per global-view size,
+        one padded prefill, one batched decode. Each page keeps its own options (mode, pruner,
+        retention, ...), its own stop rules and its own statistics; a problem with one page is
+        returned in its slot and does not disturb the others. (The HTTP service's scheduler uses
+        :meth:`prepare`, a :class:`RunningBatch` and :meth:`finish` directly, so pages join
+        between decode steps.)
         """
-        results: list[PageResult | BaseException | None] = [None] * len(tasks)
+        prepared = self.prepare(tasks)
+        generate_batch(self.model, [page.sequence for page in prepared if isinstance(page, PreparedPage)])
+        return [page if isinstance(page, BaseException) else self.outcome(page) for page in prepared]
+
+    def outcome(self, page: PreparedPage) -> PageResult | BaseException:
+        """A page whose sequence has stopped: its result, or why it failed (cancelled, NaN, ...)."""
+        if isinstance(page.sequence.outcome, BaseException):
+            return page.sequence.outcome
+        return self.finish(page)
+
+    def new_batch(self) -> RunningBatch:
+        """An empty running batch on this model; pages join it after :meth:`prepare`."""
+        return RunningBatch(self.model)
+
+    @torch.inference_mode()
+    def prepare(self, tasks: list[PageTask]) -> list[PreparedPage | BaseException]:
+        """Everything before the prefill, for several pages: preprocess, encode (one vision call
+        per view size), prune and assemble each prompt. A page that fails gets its exception in
+        its slot; a failed vision call is retried page by page so one bad page fails alone.
+        """
+        results: list[PreparedPage | BaseException | None] = [None] * len(tasks)
         pages: dict[int, PreparedImage] = {}
         for i, task in enumerate(tasks):
             try:
@@ -179,53 +223,81 @@ class OCREngine:
                     pages[i] = preprocess(
                         task.image, task.options.mode, version=self.model.version, max_crops=task.options.max_crops
                     )
-            except Exception as exc:  # bad options or an image PIL cannot convert: this page only
+                self._check_room(task.options, visual_token_count(pages[i], self.model.version))
+            except Exception as exc:  # bad options, an image PIL cannot convert, too long: this page only
                 results[i] = exc
-        blocks = self._encode(pages, tasks)
-        sequences: dict[int, Sequence] = {}
-        pruned_blocks: dict[int, PruneResult] = {}
+                pages.pop(i, None)
+        blocks, failures = self._encode(pages, tasks)
+        for i, exc in failures.items():
+            results[i] = exc
         for i, block in blocks.items():
-            task = tasks[i]
-            keep_ratio = None if task.options.retention == "auto" else float(task.options.retention)
-            with task.timer.stage("prune"):
-                pruned = build_pruner(task.options.pruner, keep_ratio)(
-                    block.features, block.protected, block.newline, block.global_view
-                )
-            with task.timer.stage("prefill"):
-                input_ids, image_start = encode_prompt(self.model.tokenizer, task.options.prompt_text(), block.n_tokens)
-                prompt = assemble_prompt(
-                    self.model.embed(input_ids),
-                    image_start,
-                    block.n_tokens,
-                    pruned.features,
-                    pruned.kept_indices,
-                    task.options.positions,
-                )
-            sequences[i] = Sequence(
-                prompt, task.options.max_new_tokens, task.options.guard(), task.timer, task.should_stop
-            )
-            pruned_blocks[i] = pruned
-        generate_batch(self.model, list(sequences.values()))
-        for i, seq in sequences.items():
-            if isinstance(seq.outcome, BaseException):
-                results[i] = seq.outcome
-            else:
-                results[i] = self._result(blocks[i], pruned_blocks[i], seq, tasks[i])
-        return results
+            try:
+                results[i] = self._prune_and_assemble(block, tasks[i])
+            except Exception as exc:
+                results[i] = exc
+        return results  # type: ignore[return-value]  # every slot is filled
 
-    def _encode(self, pages: dict[int, PreparedImage], tasks: list[PageTask]) -> dict[int, VisualBlock]:
-        """Vision tower + projector, one call per global-view size; each page is charged the call's time."""
+    def _check_room(self, options: OcrOptions, n_visual: int) -> None:
+        """PromptTooLong before any model work when the unpruned prompt leaves no position to generate."""
+        input_ids, _ = encode_prompt(self.model.tokenizer, options.prompt_text(), n_visual)
+        if options.positions == Positions.original and input_ids.numel() >= self.model.max_positions:
+            raise PromptTooLong(
+                f"the prompt takes {input_ids.numel()} positions (with {n_visual} visual tokens) of the model's "
+                f"{self.model.max_positions}; nothing could be generated. Use a smaller mode or fewer tiles "
+                "(max_crops), or positions=compact with a lower retention"
+            )
+
+    def _prune_and_assemble(self, block: VisualBlock, task: PageTask) -> PreparedPage:
+        options = task.options
+        keep_ratio = None if options.retention == "auto" else float(options.retention)
+        with task.timer.stage("prune"):
+            pruned = build_pruner(options.pruner, keep_ratio)(
+                block.features, block.protected, block.newline, block.global_view
+            )
+        with task.timer.stage("prefill"):
+            input_ids, image_start = encode_prompt(self.model.tokenizer, options.prompt_text(), block.n_tokens)
+            prompt = assemble_prompt(
+                self.model.embed(input_ids),
+                image_start,
+                block.n_tokens,
+                pruned.features,
+                pruned.kept_indices,
+                options.positions,
+            )
+        problem = prompt_problem(self.model, prompt)
+        if problem:
+            raise PromptTooLong(problem)
+        sequence = Sequence(prompt, options.max_new_tokens, options.guard(), task.timer, task.should_stop)
+        return PreparedPage(task, block, pruned, sequence)
+
+    def _encode(
+        self, pages: dict[int, PreparedImage], tasks: list[PageTask]
+    ) -> tuple[dict[int, VisualBlock], dict[int, Exception]]:
+        """Vision tower + projector, one call per global-view size; each page is charged the call's time.
+        A call that fails with several pages is retried page by page, so a bad page fails alone."""
         groups: dict[tuple, list[int]] = {}
         for i, page in pages.items():
             groups.setdefault(tuple(page.global_view.shape), []).append(i)
-        blocks = {}
+        blocks: dict[int, VisualBlock] = {}
+        failures: dict[int, Exception] = {}
         for members in groups.values():
-            with shared_stage([tasks[i].timer for i in members], "vision", self.model.device):
-                encoded = self.model.encode([pages[i] for i in members])
-            blocks.update(zip(members, encoded, strict=True))
-        return blocks
+            attempts = [members]
+            while attempts:
+                group = attempts.pop()
+                try:
+                    with shared_stage([tasks[i].timer for i in group], "vision", self.model.device):
+                        encoded = self.model.encode([pages[i] for i in group])
+                    blocks.update(zip(group, encoded, strict=True))
+                except Exception as exc:
+                    if len(group) == 1:
+                        failures[group[0]] = exc
+                    else:
+                        attempts += [[i] for i in group]
+        return blocks, failures
 
-    def _result(self, block: VisualBlock, pruned: PruneResult, seq: Sequence, task: PageTask) -> PageResult:
+    def finish(self, page: PreparedPage) -> PageResult:
+        """The page's result once its sequence has finished: text, markdown, boxes, statistics."""
+        block, pruned, seq, task = page.block, page.pruned, page.sequence, page.task
         text = decode_text(self.model.tokenizer, seq.outcome.tokens)
         latency = task.timer.latency()
         n_out = len(seq.outcome.tokens)

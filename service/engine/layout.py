@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .preprocess import PreparedImage
+from .preprocess import V1_MODES, V2_MODES, Mode, PreparedImage, choose_tile_grid
 
 PIXELS_PER_TOKEN = 64  # 16-px SAM patches, then two stride-2 convolutions
 
@@ -48,11 +48,26 @@ def _grid_newlines(rows: int, cols: int, version: str) -> torch.Tensor:
 
 def visual_token_count(page: PreparedImage, version: str = "v1") -> int:
     """Tokens of the whole visual block, newlines and separator included."""
-    q = _grid_side(page.global_view.shape[-1])
+    q_tile = _grid_side(page.tiles.shape[-1]) if page.tiles is not None else 0
+    return _block_size(_grid_side(page.global_view.shape[-1]), page.grid, q_tile, version)
+
+
+def visual_tokens_for_size(size: tuple[int, int], mode: Mode | str, version: str = "v1", max_crops: int = 6) -> int:
+    """The same count from a page's size alone, before any pixel is touched (admission control).
+
+    EXIF rotation is not known here, so a rotated page may get another tile grid: an estimate."""
+    spec = (V1_MODES if version == "v1" else V2_MODES)[Mode(mode)]
+    width, height = size
+    grid = None
+    if spec.crop and max(width, height) > spec.tile_size:
+        grid = choose_tile_grid(width, height, spec.tile_size, max_crops)
+    return _block_size(_grid_side(spec.base_size), grid, _grid_side(spec.tile_size), version)
+
+
+def _block_size(q: int, grid: tuple[int, int] | None, q_tile: int, version: str) -> int:
     extra = 0 if version == "v2" else 1  # the newline column
-    total = q * (q + extra) + 1
-    if page.tiles is not None:
-        cols, rows = page.grid
-        q_tile = _grid_side(page.tiles.shape[-1])
+    total = q * (q + extra) + 1  # global view, then the separator
+    if grid is not None:
+        cols, rows = grid
         total += (rows * q_tile) * (cols * q_tile + extra)
     return total

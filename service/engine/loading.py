@@ -23,6 +23,7 @@ from .presets import RANDOM_PRESETS, reference_config, seed_random_weights, tiny
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-OCR"
+RANDOM_WEIGHTS_WARNING = "model {name!r} has RANDOM weights: its text is meaningless (a preset for tests and try-outs)"
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 _DTYPES = {
     "bf16": torch.bfloat16,

@@ -88,6 +88,16 @@ class OcrModel:
         """The language model's decoder stack (no LM head): prefill and decode steps call this."""
         return self.model.model.language_model(**kwargs)
 
+    @torch.inference_mode()
+    def kv_bytes_per_token(self) -> int:
+        """Bytes the KV cache holds per token, measured with a one-token forward (any attention kind)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.text_config)
+        embeds = self.embed(torch.zeros(1, 1, dtype=torch.long))  # (1, 1, hidden)
+        self.decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over hidden states, in float32, with undecodable ids masked out."""
         logits = self.model.lm_head(hidden).float()

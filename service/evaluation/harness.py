@@ -86,7 +86,7 @@ class Evaluation:
             return json.loads(path.read_text())
         if page.page_id not in image_cache:
             image_cache.clear()
-            image_cache[page.page_id] = open_document(page.image.read_bytes())[0]
+            image_cache[page.page_id] = open_document(page.image.read_bytes()).page(0)
         options = OcrOptions(
             mode=self.mode, pruner=setting.pruner, retention=setting.retention, max_new_tokens=self.max_new_tokens
         )

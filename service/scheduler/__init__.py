@@ -1,0 +1,12 @@
+"""The scheduler room: between the front doors (HTTP routes) and the engine.
+
+Pages are admitted against a page queue and a KV token budget; at every decode step new
+pages join the running batch and finished ones leave; deadlines, cancellation, failure
+isolation and graceful shutdown live here. The engine knows nothing of queues; the API
+knows nothing of batches.
+"""
+
+from .jobs import Job, PageQueue
+from .loop import Scheduler, SchedulerConfig
+
+__all__ = ["Job", "PageQueue", "Scheduler", "SchedulerConfig"]

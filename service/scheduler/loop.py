@@ -1,0 +1,416 @@
+"""The scheduler: one thread owns the model and runs pages with iteration-level batching.
+
+The thread loads the engine (so loading never blocks the event loop and ``/healthz``
+answers while weights are read), warms it up, then repeats one iteration:
+
+1. **retire**: pages whose request was cancelled, timed out or failed leave the batch;
+2. **admit**: pages are taken from the fair page queue (round-robin by request), rendered
+   (PDF pages only now), and prepared by the engine (preprocess, vision, prune, prompt).
+   At most ``max_batch_size`` pages are running or ready, and one iteration admits pages
+   until their visual tokens reach ``max_prefill_tokens``, so one 8-page Gundam PDF does not
+   stall every running page's next token for the time of eight vision calls and prefills;
+3. **join**: ready pages are prefilled and join the running batch while its KV footprint
+   (rows x longest row, padding included) stays within ``max_batch_tokens``;
+4. **step**: one decode step for every running page; finished pages leave and their
+   request is answered when its last page is done.
+
+With ``batching="static"`` new pages are admitted only when the batch is empty: the
+micro-batching of earlier versions, kept to compare against.
+
+Failures stay with their page: a page that fails to render, preprocess, encode or prune
+fails its own request; a prefill or decode step that runs out of memory is retried with
+fewer pages (evicted pages are re-queued and recomputed), and only a page that fails
+alone fails its request (503 for out-of-memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from service.engine import Cancelled, OCREngine, PageResult
+from service.engine.batch import RunningBatch
+from service.engine.engine import PageTask, PreparedPage
+from service.engine.layout import visual_tokens_for_size
+from service.engine.stats import StageTimer
+from service.errors import NotReady, OutOfMemory
+
+from .jobs import Job, PageQueue
+
+log = logging.getLogger(__name__)
+
+Batching = Literal["continuous", "static"]
+CPU_BATCH_TOKENS = 32_768  # default KV budget on CPU (~4 GB of fp32 KV on the full-size model)
+GPU_KV_SHARE = 0.6  # share of the free device memory after warm-up given to the KV cache
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's knobs (from :class:`~service.settings.ServiceSettings`)."""
+
+    queue_size: int = 128  # pages
+    max_batch_size: int = 32  # pages running at once
+    max_batch_tokens: int | None = None  # KV slots; None: from the device's free memory
+    max_prefill_tokens: int = 8192  # visual tokens admitted per iteration
+    batch_wait_ms: float = 5.0
+    batching: Batching = "continuous"
+    retry_after_s: int = 2
+    warmup: bool = True
+
+
+@dataclass(eq=False)
+class Running:
+    """A page that has been admitted: its request, its index there, and the engine's state for it."""
+
+    job: Job
+    index: int
+    page: PreparedPage
+
+    @property
+    def sequence(self):
+        return self.page.sequence
+
+
+class Scheduler:
+    """Loads the engine in its thread, then runs queued pages with continuous batching."""
+
+    def __init__(
+        self,
+        load_engine: Callable[[], OCREngine],
+        config: SchedulerConfig,
+        *,
+        on_page: Callable[[PageResult], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._load_engine = load_engine
+        self._queue = PageQueue(config.queue_size)
+        self._on_page = on_page or (lambda result: None)
+        self._on_step = on_step or (lambda rows: None)
+        self._on_fatal = on_fatal or (lambda exc: None)
+        self._thread = threading.Thread(target=self._main, name="rtprune-scheduler", daemon=True)
+        self._draining = threading.Event()
+        self._grace_deadline = float("inf")
+        self._ready: deque[Running] = deque()  # prepared, waiting for room in the batch
+        self._running: dict[int, Running] = {}  # id(sequence) -> page in the batch
+        self._batch: RunningBatch | None = None
+        self._step_times: deque[float] = deque(maxlen=4096)
+        self.state: Literal["loading", "ready", "failed", "draining", "stopped"] = "loading"
+        self.error: str | None = None
+        self.engine: OCREngine | None = None
+        self.batch_tokens_limit: int | None = config.max_batch_tokens
+
+    # --- the front door's side ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def ensure_ready(self) -> OCREngine:
+        """The engine, or NotReady (503) saying whether it is loading, failed or shutting down."""
+        if self.state != "ready" or self.engine is None:
+            detail = f" (loading failed: {self.error})" if self.state == "failed" else f" ({self.state})"
+            raise NotReady(f"the model is not ready{detail}", headers={"Retry-After": str(self.config.retry_after_s)})
+        return self.engine
+
+    def queue_full(self) -> bool:
+        """True when no page slot is free: the front door refuses before reading an upload."""
+        return self._queue.full()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job's pages, or refuse it at once: not ready, or its pages do not fit the queue."""
+        self.ensure_ready()
+        self._queue.put(job, self.config.retry_after_s)
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Stop admitting; answer waiting requests 503; let running pages finish within ``grace_s``."""
+        if self._draining.is_set():
+            return
+        self._grace_deadline = time.monotonic() + grace_s
+        self._draining.set()
+        if self.state == "ready":
+            self.state = "draining"
+        for job in self._queue.drain():
+            job.fail(self._shutting_down())
+        self._queue.wake()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut down now (no grace left for running pages) and wait for the thread."""
+        self.begin_shutdown(0.0)
+        self._grace_deadline = min(self._grace_deadline, time.monotonic())
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.state = "stopped"
+
+    # --- numbers for /metrics and /v1/info ------------------------------------------------------
+
+    @property
+    def queued_pages(self) -> int:
+        return self._queue.pages
+
+    @property
+    def running_pages(self) -> int:
+        return len(self._running) + len(self._ready)
+
+    @property
+    def running_requests(self) -> int:
+        return len({id(r.job) for r in [*self._running.values(), *self._ready]})
+
+    @property
+    def batch_tokens(self) -> int:
+        batch = self._batch
+        return batch.tokens_in_use if batch is not None else 0
+
+    def steps_per_s(self, window_s: float = 5.0) -> float:
+        now = time.monotonic()
+        recent = [t for t in list(self._step_times) if now - t <= window_s]
+        return len(recent) / window_s
+
+    # --- the thread -----------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            engine = self._load_engine()
+            if self.config.warmup:
+                engine.warmup()
+            if self.batch_tokens_limit is None:
+                self.batch_tokens_limit = default_batch_tokens(engine)
+        except BaseException as exc:  # a failed load must be reported, whatever it was
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("model loading failed: %s", self.error)
+            self._on_fatal(exc)
+            return
+        self.engine, self._batch = engine, engine.new_batch()
+        if not self._draining.is_set():
+            self.state = "ready"
+        log.info(
+            "model ready: %s batching, up to %d pages and %d KV tokens at once",
+            self.config.batching,
+            self.config.max_batch_size,
+            self.batch_tokens_limit,
+        )
+        while True:
+            try:
+                if not self._iterate():
+                    break
+            except BaseException as exc:  # the loop itself must never die with requests waiting
+                log.exception("scheduler iteration failed; failing the pages in flight")
+                self._fail_in_flight(exc)
+        self._fail_in_flight(self._shutting_down())
+
+    def _iterate(self) -> bool:
+        """One iteration; False when a shutdown has finished draining."""
+        self._retire_stopped()
+        if self._draining.is_set():
+            if not self._running and not self._ready:
+                return False
+            if time.monotonic() >= self._grace_deadline:
+                self._fail_in_flight(self._shutting_down("its grace period ended before this page finished"))
+                return False
+        else:
+            self._admit()
+        self._join()
+        if self._batch.rows:
+            self._step()
+        elif not self._ready:
+            self._queue.wait(timeout=0.05)
+        return True
+
+    # --- retire -----------------------------------------------------------------------------------
+
+    def _retire_stopped(self) -> None:
+        for job in self._queue.stopped():
+            job.fail(Cancelled("cancelled while waiting in the queue"))
+        stopped = [r for r in self._running.values() if r.job.should_stop()]
+        if stopped:
+            self._batch.remove([r.sequence for r in stopped])
+            for r in stopped:
+                del self._running[id(r.sequence)]
+                r.job.fail(Cancelled("generation cancelled"))
+        for r in [r for r in self._ready if r.job.should_stop()]:
+            self._ready.remove(r)
+            r.job.fail(Cancelled("cancelled before its prefill"))
+
+    # --- admit --------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        in_flight = len(self._running) + len(self._ready)
+        if self.config.batching == "static" and in_flight:
+            return
+        room = self.config.max_batch_size - in_flight
+        if room <= 0 or not self._queue.pages:
+            return
+        if not in_flight and self.config.batch_wait_ms > 0:  # an idle batch waits a moment for company
+            self._queue.wait(timeout=self.config.batch_wait_ms / 1e3, pages=room)
+        taken: list[tuple[Job, int, PageTask]] = []
+        visual_tokens = 0
+        static = self.config.batching == "static"
+        while len(taken) < room and (static or visual_tokens < self.config.max_prefill_tokens):
+            item = self._queue.take()
+            if item is None:
+                break
+            job, index = item
+            task = self._page_task(job, index)
+            if task is None:
+                continue
+            taken.append((job, index, task))
+            visual_tokens += visual_tokens_for_size(
+                task.image.size, task.options.mode, self.engine.version, task.options.max_crops
+            )
+        if not taken:
+            return
+        try:
+            prepared = self.engine.prepare([task for _, _, task in taken])
+        except Exception as exc:  # the engine returns per-page failures; anything else fails these pages only
+            self._release_memory(exc)
+            prepared = [exc] * len(taken)
+        for (job, index, _), page in zip(taken, prepared, strict=True):
+            if isinstance(page, BaseException):
+                job.fail(_domain_error(page, self.config.retry_after_s))
+            else:
+                self._ready.append(Running(job, index, page))
+
+    def _page_task(self, job: Job, index: int) -> PageTask | None:
+        """The page's image (a PDF page is rendered now) and timer; None if it failed (the job fails)."""
+        timer = StageTimer(self.engine.device)
+        timer.add("queue", (time.monotonic() - job.accepted_at) * 1e3)
+        try:
+            with timer.stage("preprocess"):
+                image = job.document.page(index)
+        except Exception as exc:
+            job.fail(exc)
+            return None
+        return PageTask(image, job.options, timer, job.should_stop)
+
+    # --- join -----------------------------------------------------------------------------------------
+
+    def _join(self) -> None:
+        """Prefill ready pages into the batch while the KV budget allows; halve on failure."""
+        limit = len(self._ready)
+        while self._ready and limit:
+            joiners = self._fitting(limit)
+            if not joiners:
+                return
+            try:
+                finished = self._batch.join([r.sequence for r in joiners])
+            except Exception as exc:
+                self._release_memory(exc)
+                if len(joiners) == 1:
+                    self._ready.popleft()
+                    joiners[0].job.fail(_domain_error(exc, self.config.retry_after_s))
+                    limit = len(self._ready)
+                else:
+                    limit = len(joiners) // 2
+                    log.warning("prefill of %d pages failed (%s); retrying with %d", len(joiners), exc, limit)
+                continue
+            for _ in joiners:
+                self._ready.popleft()
+            for r in joiners:
+                self._running[id(r.sequence)] = r
+            self._settle(finished)
+            limit = len(self._ready)
+
+    def _fitting(self, limit: int) -> list[Running]:
+        """The longest prefix of the ready pages (at most ``limit``) that fits the KV budget;
+        at least one page when the batch is empty, so a page larger than the budget still runs."""
+        joiners: list[Running] = []
+        for r in list(self._ready)[:limit]:
+            lengths = [j.page.prompt_tokens for j in joiners] + [r.page.prompt_tokens]
+            fits = self._batch.footprint_with(lengths) <= self.batch_tokens_limit
+            if not fits and (joiners or self._batch.rows):
+                break
+            joiners.append(r)
+        return joiners
+
+    # --- step -----------------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        try:
+            finished = self._batch.step()
+        except Exception as exc:
+            self._release_memory(exc)
+            self._evict_after_failure(exc)
+            return
+        self._step_times.append(time.monotonic())
+        self._on_step(len(self._batch.rows) + len(finished))
+        self._settle(finished)
+
+    def _evict_after_failure(self, exc: Exception) -> None:
+        """A failed step is retried with fewer pages: the newest half goes back to the ready list
+        (it will be prefilled again and recomputes the same tokens); a page that fails alone fails."""
+        rows = self._batch.rows
+        if len(rows) == 1:
+            r = self._running.pop(id(rows[0]))
+            self._batch.remove(rows)
+            r.job.fail(_domain_error(exc, self.config.retry_after_s))
+            return
+        evicted = rows[len(rows) // 2 :]
+        log.warning("decode step with %d pages failed (%s); evicting %d", len(rows), exc, len(evicted))
+        self._batch.remove(evicted)
+        for seq in reversed(evicted):
+            r = self._running.pop(id(seq))
+            seq.tokens.clear()
+            seq.outcome = None
+            self._ready.appendleft(r)
+
+    def _settle(self, finished) -> None:
+        for seq in finished:
+            r = self._running.pop(id(seq), None)
+            if r is None:
+                continue
+            outcome = self.engine.outcome(r.page)
+            if isinstance(outcome, BaseException):
+                r.job.fail(_domain_error(outcome, self.config.retry_after_s))
+                continue
+            self._on_page(outcome)
+            r.job.record(r.index, outcome)
+
+    # --- failure and shutdown -----------------------------------------------------------------------
+
+    def _release_memory(self, exc: BaseException) -> None:
+        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _fail_in_flight(self, exc: BaseException) -> None:
+        if self._batch is not None:
+            self._batch.remove(list(self._batch.rows))
+        for r in [*self._running.values(), *self._ready]:
+            r.job.fail(exc)
+        self._running.clear()
+        self._ready.clear()
+        for job in self._queue.drain():
+            job.fail(exc)
+
+    def _shutting_down(self, why: str = "") -> NotReady:
+        detail = f": {why}" if why else ""
+        return NotReady(
+            f"the service is shutting down{detail}; retry on another replica or shortly",
+            headers={"Retry-After": str(self.config.retry_after_s)},
+        )
+
+
+def _domain_error(exc: BaseException, retry_after_s: int) -> BaseException:
+    """Out of memory becomes a 503 the client may retry; everything else travels as it is."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OutOfMemory(
+            "the device ran out of memory on this page even when it ran alone; retry with a smaller mode "
+            "or a lower RTPRUNE_MAX_BATCH_TOKENS",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+    return exc
+
+
+def default_batch_tokens(engine: OCREngine) -> int:
+    """A KV budget for the device: a share of the memory free after warm-up on CUDA, a fixed one on CPU."""
+    device = engine.device
+    if device.type != "cuda":
+        return CPU_BATCH_TOKENS
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(8192, int(free * GPU_KV_SHARE / engine.model.kv_bytes_per_token()))
