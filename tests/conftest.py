@@ -135,3 +135,34 @@ def image_job(image, options, *, timeout: float = 120.0, **kwargs):
     from service.scheduler import Job
 
     return Job(Document([1], _images=[image]), options, deadline=time.monotonic() + timeout, **kwargs)
+
+
+def text_pdf(n_pages: int, lines: int = 30) -> bytes:
+    """A PDF of real text (Helvetica, a standard Type 1 font), the kind PDFium must lay out glyph by glyph."""
+    objects: list[bytes] = []
+    page_ids = [3 + 2 * i for i in range(n_pages)]
+    font_id = 3 + 2 * n_pages
+    objects.append(b"<< /Type /Catalog /Pages 2 0 R >>")
+    kids = " ".join(f"{i} 0 R" for i in page_ids)
+    objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {n_pages} >>".encode())
+    for p in range(n_pages):
+        text = "".join(
+            f"BT /F1 11 Tf 50 {760 - 24 * i} Td (Page {p + 1} line {i}: The quick brown fox jumps over it.) Tj ET\n"
+            for i in range(lines)
+        ).encode()
+        objects.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {page_ids[p] + 1} 0 R "
+            f"/Resources << /Font << /F1 {font_id} 0 R >> >> >>".encode()
+        )
+        objects.append(b"<< /Length %d >>\nstream\n" % len(text) + text + b"endstream")
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)

@@ -107,6 +107,7 @@ class Scheduler:
         self.error: str | None = None
         self.engine: OCREngine | None = None
         self.batch_tokens_limit: int | None = config.max_batch_tokens
+        self._row_cap = config.max_batch_size  # lowered after a step ran out of memory, until the batch empties
 
     # --- the front door's side ---------------------------------------------------------------
 
@@ -318,10 +319,13 @@ class Scheduler:
             limit = len(self._ready)
 
     def _fitting(self, limit: int) -> list[Running]:
-        """The longest prefix of the ready pages (at most ``limit``) that fits the KV budget;
-        at least one page when the batch is empty, so a page larger than the budget still runs."""
+        """The longest prefix of the ready pages (at most ``limit``) that fits the KV budget and the
+        row cap; at least one page when the batch is empty, so a page larger than the budget still runs."""
+        if not self._batch.rows:
+            self._row_cap = self.config.max_batch_size  # memory trouble ends with the batch it was in
+        room = max(0, self._row_cap - len(self._batch.rows))
         joiners: list[Running] = []
-        for r in list(self._ready)[:limit]:
+        for r in list(self._ready)[: min(limit, room)]:
             lengths = [j.page.prompt_tokens for j in joiners] + [r.page.prompt_tokens]
             fits = self._batch.footprint_with(lengths) <= self.batch_tokens_limit
             if not fits and (joiners or self._batch.rows):
@@ -353,6 +357,7 @@ class Scheduler:
             return
         evicted = rows[len(rows) // 2 :]
         log.warning("decode step with %d pages failed (%s); evicting %d", len(rows), exc, len(evicted))
+        self._row_cap = len(rows) - len(evicted)  # evicted pages rejoin as others finish
         self._batch.remove(evicted)
         for seq in reversed(evicted):
             r = self._running.pop(id(seq))
