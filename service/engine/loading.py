@@ -155,8 +155,8 @@ def _load_directory(
         raise ModelLoadError(
             f"{directory} has no *.safetensors weights; the download may be incomplete (run `hf download` again)"
         )
-    model, info = model_cls.from_pretrained(
-        directory, config=config, dtype=dtype, attn_implementation="sdpa", output_loading_info=True
+    model, info = model_cls.from_pretrained(  # straight onto the device: no second full copy in host memory
+        directory, config=config, dtype=dtype, device_map=device, attn_implementation="sdpa", output_loading_info=True
     )
     if info["missing_keys"] or info["mismatched_keys"]:
         raise ModelLoadError(
@@ -166,7 +166,7 @@ def _load_directory(
         )
     # trust_remote_code=False: the shipped config has an auto_map, and a prompt would hang a server.
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-    model = model.to(device).eval().requires_grad_(False)  # inference only: no autograd bookkeeping anywhere
+    model = model.eval().requires_grad_(False)  # inference only: no autograd bookkeeping anywhere
     return LoadedModel(model, tokenizer, name, version, device, dtype, random_weights)
 
 

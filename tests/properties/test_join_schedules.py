@@ -142,3 +142,27 @@ def test_a_decode_step_makes_one_device_to_host_copy(tiny_engine, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counting)
     batch.step()
     assert copies == ["tolist"]
+
+
+def test_left_padding_in_bf16_gives_no_nan_and_the_same_first_token(preset_cache):
+    """bf16 on CPU: a page joined into a padded batch is finite and starts with the token it starts with alone."""
+    from service.engine import OCREngine
+
+    engine = OCREngine.load("tiny", device="cpu", dtype="bf16", cache_dir=preset_cache)
+    items = [POOL[0], POOL[1], POOL[3]]  # prompts of three different lengths: every row but one is padded
+    alone = []
+    for item in items:
+        page = engine.prepare([PageTask(*item, StageTimer())])[0]
+        batch = engine.new_batch()
+        batch.join([page.sequence])
+        batch.step()
+        alone.append(page.sequence)
+    batch = engine.new_batch()
+    pages = engine.prepare([PageTask(*item, StageTimer()) for item in items])
+    batch.join([pages[0].sequence])
+    batch.step()
+    batch.join([page.sequence for page in pages[1:]])  # joins a running batch, left-padded
+    batch.step()
+    for solo, joined in zip(alone, [page.sequence for page in pages], strict=True):
+        assert not isinstance(joined.outcome, NonFiniteLogits)
+        assert joined.tokens[0] == solo.tokens[0]
