@@ -1,12 +1,15 @@
-"""Throughput and latency with micro-batching on versus off, side by side in one run.
+"""Static versus continuous batching under an open-loop mixed workload, side by side in one run.
 
-    python bench/batching.py --out bench/results/batching_tiny_cpu.json            # tiny, CPU
-    python bench/batching.py --model random-full --device cuda --out ...            # full size, GPU
+    python bench/batching.py --out bench/results/batching_tiny_cpu.json             # tiny, CPU
+    python bench/batching.py --model random-full --device cuda --rates 2,4,8 --out ...  # full size, GPU
 
-Closed-loop clients (concurrency 1, 4, 8, 16) post a page to the real app (httpx over
-ASGI, so form parsing, queueing and the worker are all included) as soon as their previous
-answer arrives. At each concurrency the two services, batching off (max batch 1) and on,
-run back to back in alternating order; both share one loaded engine.
+Requests arrive as a Poisson process (seeded: both services see the same arrival times
+and the same pages): 70% short pages (16 new tokens) and 30% long pages (256), n-gram
+guard off so lengths are exact. They go to the real app (httpx over ASGI: form parsing,
+the page queue and the scheduler included). At each rate the two services,
+``RTPRUNE_BATCHING=static`` and ``continuous``, run back to back in alternating order and
+share one loaded engine. Then, with a fixed KV budget, continuous batching at retention
+1.0 versus 0.5 shows the gain pruning buys under batching.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import statistics
+import random
 import sys
 import time
 from pathlib import Path
@@ -37,52 +40,84 @@ def page_png() -> bytes:
     return buffer.getvalue()
 
 
-async def closed_loop(
-    engine: OCREngine, batch: int, concurrency: int, requests: int, form: dict, wait_ms: float
-) -> dict:
-    settings = ServiceSettings(
-        model=engine.name,
-        log_json=False,
-        max_batch_size=batch,
-        batch_wait_ms=wait_ms,
-        queue_size=max(16, 2 * concurrency),
-        warmup=False,
-    )
+def workload(rate: float, n: int, seed: int, short: int, long: int) -> list[tuple[float, int]]:
+    """(arrival time in s, new tokens) per request: Poisson arrivals, 70% short and 30% long pages."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append((t, long if rng.random() < 0.3 else short))
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+async def open_loop(engine: OCREngine, settings: ServiceSettings, arrivals: list[tuple[float, int]], form: dict):
     app = create_app(settings, load_engine=lambda: engine)
     png = page_png()
-    latencies: list[float] = []
-    failures = 0
+    results: list[tuple[int, float, int]] = []  # (new tokens, latency ms, status)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=600) as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=1200) as client:
             while (await client.get("/readyz")).status_code != 200:
                 await asyncio.sleep(0.02)
-            remaining = [requests]
-
-            async def client_loop() -> None:
-                nonlocal failures
-                while remaining[0] > 0:
-                    remaining[0] -= 1
-                    start = time.perf_counter()
-                    response = await client.post("/v1/ocr", files={"file": ("p.png", png)}, data=form)
-                    latencies.append((time.perf_counter() - start) * 1e3)
-                    failures += response.status_code != 200
-
             start = time.perf_counter()
-            await asyncio.gather(*[client_loop() for _ in range(concurrency)])
+
+            async def one(at: float, tokens: int) -> None:
+                await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+                sent = time.perf_counter()
+                data = {**form, "max_new_tokens": str(tokens)}
+                response = await client.post("/v1/ocr", files={"file": ("p.png", png)}, data=data)
+                results.append((tokens, (time.perf_counter() - sent) * 1e3, response.status_code))
+
+            await asyncio.gather(*[one(at, tokens) for at, tokens in arrivals])
             wall = time.perf_counter() - start
-    ordered = sorted(latencies)
+    ok = [r for r in results if r[2] == 200]
+    short_tokens = min(t for _, t in arrivals)
+    short = [ms for tokens, ms, _ in ok if tokens == short_tokens]
+    long = [ms for tokens, ms, _ in ok if tokens != short_tokens]
     return {
-        "batch": batch,
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "failures": failures,
+        "batching": settings.batching,
+        "retention": form["retention"],
+        "max_batch_tokens": settings.max_batch_tokens,
+        "requests": len(results),
+        "failures": len(results) - len(ok),
         "wall_s": wall,
-        "requests_per_s": len(latencies) / wall,
-        "p50_ms": statistics.median(ordered),
-        "p95_ms": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
-        "latencies_ms": latencies,
+        "requests_per_s": len(ok) / wall,
+        "tokens_per_s": sum(tokens for tokens, _, _ in ok) / wall,
+        "short_p50_ms": percentile(short, 0.5),
+        "short_p95_ms": percentile(short, 0.95),
+        "long_p50_ms": percentile(long, 0.5),
+        "long_p95_ms": percentile(long, 0.95),
+        "latencies": [{"new_tokens": t, "ms": ms, "status": s} for t, ms, s in results],
     }
+
+
+def service_settings(engine: OCREngine, batching: str, args, max_batch_tokens: int | None = None) -> ServiceSettings:
+    return ServiceSettings(
+        model=engine.name,
+        log_json=False,
+        warmup=False,
+        batching=batching,
+        max_batch_size=args.batch_size,
+        max_batch_tokens=max_batch_tokens,
+        queue_size=1024,
+        request_timeout_s=3600,
+    )
+
+
+def row(run: dict, base: dict | None = None) -> str:
+    line = (
+        f"{run['batching']:>10} {run['retention']:>5} {run['requests_per_s']:>6.2f} {run['tokens_per_s']:>7.1f} "
+        f"{run['short_p50_ms']:>8.0f} {run['short_p95_ms']:>8.0f} {run['long_p50_ms']:>8.0f} {run['long_p95_ms']:>8.0f}"
+    )
+    if base is not None:
+        line += f" | x{run['requests_per_s'] / base['requests_per_s']:.2f} req/s"
+        line += f", short p95 x{run['short_p95_ms'] / base['short_p95_ms']:.2f}"
+    return line
 
 
 def main() -> None:
@@ -91,39 +126,46 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--mode", default="tiny")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--batch-wait-ms", type=float, default=ServiceSettings().batch_wait_ms)
-    parser.add_argument("--concurrency", default="1,4,8,16")
-    parser.add_argument("--requests-per-client", type=int, default=6)
+    parser.add_argument("--rates", default="1,2,4", help="arrivals per second")
+    parser.add_argument("--requests", type=int, default=30, help="requests per run")
+    parser.add_argument("--short", type=int, default=16)
+    parser.add_argument("--long", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--budget-tokens", type=int, default=1536, help="fixed KV budget for the retention runs")
+    parser.add_argument("--budget-mode", default="base", help="mode of the retention runs (more visual tokens)")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/batching.json")
     args = parser.parse_args()
     engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype)
     engine.warmup()
-    form = {"mode": args.mode, "max_new_tokens": str(args.max_new_tokens), "ngram_size": "0", "retention": "auto"}
-    label = (
-        f"{machine_label(engine.device)}, model {args.model}, mode {args.mode}, {args.max_new_tokens} new tokens, "
-        f"batch window {args.batch_wait_ms:g} ms"
-    )
+    form = {"mode": args.mode, "ngram_size": "0", "pruner": "rtprune", "retention": "0.8425"}
+    label = f"{machine_label(engine.device)}, model {args.model}, mode {args.mode}, {args.requests} requests per run"
     print(f"# {label}")
-    print(f"{'conc':>4} {'batch':>5} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} | {'x req/s':>7} {'x p50':>6}")
+    header = f"{'batching':>10} {'ret':>5} {'req/s':>6} {'tok/s':>7} "
+    header += f"{'short50':>8} {'short95':>8} {'long50':>8} {'long95':>8}"
     records = []
-    for level, concurrency in enumerate(int(c) for c in args.concurrency.split(",")):
-        requests = max(4, concurrency * args.requests_per_client)
-        order = [1, args.batch_size] if level % 2 == 0 else [args.batch_size, 1]
-        runs = {b: asyncio.run(closed_loop(engine, b, concurrency, requests, form, args.batch_wait_ms)) for b in order}
-        off, on = runs[1], runs[args.batch_size]
-        on["speedup_requests_per_s"] = on["requests_per_s"] / off["requests_per_s"]
-        on["p50_ratio"] = on["p50_ms"] / off["p50_ms"]
-        for run in (off, on):
-            print(
-                f"{concurrency:>4} {run['batch']:>5} {run['requests_per_s']:>7.2f} {run['p50_ms']:>8.0f} "
-                f"{run['p95_ms']:>8.0f} | "
-                + (f"{on['speedup_requests_per_s']:>7.2f} {on['p50_ratio']:>6.2f}" if run is on else "")
-            )
-            records.append(run)
-    write_json(args.out, {"machine": label, "batch_size": args.batch_size, "records": records})
-    if any(r["failures"] for r in records):
+    for level, rate in enumerate(float(r) for r in args.rates.split(",")):
+        arrivals = workload(rate, args.requests, args.seed + level, args.short, args.long)
+        order = ["static", "continuous"] if level % 2 == 0 else ["continuous", "static"]
+        runs = {b: asyncio.run(open_loop(engine, service_settings(engine, b, args), arrivals, form)) for b in order}
+        print(f"\n## rate {rate:g}/s\n{header}")
+        for batching in ("static", "continuous"):
+            runs[batching]["rate"] = rate
+            print(row(runs[batching], runs["static"] if batching == "continuous" else None))
+            records.append(runs[batching])
+    top = max(float(r) for r in args.rates.split(","))
+    arrivals = workload(top, args.requests, args.seed + 100, args.short, args.long)
+    print(f"\n## rate {top:g}/s, mode {args.budget_mode}, KV budget {args.budget_tokens} tokens\n{header}")
+    budget_runs = []
+    for retention in ("1.0", "0.5"):
+        budget_form = {**form, "mode": args.budget_mode, "retention": retention}
+        settings = service_settings(engine, "continuous", args, args.budget_tokens)
+        run = asyncio.run(open_loop(engine, settings, arrivals, budget_form))
+        run["rate"] = top
+        print(row(run, budget_runs[0] if budget_runs else None))
+        budget_runs.append(run)
+    write_json(args.out, {"machine": label, "args": vars(args), "records": records, "budget_records": budget_runs})
+    if any(r["failures"] for r in [*records, *budget_runs]):
         raise SystemExit("some requests failed")
 
 

@@ -2,6 +2,7 @@
 
     python bench/prefill.py --quick --out bench/results/prefill_quick_cpu.json
     python bench/prefill.py --device cuda --dtype bf16 --out bench/results/prefill_cuda.json
+    python bench/prefill.py --batches 1,4,8,16 --dtype fp32 --out ...   # the batch axis (bench/prefill_batch.py)
 
 Compute cost does not depend on weight values, so the ``random-full`` preset (the real
 config.json, 3.3 B parameters) times exactly what the real model would. For each setting:
@@ -225,6 +226,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=None, help="default 64 (16 with --quick)")
     parser.add_argument("--out", default="bench/results/prefill.json")
     parser.add_argument("--plot", default=None, help="PNG path (default: beside --out)")
+    parser.add_argument("--batches", default=None, help="e.g. 1,4,8,16: LLM prefill of B pages at once instead")
     args = parser.parse_args()
     if args.repeats < 7:
         print("note: fewer than 7 rounds; medians will be noisy", file=sys.stderr)
@@ -233,6 +235,9 @@ def main() -> None:
     start = time.perf_counter()
     engine = OCREngine.load("random-full", device=args.device, dtype=args.dtype)
     print(f"loaded random-full in {time.perf_counter() - start:.0f} s on {machine_label(device)}", flush=True)
+    if args.batches:
+        batch_axis(engine, args, device)
+        return
     settings = settings_for(args.quick)
     decode_tokens = args.decode_tokens or (16 if args.quick else 64)
     records = []
@@ -257,6 +262,20 @@ def main() -> None:
         },
     )
     plot(records, Path(args.plot) if args.plot else out.with_suffix(".png"), label)
+
+
+def batch_axis(engine: OCREngine, args, device: torch.device) -> None:
+    from bench.prefill_batch import print_batch_table, run_batch_axis
+
+    records = run_batch_axis(engine, [int(b) for b in args.batches.split(",")], args.repeats)
+    label = f"{machine_label(device)}, {args.dtype}"
+    print(f"# {label}, random-full, Large page, median of {args.repeats} interleaved rounds")
+    print_batch_table(records)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    write_json(
+        Path(args.out),
+        {"machine": label, "repeats": args.repeats, "process_peak_rss_mb": peak_rss_mb, "records": records},
+    )
 
 
 if __name__ == "__main__":

@@ -61,3 +61,52 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for name in ServiceSettings.model_fields:
         assert f"`RTPRUNE_{name.upper()}`" in readme, f"README's settings table lacks RTPRUNE_{name.upper()}"
+
+
+def test_sigterm_refuses_waiting_requests_and_exits_within_the_grace(preset_cache, tmp_path):
+    """A real process: on SIGTERM a waiting request gets 503 at once, a page that would run for ever is
+    ended with 503 when the grace period is over, and the process exits by itself."""
+    import signal
+    import threading
+    import time
+
+    port = free_port()
+    env = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache)}
+    args = ("--model", "tiny", "--port", str(port), "--device", "cpu", "--max-batch-size", "1")
+    process = subprocess.Popen(
+        serve_command(*args, "--shutdown-grace-s", "3", "--warmup", "false"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    path = tmp_path / "page.png"
+    text_page((500, 400)).save(path)
+    answers: dict[str, httpx.Response] = {}
+
+    def post(name: str) -> None:
+        data = {"mode": "tiny", "max_new_tokens": "8192", "ngram_size": "0"}
+        answers[name] = httpx.post(f"{base}/v1/ocr", files={"file": path.read_bytes()}, data=data, timeout=60)
+
+    try:
+        wait_ready(base, process, timeout=120)
+        running = threading.Thread(target=post, args=("running",))
+        running.start()
+        time.sleep(1.0)
+        waiting = threading.Thread(target=post, args=("waiting",))
+        waiting.start()
+        time.sleep(0.5)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        waiting.join(10)
+        assert answers["waiting"].status_code == 503 and answers["waiting"].headers["retry-after"]
+        assert time.monotonic() - sent < 2.5  # at once, not after the grace period
+        running.join(30)
+        assert answers["running"].status_code == 503
+        assert "grace period" in answers["running"].json()["error"]["message"]
+        # uvicorn re-raises the signal it caught once its graceful shutdown is done
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert time.monotonic() - sent < 15
+    finally:
+        if process.poll() is None:
+            process.kill()

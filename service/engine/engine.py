@@ -232,7 +232,7 @@ class OCREngine:
             results[i] = exc
         for i, block in blocks.items():
             try:
-                results[i] = self._prune_and_assemble(block, tasks[i])
+                results[i] = self.assemble_page(block, tasks[i])
             except Exception as exc:
                 results[i] = exc
         return results  # type: ignore[return-value]  # every slot is filled
@@ -247,7 +247,9 @@ class OCREngine:
                 "(max_crops), or positions=compact with a lower retention"
             )
 
-    def _prune_and_assemble(self, block: VisualBlock, task: PageTask) -> PreparedPage:
+    def assemble_page(self, block: VisualBlock, task: PageTask) -> PreparedPage:
+        """Prune one encoded page and build its prompt: the step after the vision encoder.
+        (Benchmarks reuse one block for several retentions through this.)"""
         options = task.options
         keep_ratio = None if options.retention == "auto" else float(options.retention)
         with task.timer.stage("prune"):
