@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from service.engine import PageResult
-from service.engine.stats import LatencyMs
+from service.engine.stats import LatencyMs, union_ms
 
 PAGE_SEPARATOR = "\n\n<--- Page Split --->\n\n"  # what the official PDF script writes between pages
 
@@ -22,13 +22,17 @@ class AggregateStats(BaseModel):
     pages: int
     visual_tokens: int
     visual_tokens_kept: int
-    retention: float
+    grid_tokens: int
+    grid_tokens_kept: int
+    retention: float = Field(description="grid_tokens_kept / grid_tokens over all pages")
+    visual_share: float = Field(description="visual_tokens_kept / visual_tokens over all pages")
     prompt_tokens: int
     output_tokens: int
     latency_ms: LatencyMs = Field(
-        description="stages summed over pages; queue is the first page's wait; total is the request's wall time"
+        description="per stage, the wall time during which at least one page of the request was in it (work its "
+        "pages shared in one batch counts once); queue is the first page's wait; total is the request's wall time"
     )
-    decode_tokens_per_s: float
+    decode_tokens_per_s: float = Field(description="output tokens / decode wall time of the request")
 
 
 class OcrResponse(BaseModel):
@@ -76,12 +80,14 @@ class InfoResponse(BaseModel):
 
 
 def aggregate(pages: list[PageResult], wall_ms: float) -> AggregateStats:
-    """Sum the pages' statistics into the request's."""
+    """The request's statistics from its pages': token counts summed, stage times as unions of spans."""
     total = sum(p.stats.visual_tokens for p in pages)
     kept = sum(p.stats.visual_tokens_kept for p in pages)
+    grid = sum(p.stats.grid_tokens for p in pages)
+    grid_kept = sum(p.stats.grid_tokens_kept for p in pages)
     out = sum(p.stats.output_tokens for p in pages)
     stages = {
-        stage: round(sum(getattr(p.stats.latency_ms, stage) for p in pages), 3)
+        stage: round(union_ms([span for p in pages for span in p._spans.get(stage, [])]), 3)
         for stage in ("preprocess", "vision", "prune", "prefill", "decode")
     }
     latency = LatencyMs(queue=pages[0].stats.latency_ms.queue if pages else 0.0, **stages, total=round(wall_ms, 3))
@@ -89,7 +95,10 @@ def aggregate(pages: list[PageResult], wall_ms: float) -> AggregateStats:
         pages=len(pages),
         visual_tokens=total,
         visual_tokens_kept=kept,
-        retention=round(kept / total, 6) if total else 1.0,
+        grid_tokens=grid,
+        grid_tokens_kept=grid_kept,
+        retention=round(grid_kept / grid, 6) if grid else 1.0,
+        visual_share=round(kept / total, 6) if total else 1.0,
         prompt_tokens=sum(p.stats.prompt_tokens for p in pages),
         output_tokens=out,
         latency_ms=latency,

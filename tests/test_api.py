@@ -132,7 +132,9 @@ def test_response_has_every_field(service):
     assert {"page", "markdown", "text", "boxes", "stats"} <= set(page)
     stats = page["stats"]
     assert stats["visual_tokens"] == 73 and stats["visual_tokens_kept"] < 73
-    assert stats["retention"] == pytest.approx(stats["visual_tokens_kept"] / 73, abs=1e-5)
+    # one definition of retention: the request's 0.5 is the share of grid tokens kept (newlines are never pruned)
+    assert stats["grid_tokens"] == 64 and stats["grid_tokens_kept"] == 32 and stats["retention"] == 0.5
+    assert stats["visual_share"] == pytest.approx(stats["visual_tokens_kept"] / 73, abs=1e-5)
     assert stats["retention_requested"]["value"] == 0.5 and stats["output_tokens"] == 4
     assert set(stats["latency_ms"]) == {"queue", "preprocess", "vision", "prune", "prefill", "decode", "total"}
     assert stats["decode_tokens_per_s"] > 0

@@ -144,7 +144,8 @@ def test_pruned_prompt_lengths_and_stats(tiny_engine):
     assert 200 < stats.visual_tokens_kept <= 221
     n_text = len(encode_prompt(tiny_engine.model.tokenizer, build_prompt("markdown"), 0)[0])
     assert stats.prompt_tokens == n_text + stats.visual_tokens_kept
-    assert stats.retention == pytest.approx(stats.visual_tokens_kept / 421, abs=1e-6)
+    assert (stats.grid_tokens, stats.grid_tokens_kept, stats.retention) == (400, 200, 0.5)
+    assert stats.visual_share == pytest.approx(stats.visual_tokens_kept / 421, abs=1e-6)
     assert stats.retention_requested.value == 0.5 and stats.retention_requested.dynamic is None
     assert stats.output_tokens == 3 and stats.finish_reason == "length"
     latency = stats.latency_ms

@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import get_scheduler, get_settings
-from service.engine import RANDOM_WEIGHTS_WARNING, Cancelled, OcrOptions, PageResult, PromptTooLong
+from service.engine import RANDOM_WEIGHTS_WARNING, Cancelled, OcrOptions, PageResult, PromptTooLong, resolve_options
 from service.errors import ClientGone, DeadlineExceeded, ErrorResponse, InternalError, InvalidParameter, ServiceError
 from service.inputs import UploadError, open_document
 from service.scheduler import Job, Scheduler
@@ -37,7 +37,7 @@ class OcrForm(OcrOptions):
     )
 
     def options(self) -> OcrOptions:
-        return OcrOptions(**self.model_dump(exclude={"file", "pages"}))
+        return OcrOptions(**self.model_dump(exclude={"file", "pages"}, exclude_unset=True))
 
     def page_range(self) -> tuple[int, int | None] | None:
         if self.pages is None:
@@ -102,7 +102,7 @@ async def ocr(
 ) -> OcrResponse:
     accepted_at = time.monotonic()
     engine = scheduler.ensure_ready()
-    options = form.options()
+    options, notes = resolve_options(form.options(), form.model_fields_set, random_weights=engine.random_weights)
     try:
         options.validate_for_run(engine.version)
         page_range = form.page_range()
@@ -127,6 +127,7 @@ async def ocr(
     results = await wait_for(request, job)
     pages = [PageOut(page=number, **r.model_dump()) for number, r in zip(document.numbers, results, strict=True)]
     warnings = [RANDOM_WEIGHTS_WARNING.format(name=engine.name)] if engine.random_weights else []
+    warnings += notes
     warnings += [
         f"page {p.page} stopped at max_new_tokens ({options.max_new_tokens}) or the position limit"
         for p in pages

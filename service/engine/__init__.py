@@ -1,6 +1,6 @@
 """The OCR engine: DeepSeek-OCR loaded once, RTPrune applied per page."""
 
-from .engine import OCREngine, OcrOptions, PageResult, PromptTooLong
+from .engine import OCREngine, OcrOptions, PageResult, PromptTooLong, resolve_options
 from .generate import Cancelled
 from .loading import DEFAULT_MODEL, RANDOM_WEIGHTS_WARNING, ModelLoadError
 
@@ -13,4 +13,5 @@ __all__ = [
     "OcrOptions",
     "PageResult",
     "PromptTooLong",
+    "resolve_options",
 ]

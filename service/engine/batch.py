@@ -92,7 +92,7 @@ class RunningBatch:
             chosen, tokens, finite = _choose(logits, joiners)
         self._merge(cache, joiners, prompt_width=embeds.shape[1])
         self._last = chosen if self._last is None else torch.cat([self._last, chosen])
-        return self._advance(joiners, tokens, finite, step_ms=0.0)
+        return self._advance(joiners, tokens, finite, span=None)
 
     def _merge(self, cache: DynamicCache, joiners: list[Sequence], prompt_width: int) -> None:
         if self._cache is None or not self.rows:
@@ -131,7 +131,7 @@ class RunningBatch:
             raise
         self.steps += 1
         self._last = chosen
-        return self._advance(list(self.rows), tokens, finite, step_ms=(time.perf_counter() - started) * 1e3)
+        return self._advance(list(self.rows), tokens, finite, span=(started, time.perf_counter()))
 
     def _mask(self, width: int) -> torch.Tensor | None:
         """(rows, 1, 1, width) bool, True for real columns and False for left padding; None when no
@@ -151,12 +151,14 @@ class RunningBatch:
                 layer.keys = layer.keys[..., :width, :]
                 layer.values = layer.values[..., :width, :]
 
-    def _advance(self, rows: list[Sequence], tokens: list[int], finite: list[bool], step_ms: float) -> list[Sequence]:
-        """Record each row's new token, retire the rows that finished."""
+    def _advance(
+        self, rows: list[Sequence], tokens: list[int], finite: list[bool], span: tuple[float, float] | None
+    ) -> list[Sequence]:
+        """Record each row's new token (and the step's span as decode time), retire the rows that finished."""
         finished = []
         for seq, token, ok in zip(rows, tokens, finite, strict=True):
-            if step_ms:
-                seq.timer.add("decode", step_ms)
+            if span is not None:
+                seq.timer.add_interval("decode", *span)
             if not ok:
                 seq.outcome = NonFiniteLogits("the model produced NaN logits for this page")
             elif token == EOS_ID:

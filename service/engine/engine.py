@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from pruning import PRUNERS, PruneResult, build_pruner
 
@@ -85,6 +85,29 @@ class OcrOptions(BaseModel):
             )
 
 
+RANDOM_MAX_NEW_TOKENS = 32  # random weights never write end-of-text: without a cap every page runs to 8192
+
+
+def resolve_options(options: OcrOptions, chosen: set[str], *, random_weights: bool) -> tuple[OcrOptions, list[str]]:
+    """Defaults that depend on the model, and a note for every chosen option that has no effect.
+
+    ``chosen`` are the fields the caller set explicitly (pydantic's ``model_fields_set``)."""
+    notes = []
+    if random_weights and "max_new_tokens" not in chosen:
+        options = options.model_copy(update={"max_new_tokens": RANDOM_MAX_NEW_TOKENS})
+        notes.append(
+            f"random weights never write end-of-text, so max_new_tokens defaults to {RANDOM_MAX_NEW_TOKENS} "
+            "on this preset (set it to change that)"
+        )
+    if options.pruner == "none" and "retention" in chosen:
+        notes.append("retention is ignored with pruner=none: every visual token is kept")
+    if "max_crops" in chosen and options.mode is not Mode.gundam:
+        notes.append(f"max_crops is ignored in mode {options.mode.value!r}: only gundam cuts the page into tiles")
+    if options.pruner == "none" and "positions" in chosen:
+        notes.append("positions has no effect with pruner=none: nothing is removed, so both schemes agree")
+    return options, notes
+
+
 def _never() -> bool:
     return False
 
@@ -126,6 +149,7 @@ class PageResult(BaseModel):
     stats: PageStats
     token_map: TokenMap | None = Field(None, description="only with token_map=true")
     preview: str | None = Field(None, description="page preview as a JPEG data URL; only with token_map=true")
+    _spans: dict[str, list[tuple[float, float]]] = PrivateAttr(default_factory=dict)  # stage -> wall-clock spans
 
 
 class OCREngine:
@@ -307,7 +331,10 @@ class OCREngine:
         stats = PageStats(
             visual_tokens=block.n_tokens,
             visual_tokens_kept=pruned.n_kept,
-            retention=round(pruned.n_kept / block.n_tokens, 6),
+            grid_tokens=pruned.n_prunable,
+            grid_tokens_kept=pruned.n_kept_prunable,
+            retention=round(pruned.n_kept_prunable / pruned.n_prunable, 6) if pruned.n_prunable else 1.0,
+            visual_share=round(pruned.n_kept / block.n_tokens, 6),
             retention_requested=RetentionRequested(
                 value=task.options.retention,
                 dynamic=pruned.keep_ratio if dynamic else None,
@@ -323,6 +350,7 @@ class OCREngine:
         result = PageResult(
             markdown=to_markdown(text), text=text, boxes=parse_boxes(text, block.page.size), stats=stats
         )
+        result._spans = {stage: list(spans) for stage, spans in task.timer.intervals.items()}
         if task.options.token_map:
             merges = task.options.pruner == "rtprune"
             result.token_map = build_token_map(block, pruned, merges, self.model.version)

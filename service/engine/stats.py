@@ -1,6 +1,11 @@
 """Per-page statistics and the stage timer that fills them.
 
 The field names are the HTTP API's: the engine's result is serialised as is.
+
+The timer keeps, per stage, the wall-clock intervals it covered (not only their sum), so a
+request of several pages can report each stage's time without counting twice the work its
+pages shared: a batched vision call, prefill or decode step is one interval in each page's
+timer, and the request's figure is the length of the union of its pages' intervals.
 """
 
 from __future__ import annotations
@@ -40,7 +45,14 @@ class RetentionRequested(BaseModel):
 class PageStats(BaseModel):
     visual_tokens: int = Field(description="visual block before pruning, newlines and separator included")
     visual_tokens_kept: int = Field(description="visual block after pruning")
-    retention: float = Field(description="visual_tokens_kept / visual_tokens")
+    grid_tokens: int = Field(description="the prunable (grid) tokens of the block: all but newlines and separator")
+    grid_tokens_kept: int = Field(description="grid tokens left after pruning")
+    retention: float = Field(
+        description="grid_tokens_kept / grid_tokens: the share the request's `retention` asks for (one definition)"
+    )
+    visual_share: float = Field(
+        description="visual_tokens_kept / visual_tokens: the share of the whole visual block that reached the LLM"
+    )
     retention_requested: RetentionRequested
     prompt_tokens: int = Field(description="tokens prefilled (pruned prompt)")
     output_tokens: int
@@ -61,18 +73,21 @@ def shared_stage(timers: list[StageTimer], name: str, device: torch.device | str
     finally:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        elapsed = (time.perf_counter() - start) * 1e3
+        end = time.perf_counter()
         for timer in timers:
-            timer.add(name, elapsed)
+            timer.add_interval(name, start, end)
 
 
 class StageTimer:
-    """Accumulates stage wall times; synchronises CUDA so queued kernels are counted."""
+    """Accumulates stage wall times; synchronises CUDA so queued kernels are counted.
+
+    ``ms`` holds each stage's total; ``intervals`` the (start, end) perf_counter spans behind
+    it, consecutive spans merged (a page's decode steps become one span while it decodes)."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.ms: dict[str, float] = dict.fromkeys(STAGES, 0.0)
-        self._started = time.perf_counter()
+        self.intervals: dict[str, list[tuple[float, float]]] = {name: [] for name in STAGES}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -80,7 +95,28 @@ class StageTimer:
             yield
 
     def add(self, name: str, ms: float) -> None:
-        self.ms[name] = self.ms.get(name, 0.0) + ms
+        """Charge ``ms`` that ended now (a span whose start is ``ms`` ago)."""
+        end = time.perf_counter()
+        self.add_interval(name, end - ms / 1e3, end)
+
+    def add_interval(self, name: str, start: float, end: float) -> None:
+        self.ms[name] = self.ms.get(name, 0.0) + (end - start) * 1e3
+        spans = self.intervals.setdefault(name, [])
+        if spans and start <= spans[-1][1] + 1e-4:  # continues the previous span (e.g. the next decode step)
+            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+        else:
+            spans.append((start, end))
 
     def latency(self) -> LatencyMs:
         return LatencyMs(**{k: round(v, 3) for k, v in self.ms.items()}, total=round(sum(self.ms.values()), 3))
+
+
+def union_ms(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) spans, in milliseconds: shared work counted once."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total * 1e3
