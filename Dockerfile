@@ -1,36 +1,46 @@
-# rtprune-ocr: DeepSeek-OCR + RTPrune as an HTTP service, on one NVIDIA GPU.
+# rtprune-ocr: DeepSeek-OCR + RTPrune as an HTTP service.
 #
-#   docker build -t rtprune-ocr:0.1.0 .
+#   docker build -t rtprune-ocr:0.1.0 .                                    # GPU image
+#   docker build -t rtprune-ocr:0.1.0-cpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 #   docker run --gpus all -p 8000:8000 -v hf-cache:/cache rtprune-ocr:0.1.0
 #
-# The base is PyTorch's CUDA 12.8 runtime image: its kernels cover Ampere, Hopper and
-# Blackwell (sm_80 ... sm_120). For an older driver, pick a tag with a lower CUDA version
-# (the host driver must support the image's CUDA). Pin by digest in production.
-ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+# torch is the version the project is tested with (TORCH_VERSION). The GPU image installs the
+# default Linux wheel, which brings its CUDA 12 libraries as pip packages: the host needs an
+# NVIDIA driver recent enough for them and the NVIDIA container toolkit, nothing else. The CPU
+# image takes PyTorch's CPU-only wheel from its own index: no CUDA libraries, a much smaller image.
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 
 # --- build: turn the project into a wheel (no build tools reach the runtime image) ---------------
 FROM ${BASE_IMAGE} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY pruning ./pruning
 COPY service ./service
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # --- runtime -------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/cache/huggingface \
     RTPRUNE_CACHE_DIR=/cache/rtprune-ocr \
     RTPRUNE_HOST=0.0.0.0 \
     RTPRUNE_PORT=8000
-# torch comes from the base image; everything else from the wheel's pinned ranges
 COPY --from=build /wheels /wheels
-RUN python -m pip install --no-cache-dir /wheels/*.whl \
+# torch first (the tested version, from the chosen index), then the service with its load-test extra
+# (DL3013: the wheel is this project, built above; its dependencies are bounded in pyproject.toml)
+# hadolint ignore=DL3013
+RUN python -m pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}" \
+    && python -m pip install --no-cache-dir "$(find /wheels -name 'rtprune_ocr-*.whl')[load]" \
     && rm -rf /wheels \
     && useradd --create-home --uid 10001 app \
     && mkdir -p /cache \
     && chown app:app /cache
+# the load test runs from the image too: rtprune-ocr loadtest --host URL --locustfile /opt/rtprune-ocr/locustfile.py
+COPY docker/locustfile.py /opt/rtprune-ocr/locustfile.py
+COPY docker/samples /opt/rtprune-ocr/samples
 USER 10001:10001
 WORKDIR /home/app
 # Weights (6.7 GB) land here once; mount a volume so restarts do not download again.

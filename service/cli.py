@@ -6,8 +6,10 @@ import argparse
 import json
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from pydantic import ValidationError
 
@@ -37,22 +39,35 @@ def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 
     for name, field in ServiceSettings.model_fields.items():
         env = f"RTPRUNE_{name.upper()}"
-        default = "unset" if field.default is None or name == "api_key" else repr(field.default)
-        parser.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            default=argparse.SUPPRESS,
-            metavar="VALUE",
-            help=f"{field.description or name} [{env}; default {default}]",
-        )
+        default = "unset" if field.default is None or name == "api_key" else str(field.default)
+        options: dict = {"dest": name, "default": argparse.SUPPRESS}
+        kinds = [a for a in typing.get_args(field.annotation) if a is not type(None)] or [field.annotation]
+        choices = typing.get_args(kinds[0]) if len(kinds) == 1 and typing.get_origin(kinds[0]) is Literal else None
+        if field.annotation is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif choices:
+            options["choices"] = choices
+        else:
+            options["metavar"] = _metavar(field.annotation)
+        description = (field.description or name).replace("%", "%%")
+        parser.add_argument(f"--{name.replace('_', '-')}", help=f"{description} [{env}; default {default}]", **options)
+
+
+def _metavar(annotation) -> str:
+    """INT, SECONDS, PATH, ... from a field's type, for --help."""
+    kinds = {int, float, str, Path}
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    kind = next((a for a in args if a in kinds), str)
+    return {int: "INT", float: "NUMBER", Path: "PATH"}.get(kind, "TEXT")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtprune-ocr", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
+    shown = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
-    ocr = commands.add_parser("ocr", help="OCR one image or PDF page and print markdown (or --json)")
+    ocr = commands.add_parser("ocr", help="OCR an image or a PDF and print markdown (or --json)", **shown)
     ocr.add_argument("image", help="path to an image (PNG, JPEG, WebP, TIFF, BMP, GIF) or a PDF")
     _add_model_arguments(ocr)
     ocr.add_argument("--mode", default="gundam", choices=["tiny", "small", "base", "large", "gundam"])
@@ -60,11 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     ocr.add_argument("--ref", help="what to locate, for --task locate")
     ocr.add_argument("--prompt", help="raw prompt with one <image> placeholder (overrides --task)")
     ocr.add_argument("--pruner", default="rtprune", choices=["rtprune", "none", "random", "norm", "divprune"])
-    ocr.add_argument("--retention", type=_retention, default="auto", help="share of visual tokens kept, or auto")
-    ocr.add_argument("--positions", default="original", choices=["original", "compact"])
-    ocr.add_argument("--max-new-tokens", type=int, default=8192)
-    ocr.add_argument("--page", type=int, default=1, help="page of a PDF (1-based)")
-    ocr.add_argument("--json", action="store_true", help="print the page object: markdown, text, boxes, stats")
+    ocr.add_argument(
+        "--retention", type=_retention, default=None, help="share of grid tokens kept, in (0, 1], or auto (default)"
+    )
+    ocr.add_argument("--positions", default=None, choices=["original", "compact"], help="default original")
+    ocr.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default 8192 (32 on the random presets, which never stop)"
+    )
+    ocr.add_argument("--page", type=int, default=None, help="one page of a PDF (1-based); default every page")
+    ocr.add_argument("--json", action="store_true", help="print one JSON object per page: markdown, text, boxes, stats")
+    ocr.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)"
+    )
 
     serve = commands.add_parser("serve", help="start the HTTP service; every flag is also an RTPRUNE_* variable")
     _add_settings_arguments(serve)
@@ -94,50 +116,63 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--duration", type=int, default=20, help="seconds")
     load.add_argument("--out", type=Path, default=Path("load-report"))
     load.add_argument("--host", help="URL of a running service (default: start one on the tiny preset)")
+    load.add_argument("--locustfile", type=Path, default=None, help="default: docker/locustfile.py of the checkout")
     return parser
 
 
 def run_ocr(args: argparse.Namespace) -> int:
-    from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine, OcrOptions
+    from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine, OcrOptions, resolve_options
+    from service.engine.engine import PageTask
+    from service.engine.stats import StageTimer
     from service.inputs import UploadError, open_document
+    from service.schemas import PAGE_SEPARATOR
+    from service.settings import apply_threads
 
+    chosen = {k: v for k, v in vars(args).items() if k in OcrOptions.model_fields and v is not None}
     try:
-        options = OcrOptions(
-            mode=args.mode,
-            task=args.task,
-            ref=args.ref,
-            prompt=args.prompt,
-            pruner=args.pruner,
-            retention=args.retention,
-            positions=args.positions,
-            max_new_tokens=args.max_new_tokens,
-        )
+        options = OcrOptions(**chosen)
         options.validate_for_run()
-    except (ValidationError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
         with open(args.image, "rb") as handle:
-            pages = open_document(handle.read(), page_range=(args.page, args.page)).pages()
-    except (OSError, UploadError) as exc:
+            document = open_document(handle.read(), page_range=(args.page, args.page) if args.page else None)
+    except ValidationError as exc:
+        print(f"error: {readable(exc)}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, UploadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    apply_threads(args.threads)
     engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype)
-    if engine.random_weights:
-        print("warning: " + RANDOM_WEIGHTS_WARNING.format(name=engine.name), file=sys.stderr)
-    result = engine.run(pages[0], options)
-    if args.json:
-        page = result.model_dump(mode="json", exclude={"token_map", "preview"})  # the web page's opt-in fields
-        print(json.dumps(page, ensure_ascii=False, indent=2))
-    else:
-        print(result.markdown)
+    options, notes = resolve_options(options, set(chosen), random_weights=engine.random_weights)
+    for note in ([RANDOM_WEIGHTS_WARNING.format(name=engine.name)] if engine.random_weights else []) + notes:
+        print(f"warning: {note}", file=sys.stderr)
+    tasks = [PageTask(page, options, StageTimer(engine.device)) for page in document.pages()]
+    results = engine.run_batch(tasks)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        print(f"error: {failed[0]}", file=sys.stderr)
+        return 1
+    for number, result in zip(document.numbers, results, strict=True):
+        if args.json:
+            page = result.model_dump(mode="json", exclude={"token_map", "preview"})  # the web page's opt-in fields
+            print(json.dumps({"page": number, **page}, ensure_ascii=False))
         s = result.stats
         print(
-            f"[{s.visual_tokens_kept}/{s.visual_tokens} visual tokens kept, {s.output_tokens} tokens out, "
-            f"{s.latency_ms.total:.0f} ms]",
+            f"[page {number}: {s.visual_tokens_kept}/{s.visual_tokens} visual tokens kept, "
+            f"{s.output_tokens} tokens out, {s.latency_ms.total:.0f} ms]",
             file=sys.stderr,
         )
+    if not args.json:
+        print(PAGE_SEPARATOR.join(result.markdown for result in results))
     return 0
+
+
+def readable(exc: ValidationError) -> str:
+    """A pydantic error as a person reads it: one '--option: problem' line per error."""
+    lines = []
+    for error in exc.errors():
+        where = "--" + "-".join(str(part) for part in error["loc"]).replace("_", "-") if error["loc"] else "input"
+        lines.append(f"{where}: {error['msg']}")
+    return "; ".join(lines)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -148,7 +183,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = ServiceSettings(**overrides)
     except ValidationError as exc:
-        print(f"error: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"error: invalid settings: {readable(exc)}", file=sys.stderr)
         return 2
     serve(settings)
     return 0
@@ -199,9 +234,9 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_load(args: argparse.Namespace) -> int:
-    from service.loadtest import run_loadtest
+    from service.loadtest import LOCUSTFILE, run_loadtest
 
-    return run_loadtest(args.users, args.duration, args.out, host=args.host)
+    return run_loadtest(args.users, args.duration, args.out, host=args.host, locustfile=args.locustfile or LOCUSTFILE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,16 +40,37 @@ def wait_ready(base: str, process: subprocess.Popen | None = None, timeout: floa
     raise RuntimeError(f"{base} did not become ready within {timeout:.0f} s")
 
 
-def _summary(stats_csv: Path) -> dict[str, str]:
+def summarize(stats_csv: Path) -> dict[str, float]:
+    """Locust's own final statistics: the aggregated row (every HTTP request; the server's reported values
+    are kept out of it) and the back-pressure row."""
     with stats_csv.open() as handle:
         rows = {row["Name"]: row for row in csv.DictReader(handle)}
-    return rows.get("POST /v1/ocr", rows.get("Aggregated", {}))
+    total = rows.get("Aggregated", {})
+    return {
+        "requests": int(total.get("Request Count", 0) or 0),
+        "failures": int(total.get("Failure Count", 0) or 0),
+        "backpressure": int(rows.get("POST /v1/ocr [503 back-pressure]", {}).get("Request Count", 0) or 0),
+        "median_ms": float(total.get("Median Response Time", 0) or 0),
+        "p95_ms": float(total.get("95%", 0) or 0),
+        "requests_per_s": float(total.get("Requests/s", 0) or 0),
+    }
 
 
-def run_loadtest(users: int, duration_s: int, out: Path, host: str | None = None, model: str = "tiny") -> int:
+def run_loadtest(
+    users: int,
+    duration_s: int,
+    out: Path,
+    host: str | None = None,
+    model: str = "tiny",
+    locustfile: Path = LOCUSTFILE,
+) -> int:
     """Run the load test; return 0 only when every request succeeded."""
-    if not LOCUSTFILE.exists():
-        print(f"error: {LOCUSTFILE} not found; run from a checkout of the repository", file=sys.stderr)
+    if not locustfile.exists():
+        print(
+            f"error: {locustfile} not found; run from a checkout of the repository, or pass --locustfile "
+            "(the image has it at /opt/rtprune-ocr/locustfile.py)",
+            file=sys.stderr,
+        )
         return 2
     out.mkdir(parents=True, exist_ok=True)
     server = None
@@ -83,7 +104,7 @@ def run_loadtest(users: int, duration_s: int, out: Path, host: str | None = None
             "-m",
             "locust",
             "-f",
-            str(LOCUSTFILE),
+            str(locustfile),
             "--headless",
             "--users",
             str(users),
@@ -107,23 +128,13 @@ def run_loadtest(users: int, duration_s: int, out: Path, host: str | None = None
         if server is not None:
             server.terminate()
             server.wait(timeout=60)
-    row = _summary(out / "locust_stats.csv")
-    requests, failures = int(row.get("Request Count", 0)), int(row.get("Failure Count", 0))
-    backpressure = _summary_row(out / "locust_stats.csv", "POST /v1/ocr [503 back-pressure]")
+    stats = summarize(out / "locust_stats.csv")
     line = (
-        f"loadtest: {requests} requests, {failures} failed, {backpressure} back-pressure 503s, "
-        f"median {row.get('Median Response Time', '?')} ms, p95 {row.get('95%', '?')} ms, "
-        f"{float(row.get('Requests/s', 0) or 0):.2f} req/s, {users} users, {duration_s} s against {host}"
+        f"loadtest: {stats['requests']} requests, {stats['failures']} failed, {stats['backpressure']} back-pressure "
+        f"503s, median {stats['median_ms']:.0f} ms, p95 {stats['p95_ms']:.0f} ms, {stats['requests_per_s']:.2f} "
+        f"req/s, {users} users, {duration_s} s against {host}"
     )
     (out / "summary.txt").write_text(line + "\n")
     print(line)
-    print(f"reports: {out / 'report.html'}, {out / 'locust_stats.csv'}")
-    return 0 if requests > 0 and failures == 0 and result.returncode == 0 else 1
-
-
-def _summary_row(stats_csv: Path, name: str) -> int:
-    with stats_csv.open() as handle:
-        for row in csv.DictReader(handle):
-            if row["Name"] == name:
-                return int(row["Request Count"])
-    return 0
+    print(f"reports: {out / 'report.html'}, {out / 'locust_stats.csv'}, {out / 'locust_server_stats.csv'}")
+    return 0 if stats["requests"] > 0 and stats["failures"] == 0 and result.returncode == 0 else 1

@@ -11,7 +11,8 @@ import uvicorn
 from service.api.app import create_app
 from service.settings import ServiceSettings
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+# record attributes that are not "extra" fields; uvicorn's color_message repeats the message with ANSI codes
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,9 +32,16 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(json_lines: bool) -> None:
+    """One handler at the root; transformers' own (coloured, prefixed) handler is replaced by propagation,
+    and with JSON lines its progress bars are off, so every line on stderr is one JSON object."""
+    from transformers.utils import logging as transformers_logging
+
     handler = logging.StreamHandler()
     if json_lines:
         handler.setFormatter(JsonFormatter())
+        transformers_logging.disable_progress_bar()
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
@@ -57,6 +65,8 @@ class DrainingServer(uvicorn.Server):
 
 def serve(settings: ServiceSettings) -> None:
     configure_logging(settings.log_json)
+    threads = settings.apply_threads()
+    logging.getLogger(__name__).info("torch uses %d CPU threads", threads)
     holder: dict[str, uvicorn.Server] = {}
     failures: list[BaseException] = []
 

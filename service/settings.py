@@ -6,13 +6,15 @@ the README's table list the same fields.
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.engine.loading import DEFAULT_MODEL
+from service.engine.names import DEFAULT_MODEL
 
 
 class ServiceSettings(BaseSettings):
@@ -57,7 +59,13 @@ class ServiceSettings(BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline (queue + work); then 504")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503")
     warmup: bool = Field(True, description="run one tiny page before reporting ready")
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; default: the CPUs this process may use (cgroup quota included)"
+    )
     log_json: bool = Field(True, description="structured JSON log lines")
+
+    def apply_threads(self) -> int:
+        return apply_threads(self.threads)
 
     @model_validator(mode="after")
     def _check(self) -> ServiceSettings:
@@ -79,3 +87,24 @@ class ServiceSettings(BaseSettings):
             retry_after_s=self.retry_after_s,
             warmup=self.warmup,
         )
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (containers)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+def apply_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (more threads than CPUs makes every kernel wait); returns the number."""
+    import torch
+
+    threads = threads or usable_cpus()
+    torch.set_num_threads(threads)
+    return threads

@@ -74,7 +74,7 @@ def test_sigterm_refuses_waiting_requests_and_exits_within_the_grace(preset_cach
     env = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache)}
     args = ("--model", "tiny", "--port", str(port), "--device", "cpu", "--max-batch-size", "1")
     process = subprocess.Popen(
-        serve_command(*args, "--shutdown-grace-s", "3", "--warmup", "false"),
+        serve_command(*args, "--shutdown-grace-s", "3", "--no-warmup"),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,20 +13,46 @@ from service.api.app import create_app
 from service.settings import ServiceSettings
 from tests.conftest import live_server, text_page
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-output"
 
-if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-    pytest.fail("headless Chromium is needed: apt-get install chromium chromium-driver (see README)", pytrace=False)
+
+def find_chromium() -> tuple[str, str] | None:
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    return (chromium, driver) if chromium and driver else None
 
 
-def browser(width: int, height: int):
+def install_chromium() -> None:
+    """Debian's headless Chromium, installed when the tests run as root on a Debian/Ubuntu machine."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
+    packages = ["chromium", "chromium-driver"]
+    subprocess.run(["apt-get", "install", "-y", "-qq", *packages], env=env, capture_output=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> tuple[str, str]:
+    """(browser, driver) paths; only the browser tests fail, with one line, when there is none."""
+    found = find_chromium()
+    if found is None:
+        install_chromium()
+        found = find_chromium()
+    if found is None:
+        pytest.fail(
+            "headless Chromium is needed for the browser tests: apt-get install chromium chromium-driver",
+            pytrace=False,
+        )
+    return found
+
+
+def browser(chromium: tuple[str, str], width: int, height: int):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    binary, driver = chromium
     options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
+    options.binary_location = binary
     for flag in (
         "--headless=new",
         "--no-sandbox",
@@ -37,7 +65,7 @@ def browser(width: int, height: int):
         f"--window-size={width},{height}",
     ):
         options.add_argument(flag)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=Service(driver), options=options)
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +103,11 @@ def run_ocr(driver, base: str, page_file: Path, *, keyboard: bool = False) -> No
     WebDriverWait(driver, 120).until(lambda d: d.find_element(By.ID, "status").text.startswith(("Done", "Error")))
 
 
-def test_upload_shows_markdown_stats_and_token_overlay(server, page_file):
+def test_upload_shows_markdown_stats_and_token_overlay(server, page_file, chromium):
     from selenium.webdriver.common.by import By
 
     ARTIFACTS.mkdir(exist_ok=True)
-    driver = browser(1280, 1000)
+    driver = browser(chromium, 1280, 1000)
     try:
         run_ocr(driver, server, page_file)
         status = driver.find_element(By.ID, "status").text
@@ -112,11 +140,11 @@ def test_upload_shows_markdown_stats_and_token_overlay(server, page_file):
         driver.quit()
 
 
-def test_keyboard_and_phone_viewport(server, page_file):
+def test_keyboard_and_phone_viewport(server, page_file, chromium):
     from selenium.webdriver.common.by import By
 
     ARTIFACTS.mkdir(exist_ok=True)
-    driver = browser(390, 844)
+    driver = browser(chromium, 390, 844)
     # a phone-sized viewport (a headless window cannot be narrower than ~500 px, so emulate the device)
     driver.execute_cdp_cmd(
         "Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import health, ocr, web
+from service.api import docs, health, ocr, web
 from service.api.handlers import install_error_handlers
 from service.api.middleware import (
     AdmissionMiddleware,
@@ -61,12 +61,15 @@ def create_app(
         version=__version__,
         summary="DeepSeek-OCR with RTPrune visual-token pruning",
         lifespan=lifespan,
+        docs_url=None,  # served by service.api.docs from packaged assets, not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(ocr.router)
+    docs.attach(app)  # before web: its /static/swagger mount must win over the web page's /static
     web.attach(app)
     # added last = outermost: the request id exists before auth, admission and the body limit answer
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from .config_v1 import is_v1_config, translate_v1_config
-from .presets import RANDOM_PRESETS, reference_config, seed_random_weights, tiny_checkpoint_dir
+from .names import DEFAULT_MODEL, RANDOM_PRESETS, RANDOM_WEIGHTS_WARNING, near_presets  # noqa: F401 - re-exported
+from .presets import reference_config, seed_random_weights, tiny_checkpoint_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "deepseek-ai/DeepSeek-OCR"
-RANDOM_WEIGHTS_WARNING = "model {name!r} has RANDOM weights: its text is meaningless (a preset for tests and try-outs)"
+
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 _DTYPES = {
     "bf16": torch.bfloat16,
@@ -96,6 +96,13 @@ def _checkpoint_directory(model: str) -> Path:
         return path
     if path.exists() or model.startswith((".", "/", "~")):
         raise ModelLoadError(f"{model} is not a checkpoint directory")
+    if "/" not in model:  # every DeepSeek-OCR hub id is org/name: this is a typo or a missing directory
+        guess = near_presets(model)
+        hint = f"did you mean {' or '.join(repr(g) for g in guess)}? " if guess else ""
+        raise ModelLoadError(
+            f"unknown model {model!r}: {hint}give a hub id (org/name, e.g. {DEFAULT_MODEL}), a checkpoint "
+            f"directory, or a random preset ({', '.join(RANDOM_PRESETS)})"
+        )
     return _download(model)
 
 
@@ -147,8 +154,6 @@ def _model_class_and_config(raw: dict[str, Any], directory: Path) -> tuple[type,
 def _load_directory(
     directory: Path, device: torch.device, dtype: torch.dtype, *, name: str, random_weights: bool
 ) -> LoadedModel:
-    from transformers import AutoTokenizer
-
     raw = _read_config(directory)
     model_cls, config, version = _model_class_and_config(raw, directory)
     if not any(directory.glob("*.safetensors")):
@@ -164,17 +169,28 @@ def _load_directory(
             f"{len(info['mismatched_keys'])} mismatched tensors (e.g. {sorted(info['missing_keys'])[:3]}); "
             "refusing to serve partly random weights"
         )
-    # trust_remote_code=False: the shipped config has an auto_map, and a prompt would hang a server.
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    tokenizer = load_tokenizer(directory)
     model = model.eval().requires_grad_(False)  # inference only: no autograd bookkeeping anywhere
     return LoadedModel(model, tokenizer, name, version, device, dtype, random_weights)
+
+
+def load_tokenizer(directory: Path):
+    """The checkpoint's byte-level BPE ``tokenizer.json`` in transformers' tokenizers backend.
+
+    This is the class ``AutoTokenizer`` resolves to for these files, named directly: through
+    ``AutoTokenizer`` the shipped ``tokenizer_config.json`` (``LlamaTokenizerFast``, an
+    ``auto_map`` of remote code, ``model_type`` deepseek_vl_v2) costs two alarming warnings at
+    every start and, without ``trust_remote_code=False``, a prompt that would hang a server."""
+    from transformers import TokenizersBackend
+
+    return TokenizersBackend.from_pretrained(directory)
 
 
 def _load_random_full(device: torch.device, dtype: torch.dtype, cache_dir: Path | None) -> LoadedModel:
     """The real architecture and config with random weights, for benchmarks (compute cost does not
     depend on the values). Built directly in the target dtype on the target device; transformers'
     own init is skipped since every tensor is overwritten by the seeded one anyway."""
-    from transformers import AutoTokenizer, UnlimitedOcrForConditionalGeneration
+    from transformers import UnlimitedOcrForConditionalGeneration
     from transformers.initialization import no_init_weights
 
     config = translate_v1_config(reference_config())
@@ -182,6 +198,6 @@ def _load_random_full(device: torch.device, dtype: torch.dtype, cache_dir: Path 
     with torch.device(device), no_init_weights():
         model = UnlimitedOcrForConditionalGeneration._from_config(config, dtype=dtype)
     seed_random_weights(model, seed=0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint_dir(cache_dir), trust_remote_code=False)
+    tokenizer = load_tokenizer(tiny_checkpoint_dir(cache_dir))
     log.warning("model random-full has random weights: its output text is meaningless")
     return LoadedModel(model.eval().requires_grad_(False), tokenizer, "random-full", "v1", device, dtype, True)

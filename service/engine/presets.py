@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config_v1 import translate_v1_config
+from .names import RANDOM_PRESETS  # noqa: F401 - re-exported
 from .tiny_tokenizer import write_tokenizer_files
 
 REFERENCE_DIR = Path(__file__).parent / "checkpoint_v1"
@@ -36,7 +37,6 @@ TINY_PRESET_VERSION = 2  # bump when the tiny checkpoint changes, so stale copie
 TINY_SEED = 1234
 SHARD_NAME = "model-00001-of-000001.safetensors"
 
-RANDOM_PRESETS = ("tiny", "tiny-v2", "random-full")
 
 _TINY_TEXT = {
     "hidden_size": 64,

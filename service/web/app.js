@@ -95,8 +95,8 @@ function showPage(index) {
   $("markdown").innerHTML = renderMarkdown(page.markdown) || "<p class=\"muted\">(no text)</p>";
   const s = page.stats, req = s.retention_requested;
   const rows = [
-    ["visual tokens", `${s.visual_tokens_kept} kept of ${s.visual_tokens} (${(100 * s.retention).toFixed(1)}%)`],
-    ["retention asked", String(req.value)],
+    ["retention", `${(100 * s.retention).toFixed(1)}% of ${s.grid_tokens} grid tokens kept (asked: ${req.value})`],
+    ["visual tokens", `${s.visual_tokens_kept} of ${s.visual_tokens} reach the model (${(100 * s.visual_share).toFixed(1)}%)`],
   ];
   if (req.dynamic != null) rows.push(["dynamic ratio", `${req.dynamic.toFixed(4)} (r_sim ${req.r_sim.toFixed(4)}, r_txt ${req.r_txt.toFixed(4)})`]);
   rows.push(["prompt tokens", String(s.prompt_tokens)], ["output tokens", `${s.output_tokens} (${s.finish_reason})`],

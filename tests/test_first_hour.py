@@ -1,0 +1,191 @@
+"""What a new user meets first: the README's try-out, a fast --help, numbers that explain themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.loadtest import wait_ready
+from service.settings import ServiceSettings
+from tests.conftest import free_port, text_pdf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_block(marker: str) -> list[str]:
+    """The command lines of the fenced block after ``<!-- marker -->`` in the README."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split(f"<!-- {marker} -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.split(" #")[0].strip() for line in block.strip().splitlines() if line.strip()]
+
+
+def test_the_readme_try_out_answers_in_seconds(preset_cache, tmp_path):
+    """`serve --model tiny`, then the README's curl of the shipped sample, exactly as written."""
+    serve_line, curl_line = readme_block("try-out")
+    assert serve_line.startswith("rtprune-ocr serve --model tiny") and curl_line.startswith("curl ")
+    port = free_port()
+    args = shlex.split(serve_line)[1:] + ["--port", str(port), "--host", "127.0.0.1"]
+    env = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache)}
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", server, timeout=120)
+        start = time.monotonic()
+        curl = shlex.split(curl_line.replace("localhost:8000", f"127.0.0.1:{port}"))
+        result = subprocess.run(curl, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - start
+        body = json.loads(result.stdout)
+        assert body["random_weights"] is True and body["pages"][0]["stats"]["output_tokens"] <= 32
+        assert any("max_new_tokens defaults to 32" in w for w in body["warnings"])
+        assert elapsed < 20, f"the try-out took {elapsed:.0f} s"
+    finally:
+        server.terminate()
+        _, log = server.communicate(timeout=30)
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert "\x1b[" not in log, "log lines carry ANSI colour codes"
+    assert all(line.startswith("{") for line in lines), [line for line in lines if not line.startswith("{")][:3]
+    messages = " ".join(json.loads(line)["message"] for line in lines)
+    assert "instantiate a model of type" not in messages and "tokenizer_class" not in messages
+
+
+def test_help_is_fast_and_never_imports_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "from service.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "    main(['serve', '--help'])\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'help imported torch'\n"
+        "print(out.getvalue())\n"
+    )
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - start < 5  # well under a second here; a fresh interpreter has some start-up
+    assert "--warmup, --no-warmup" in result.stdout and "{continuous,static}" in result.stdout
+    assert "VALUE" not in result.stdout and "default 128" in result.stdout
+
+
+def test_a_near_miss_preset_name_gets_a_suggestion():
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "ocr", "x.png", "--model", "tinyy"], capture_output=True, text=True
+    )
+    # the image does not exist: the options and the file are checked before any model is loaded
+    assert result.returncode == 2 and "x.png" in result.stderr
+    from service.engine.loading import ModelLoadError, load_model
+
+    with pytest.raises(ModelLoadError, match="did you mean 'tiny'"):
+        load_model("tinyy", device="cpu")
+
+
+def test_cli_errors_are_one_human_line(tmp_path):
+    page = tmp_path / "p.png"
+    page.write_bytes(b"not used")
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "ocr", str(page), "--max-new-tokens", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: --max-new-tokens: Input should be greater than or equal to 1"]
+
+
+def test_cli_does_a_whole_pdf_unless_page_narrows_it(tmp_path, preset_cache):
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(text_pdf(3, lines=3))
+    env = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache)}
+    base = [sys.executable, "-m", "service.cli", "ocr", str(pdf), "--model", "tiny", "--mode", "tiny", "--json"]
+    whole = subprocess.run([*base, "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert whole.returncode == 0, whole.stderr
+    assert [json.loads(line)["page"] for line in whole.stdout.splitlines()] == [1, 2, 3]
+    one = subprocess.run([*base, "--page", "2"], capture_output=True, text=True, env=env, timeout=120)
+    pages = [json.loads(line) for line in one.stdout.splitlines()]
+    assert [p["page"] for p in pages] == [2] and pages[0]["stats"]["output_tokens"] <= 32
+    assert "max_new_tokens defaults to 32" in one.stderr  # random presets stop early, and say so
+
+
+# --- numbers that explain themselves ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(tiny_engine):
+    app = create_app(ServiceSettings(model="tiny", log_json=False, warmup=False), load_engine=lambda: tiny_engine)
+    with TestClient(app) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.02)
+        yield client
+
+
+def test_multi_page_stats_count_shared_batch_work_once(client):
+    start = time.perf_counter()
+    response = client.post(
+        "/v1/ocr",
+        files={"file": ("d.pdf", text_pdf(4, lines=3), "application/pdf")},
+        data={"mode": "tiny", "max_new_tokens": "12", "ngram_size": "0"},
+    )
+    wall_ms = (time.perf_counter() - start) * 1e3
+    body = response.json()
+    total = body["stats"]["latency_ms"]
+    stages = ("preprocess", "vision", "prune", "prefill", "decode")
+    assert total["total"] <= wall_ms
+    assert total["queue"] + sum(total[s] for s in stages) <= wall_ms  # nothing counted twice
+    page_decode = sum(p["stats"]["latency_ms"]["decode"] for p in body["pages"])
+    assert total["decode"] < page_decode  # the four pages decoded together: their steps are shared
+    out = body["stats"]["output_tokens"]
+    assert out == 4 * 12
+    assert body["stats"]["decode_tokens_per_s"] == pytest.approx(out / (total["decode"] / 1e3), rel=1e-3)
+
+
+def test_retention_means_the_same_in_request_and_response(client):
+    body = client.post(
+        "/v1/ocr", files={"file": ("d.pdf", text_pdf(1, lines=3))}, data={"mode": "base", "retention": "0.5"}
+    ).json()
+    stats = body["pages"][0]["stats"]
+    assert stats["retention"] == 0.5 == body["stats"]["retention"]  # asked 0.5, reported 0.5
+    assert stats["visual_share"] > 0.5  # newlines and the separator are never pruned
+    assert stats["grid_tokens_kept"] == stats["grid_tokens"] // 2
+
+
+def test_an_ignored_option_is_named_in_the_warnings(client):
+    body = client.post(
+        "/v1/ocr",
+        files={"file": ("d.pdf", text_pdf(1, lines=3))},
+        data={"mode": "tiny", "pruner": "none", "retention": "0.5", "max_crops": "4", "max_new_tokens": "2"},
+    ).json()
+    warnings = " | ".join(body["warnings"])
+    assert "retention is ignored with pruner=none" in warnings
+    assert "max_crops is ignored in mode 'tiny'" in warnings
+    assert "max_new_tokens defaults" not in warnings  # it was set explicitly
+    assert re.search(r"RANDOM weights", warnings)
+
+
+def test_docs_need_no_internet(client):
+    page = client.get("/docs").text
+    assert "cdn" not in page.lower() and "/static/swagger/swagger-ui-bundle.js" in page
+    assert client.get("/static/swagger/swagger-ui-bundle.js").status_code == 200
+
+
+def test_threads_default_to_the_usable_cpus():
+    from service.settings import usable_cpus
+
+    assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
+    assert ServiceSettings(threads=3).threads == 3
+    with pytest.raises(ValueError):
+        ServiceSettings(threads=0)
+
+
+def test_the_loadtest_extra_is_complete():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["load"]
+    assert any(e.startswith("httpx") for e in extras) and any(e.startswith("locust") for e in extras)
+    assert httpx  # the module loadtest imports is importable
