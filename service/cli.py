@@ -41,8 +41,7 @@ def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         env = f"RTPRUNE_{name.upper()}"
         default = "unset" if field.default is None or name == "api_key" else str(field.default)
         options: dict = {"dest": name, "default": argparse.SUPPRESS}
-        kinds = [a for a in typing.get_args(field.annotation) if a is not type(None)] or [field.annotation]
-        choices = typing.get_args(kinds[0]) if len(kinds) == 1 and typing.get_origin(kinds[0]) is Literal else None
+        choices = _literal_choices(field.annotation)
         if field.annotation is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif choices:
@@ -51,6 +50,14 @@ def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             options["metavar"] = _metavar(field.annotation)
         description = (field.description or name).replace("%", "%%")
         parser.add_argument(f"--{name.replace('_', '-')}", help=f"{description} [{env}; default {default}]", **options)
+
+
+def _literal_choices(annotation) -> tuple | None:
+    """The values of a ``Literal[...]`` or ``Literal[...] | None`` field, else None."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return typing.get_args(kinds[0]) if len(kinds) == 1 and typing.get_origin(kinds[0]) is Literal else None
 
 
 def _metavar(annotation) -> str:

@@ -110,6 +110,7 @@ def open_document(
 
 
 def _open_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Open, check the size from the header, then decode; every failure is an UploadError (4xx)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -122,6 +123,8 @@ def _open_image(data: bytes, *, max_pixels: int) -> Image.Image:
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UploadError(413, "image_too_large", "the image is a decompression bomb (too many pixels)") from None
+    except Exception as exc:  # a header PIL recognised but cannot parse (truncated, bad chunk, depth 0, ...)
+        raise _corrupt(data, exc) from None
     width, height = image.size
     if width < 1 or height < 1 or width * height > max_pixels:
         raise UploadError(
@@ -130,11 +133,33 @@ def _open_image(data: bytes, *, max_pixels: int) -> Image.Image:
             f"the image has {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
         )
     try:
-        image.seek(0)
-        image.load()
-    except Exception as exc:  # PIL raises many types for truncated or corrupt data
-        raise UploadError(422, "corrupt_file", f"the image could not be decoded: {type(exc).__name__}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.seek(0)
+            image.load()
+    except Exception as exc:  # PIL raises many types for truncated or corrupt pixel data
+        raise _corrupt(data, exc, image.format) from None
     return image
+
+
+def _corrupt(data: bytes, exc: Exception, image_format: str | None = None) -> UploadError:
+    """A 422 that names the format and the problem (PIL's message, which never echoes the data)."""
+    kind = image_format or _sniff_format(data)
+    detail = str(exc).strip() or type(exc).__name__
+    return UploadError(422, "corrupt_file", f"the {kind} image could not be decoded: {detail[:200]}")
+
+
+def _sniff_format(data: bytes) -> str:
+    signatures = {
+        b"\x89PNG": "PNG",
+        b"\xff\xd8": "JPEG",
+        b"RIFF": "WebP",
+        b"II*\x00": "TIFF",
+        b"MM\x00*": "TIFF",
+        b"BM": "BMP",
+        b"GIF8": "GIF",
+    }
+    return next((name for magic, name in signatures.items() if data.startswith(magic)), "uploaded")
 
 
 def _measure_pdf(

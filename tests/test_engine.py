@@ -272,7 +272,7 @@ def test_cli_json_prints_one_page_object(tmp_path, preset_cache, capsys, monkeyp
     captured = capsys.readouterr()
     assert code == 0
     page = json.loads(captured.out)
-    assert set(page) == {"markdown", "text", "boxes", "stats"}
+    assert set(page) == {"page", "markdown", "text", "boxes", "stats"} and page["page"] == 1
     assert page["stats"]["visual_tokens"] == 73 and page["stats"]["output_tokens"] == 4
     assert "RANDOM weights" in captured.err
 

@@ -35,7 +35,7 @@ def test_the_readme_try_out_answers_in_seconds(preset_cache, tmp_path):
     serve_line, curl_line = readme_block("try-out")
     assert serve_line.startswith("rtprune-ocr serve --model tiny") and curl_line.startswith("curl ")
     port = free_port()
-    args = shlex.split(serve_line)[1:] + ["--port", str(port), "--host", "127.0.0.1"]
+    args = [*shlex.split(serve_line)[1:], "--port", str(port), "--host", "127.0.0.1"]
     env = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache)}
     server = subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=env, stderr=subprocess.PIPE, text=True)
     try:
@@ -68,7 +68,8 @@ def test_help_is_fast_and_never_imports_torch():
         "print(out.getvalue())\n"
     )
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    env = {**os.environ, "COLUMNS": "200"}  # one option a line, whatever the terminal
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - start < 5  # well under a second here; a fresh interpreter has some start-up
     assert "--warmup, --no-warmup" in result.stdout and "{continuous,static}" in result.stdout
@@ -169,9 +170,11 @@ def test_an_ignored_option_is_named_in_the_warnings(client):
 
 
 def test_docs_need_no_internet(client):
-    page = client.get("/docs").text
-    assert "cdn" not in page.lower() and "/static/swagger/swagger-ui-bundle.js" in page
-    assert client.get("/static/swagger/swagger-ui-bundle.js").status_code == 200
+    for path in ("/docs", "/redoc"):
+        page = client.get(path).text
+        assert "cdn" not in page.lower() and "/static/docs/" in page
+        for asset in re.findall(r'(/static/docs/[\w.-]+)"', page):
+            assert client.get(asset).status_code == 200, asset
 
 
 def test_threads_default_to_the_usable_cpus():

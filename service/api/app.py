@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import docs, health, ocr, web
+from service.api import health, ocr, web
 from service.api.handlers import install_error_handlers
 from service.api.middleware import (
     AdmissionMiddleware,
@@ -56,20 +57,20 @@ def create_app(
         finally:
             await run_in_threadpool(scheduler.stop)
 
-    app = FastAPI(
+    # /docs and /redoc from assets in the fastapi-offline package: FastAPI's default pages load them
+    # from a CDN and stay blank on an offline or air-gapped host, the kind that often runs a GPU service
+    app = FastAPIOffline(
         title="rtprune-ocr",
         version=__version__,
         summary="DeepSeek-OCR with RTPrune visual-token pruning",
         lifespan=lifespan,
-        docs_url=None,  # served by service.api.docs from packaged assets, not a CDN
-        redoc_url=None,
+        static_url="/static/docs",
     )
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(ocr.router)
-    docs.attach(app)  # before web: its /static/swagger mount must win over the web page's /static
     web.attach(app)
     # added last = outermost: the request id exists before auth, admission and the body limit answer
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)

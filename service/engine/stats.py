@@ -82,7 +82,7 @@ class StageTimer:
     """Accumulates stage wall times; synchronises CUDA so queued kernels are counted.
 
     ``ms`` holds each stage's total; ``intervals`` the (start, end) perf_counter spans behind
-    it, consecutive spans merged (a page's decode steps become one span while it decodes)."""
+    it (spans that overlap or touch are merged)."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -102,7 +102,7 @@ class StageTimer:
     def add_interval(self, name: str, start: float, end: float) -> None:
         self.ms[name] = self.ms.get(name, 0.0) + (end - start) * 1e3
         spans = self.intervals.setdefault(name, [])
-        if spans and start <= spans[-1][1] + 1e-4:  # continues the previous span (e.g. the next decode step)
+        if spans and start <= spans[-1][1]:  # overlaps or touches the previous span
             spans[-1] = (spans[-1][0], max(spans[-1][1], end))
         else:
             spans.append((start, end))
