@@ -94,6 +94,7 @@ def open_document(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_pdf_pages: int = DEFAULT_MAX_PDF_PAGES,
+    max_document_pixels: int | None = None,
     page_range: tuple[int, int | None] | None = None,
 ) -> Document:
     """Check an upload and make it a :class:`Document` (1-based inclusive ``page_range`` for PDFs).
@@ -102,7 +103,13 @@ def open_document(
     if not data:
         raise UploadError(422, "empty_file", "the uploaded file is empty")
     if is_pdf(data):
-        numbers = _measure_pdf(data, max_pixels=max_pixels, max_pages=max_pdf_pages, page_range=page_range)
+        numbers = _measure_pdf(
+            data,
+            max_pixels=max_pixels,
+            max_pages=max_pdf_pages,
+            max_total=max_document_pixels,
+            page_range=page_range,
+        )
         return Document(numbers, _pdf=data)
     if page_range not in (None, (1, 1), (1, None)):
         raise UploadError(422, "invalid_page_range", "a page range applies to PDFs only; an image has one page")
@@ -163,7 +170,12 @@ def _sniff_format(data: bytes) -> str:
 
 
 def _measure_pdf(
-    data: bytes, *, max_pixels: int, max_pages: int, page_range: tuple[int, int | None] | None
+    data: bytes,
+    *,
+    max_pixels: int,
+    max_pages: int,
+    max_total: int | None = None,
+    page_range: tuple[int, int | None] | None,
 ) -> list[int]:
     """The 1-based numbers of the pages to OCR, after checking the range, page count and page sizes."""
     import pypdfium2 as pdfium
@@ -189,6 +201,7 @@ def _measure_pdf(
                     f"{count} pages requested; the limit is {max_pages} per request (use a page range)",
                 )
             scale = PDF_DPI / 72
+            total = 0
             for index in range(first - 1, last):
                 width, height = pdf[index].get_size()
                 pixels = int(width * scale) * int(height * scale)
@@ -197,6 +210,14 @@ def _measure_pdf(
                         413,
                         "image_too_large",
                         f"page {index + 1} renders to {pixels:,} pixels at {PDF_DPI} DPI; the limit is {max_pixels:,}",
+                    )
+                total += pixels
+                if max_total is not None and total > max_total:
+                    raise UploadError(
+                        413,
+                        "document_too_large",
+                        f"pages {first}-{index + 1} already render to {total:,} pixels at {PDF_DPI} DPI; the limit "
+                        f"for one document is {max_total:,} (send fewer pages with a page range)",
                     )
             return list(range(first, last + 1))
         except pdfium.PdfiumError as exc:

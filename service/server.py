@@ -9,6 +9,7 @@ import sys
 import uvicorn
 
 from service.api.app import create_app
+from service.connections import protocol_with_head_timeout, raise_open_file_limit
 from service.settings import ServiceSettings
 
 # record attributes that are not "extra" fields; uvicorn's color_message repeats the message with ANSI codes
@@ -66,7 +67,8 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: ServiceSettings) -> None:
     configure_logging(settings.log_json)
     threads = settings.apply_threads()
-    logging.getLogger(__name__).info("torch uses %d CPU threads", threads)
+    open_files = raise_open_file_limit()
+    logging.getLogger(__name__).info("torch uses %d CPU threads; up to %d open files", threads, open_files)
     holder: dict[str, uvicorn.Server] = {}
     failures: list[BaseException] = []
 
@@ -83,6 +85,8 @@ def serve(settings: ServiceSettings) -> None:
         port=settings.port,
         log_config=None,
         workers=1,
+        http=protocol_with_head_timeout(settings.header_timeout_s),
+        timeout_keep_alive=5,
         timeout_graceful_shutdown=settings.shutdown_grace_s + 5,  # the scheduler answers everyone within the grace
     )
     server = holder["server"] = DrainingServer(config, app, settings.shutdown_grace_s)

@@ -34,6 +34,16 @@ class ServiceSettings(BaseSettings):
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="largest accepted request body")
     max_image_pixels: int = Field(40_000_000, ge=4096, description="largest image or rendered PDF page, in pixels")
     max_pdf_pages: int = Field(50, ge=1, description="most PDF pages per request")
+    max_document_pixels: int = Field(
+        200_000_000, ge=4096, description="most pixels of all a document's pages together; more is 413 before rendering"
+    )
+    max_concurrent_requests: int = Field(
+        256, ge=1, description="requests in flight at once (health and metrics exempt); more get 503"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection whose request head has not arrived in this time is closed"
+    )
+    body_timeout_s: float = Field(30.0, gt=0, description="an upload that sends nothing for this long gets 408")
     queue_size: int = Field(
         128, ge=1, description="pages that may wait for the model; a document that does not fit gets 503"
     )

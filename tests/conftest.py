@@ -137,21 +137,23 @@ def image_job(image, options, *, timeout: float = 120.0, **kwargs):
     return Job(Document([1], _images=[image]), options, deadline=time.monotonic() + timeout, **kwargs)
 
 
-def text_pdf(n_pages: int, lines: int = 30) -> bytes:
-    """A PDF of real text (Helvetica, a standard Type 1 font), the kind PDFium must lay out glyph by glyph."""
+def text_pdf(n_pages: int, lines: int = 30, size: tuple[int, int] = (612, 792), claimed: int | None = None) -> bytes:
+    """A PDF of real text (Helvetica, a standard Type 1 font), the kind PDFium must lay out glyph by glyph.
+    ``size`` is the page box in points; ``claimed`` a page count for the page tree that may lie."""
     objects: list[bytes] = []
     page_ids = [3 + 2 * i for i in range(n_pages)]
     font_id = 3 + 2 * n_pages
     objects.append(b"<< /Type /Catalog /Pages 2 0 R >>")
     kids = " ".join(f"{i} 0 R" for i in page_ids)
-    objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {n_pages} >>".encode())
+    count = n_pages if claimed is None else claimed
+    objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {count} >>".encode())
     for p in range(n_pages):
         text = "".join(
             f"BT /F1 11 Tf 50 {760 - 24 * i} Td (Page {p + 1} line {i}: The quick brown fox jumps over it.) Tj ET\n"
             for i in range(lines)
         ).encode()
         objects.append(
-            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {page_ids[p] + 1} 0 R "
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {size[0]} {size[1]}] /Contents {page_ids[p] + 1} 0 R "
             f"/Resources << /Font << /F1 {font_id} 0 R >> >> >>".encode()
         )
         objects.append(b"<< /Length %d >>\nstream\n" % len(text) + text + b"endstream")

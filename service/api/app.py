@@ -16,8 +16,10 @@ from service.api.middleware import (
     AdmissionMiddleware,
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    ConcurrencyLimitMiddleware,
     RequestContextMiddleware,
 )
+from service.api.openapi import describe_uploads_as_multipart
 from service.engine import OCREngine
 from service.metrics import Metrics
 from service.scheduler import Scheduler
@@ -72,13 +74,17 @@ def create_app(
     app.include_router(health.router)
     app.include_router(ocr.router)
     web.attach(app)
+    describe_uploads_as_multipart(app)
     # added last = outermost: the request id exists before auth, admission and the body limit answer
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(
         AdmissionMiddleware,
         paths={"/v1/ocr"},
         full=lambda: hasattr(app.state, "scheduler") and app.state.scheduler.queue_full(),
         retry_after_s=settings.retry_after_s,
+    )
+    app.add_middleware(
+        ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests, retry_after_s=settings.retry_after_s
     )
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value() if settings.api_key else None)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

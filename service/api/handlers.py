@@ -24,6 +24,14 @@ class UploadTooLarge(StarletteHTTPException):
         self.code = "upload_too_large"
 
 
+class UploadStalled(StarletteHTTPException):
+    """The client stopped sending its body; an HTTPException so FastAPI's body parsing passes it on."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the upload sent nothing for {timeout_s:g} s; send the body without pauses")
+        self.code = "request_timeout"
+
+
 def error_json(
     status: int,
     code: str,

@@ -7,6 +7,7 @@ body limit can act while the upload is being read.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.handlers import UploadTooLarge, error_json
+from service.api.handlers import UploadStalled, UploadTooLarge, error_json
 from service.metrics import Metrics
 
 log = logging.getLogger("rtprune_ocr.access")
@@ -99,11 +100,13 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuse bodies over the limit: at once from Content-Length, else while reading (never buffer it all)."""
+    """Refuse bodies over the limit: at once from Content-Length, else while reading (never buffer it all);
+    and an upload that stalls (no bytes for ``timeout_s`` while the body is still coming) gets 408."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -116,12 +119,19 @@ class BodyLimitMiddleware:
             await response(scope, receive, send)
             return
         received = 0
+        body_done = False
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # later receives wait for a disconnect: no deadline on those
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                raise UploadStalled(self.timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise UploadTooLarge(self.max_bytes)
             return message
@@ -150,3 +160,34 @@ class AdmissionMiddleware:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+class ConcurrencyLimitMiddleware:
+    """At most ``limit`` requests in flight (health, metrics and docs exempt, so probes answer under load);
+    more get 503 with Retry-After. Idle connections are not requests: the head timeout closes those."""
+
+    def __init__(self, app: ASGIApp, *, limit: int, retry_after_s: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(OPEN_PATHS):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            response = error_json(
+                503,
+                "overloaded",
+                f"{self.limit} requests are in flight; retry shortly",
+                scope.get("state", {}).get("request_id"),
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+            await response(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1

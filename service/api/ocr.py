@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import get_scheduler, get_settings
 from service.engine import RANDOM_WEIGHTS_WARNING, Cancelled, OcrOptions, PageResult, PromptTooLong, resolve_options
 from service.errors import ClientGone, DeadlineExceeded, ErrorResponse, InternalError, InvalidParameter, ServiceError
-from service.inputs import UploadError, open_document
+from service.inputs import Document, UploadError, open_document
 from service.scheduler import Job, Scheduler
 from service.schemas import PAGE_SEPARATOR, OcrResponse, PageOut, aggregate
 from service.settings import ServiceSettings
@@ -29,7 +29,9 @@ class OcrForm(OcrOptions):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    file: UploadFile = Field(description="PNG, JPEG, WebP, TIFF, BMP, GIF, or PDF")
+    file: UploadFile = Field(
+        description="PNG, JPEG, WebP, TIFF, BMP, GIF, or PDF (one file part)", json_schema_extra={"format": "binary"}
+    )
     pages: str | None = Field(
         None,
         pattern=r"^\s*\d{1,5}\s*(-\s*\d{0,5}\s*)?$",
@@ -108,14 +110,7 @@ async def ocr(
         page_range = form.page_range()
     except ValueError as exc:
         raise InvalidParameter(str(exc)) from None
-    data = await form.file.read()
-    document = await run_in_threadpool(
-        open_document,
-        data,
-        max_pixels=settings.max_image_pixels,
-        max_pdf_pages=settings.max_pdf_pages,
-        page_range=page_range,
-    )
+    document = await read_document(request, form, settings, page_range)
     job = Job(
         document,
         options,
@@ -125,23 +120,59 @@ async def ocr(
     )
     scheduler.submit(job)
     results = await wait_for(request, job)
-    pages = [PageOut(page=number, **r.model_dump()) for number, r in zip(document.numbers, results, strict=True)]
     warnings = [RANDOM_WEIGHTS_WARNING.format(name=engine.name)] if engine.random_weights else []
-    warnings += notes
-    warnings += [
+    return build_response(
+        settings.model,
+        engine.random_weights,
+        options,
+        document,
+        results,
+        warnings + notes,
+        (time.monotonic() - accepted_at) * 1e3,
+    )
+
+
+async def read_document(
+    request: Request, form: OcrForm, settings: ServiceSettings, page_range: tuple[int, int | None] | None
+) -> Document:
+    """The upload as a Document, every limit checked before any PDF page is rendered."""
+    if len((await request.form()).getlist("file")) > 1:  # parsed once by FastAPI; this is its cache
+        raise InvalidParameter("send one `file` part per request; this one has several")
+    data = await form.file.read()
+    return await run_in_threadpool(
+        open_document,
+        data,
+        max_pixels=settings.max_image_pixels,
+        max_pdf_pages=settings.max_pdf_pages,
+        max_document_pixels=settings.max_document_pixels,
+        page_range=page_range,
+    )
+
+
+def build_response(
+    model: str,
+    random_weights: bool,
+    options: OcrOptions,
+    document: Document,
+    results: list[PageResult],
+    warnings: list[str],
+    wall_ms: float,
+) -> OcrResponse:
+    pages = [PageOut(page=number, **r.model_dump()) for number, r in zip(document.numbers, results, strict=True)]
+    warnings = warnings + [
         f"page {p.page} stopped at max_new_tokens ({options.max_new_tokens}) or the position limit"
         for p in pages
         if p.stats.finish_reason == "length"
     ]
     return OcrResponse(
-        model=settings.model,
-        random_weights=engine.random_weights,
+        model=model,
+        random_weights=random_weights,
         mode=options.mode.value,
         task=options.task.value,
         pruner=options.pruner,
         retention=options.retention,
         markdown=PAGE_SEPARATOR.join(p.markdown for p in pages),
         pages=pages,
-        stats=aggregate(results, (time.monotonic() - accepted_at) * 1e3),
+        stats=aggregate(results, wall_ms),
         warnings=warnings,
     )

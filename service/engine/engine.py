@@ -16,11 +16,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from pruning import PRUNERS, PruneResult, build_pruner
 
@@ -50,22 +50,25 @@ class OcrOptions(BaseModel):
     mode: Mode = Mode.gundam
     task: Task = Task.markdown
     ref: str | None = Field(None, max_length=1000, description="what to find, for task 'locate'")
-    prompt: str | None = Field(None, max_length=4000, description="raw prompt with one <image>; overrides task")
+    prompt: str | None = Field(
+        None,
+        max_length=4000,
+        description="raw prompt with exactly one <image> placeholder; overrides task",
+        json_schema_extra={"pattern": r"^(?![\s\S]*<image>[\s\S]*<image>)[\s\S]*<image>[\s\S]*$"},
+        examples=["<image>\nFree OCR."],
+    )
     pruner: PrunerName = "rtprune"
-    retention: float | Literal["auto"] = Field("auto", description="share of grid tokens kept, in (0, 1], or auto")
+    retention: Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] = Field(
+        "auto",
+        description="share of grid tokens kept, in (0, 1], or auto (RTPrune's per-image ratio)",
+        examples=["auto", 0.8425],
+    )
     positions: Positions = Positions.original
     max_new_tokens: int = Field(8192, ge=1, le=8192)
     ngram_size: int = Field(30, ge=0, le=512, description="no-repeat n-gram size; 0 disables the guard")
     ngram_window: int = Field(90, ge=0, le=8192, description="generated tokens the guard looks back over")
     max_crops: int = Field(6, ge=2, le=9, description="most Gundam tiles")
     token_map: bool = Field(False, description="also return the global view's token map and a page preview")
-
-    @field_validator("retention")
-    @classmethod
-    def _retention_in_range(cls, value: float | str) -> float | str:
-        if value != "auto" and not 0.0 < float(value) <= 1.0:
-            raise ValueError("retention must be in (0, 1] or 'auto'")
-        return value
 
     def guard(self) -> NGramGuard:
         return NGramGuard(size=self.ngram_size, window=self.ngram_window)

@@ -1,0 +1,201 @@
+"""Hostile input at the front door: every malformed file is a 4xx, memory stays bounded, the schema is truthful,
+and idle or stalled connections cannot starve the server."""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.api.app import create_app
+from service.loadtest import wait_ready
+from service.settings import ServiceSettings
+from tests.conftest import free_port, live_server, text_page, text_pdf
+
+
+def encoded(fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    text_page((300, 200), lines=3).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png_with_huge_text_chunk() -> bytes:
+    """A valid PNG whose zTXt chunk inflates to 3 MB (past Pillow's 1 MB text-chunk bound)."""
+    raw = encoded("PNG")
+    data = b"Comment\x00\x00" + zlib.compress(b"x" * 3_000_000)
+    chunk = struct.pack(">I", len(data)) + b"zTXt" + data + struct.pack(">I", zlib.crc32(b"zTXt" + data))
+    return raw[:33] + chunk + raw[33:]  # right after IHDR
+
+
+MALFORMED = {
+    "png-text-bomb": (png_with_huge_text_chunk(), "PNG", "MAX_TEXT_CHUNK"),
+    "png-truncated-pixels": (encoded("PNG")[:300], "PNG", ""),
+    "jpeg-truncated-header": (encoded("JPEG")[:120], "JPEG", ""),
+    "bmp-depth-0": (encoded("BMP")[:28] + b"\x00\x00" + encoded("BMP")[30:], "BMP", ""),
+    "webp-mutated": (encoded("WEBP")[:30] + b"\xff" * 40, "WebP", ""),
+    "gif-truncated": (encoded("GIF")[:40], "GIF", ""),
+    "tiff-truncated": (encoded("TIFF")[:200], "TIFF", ""),
+    "pdf-page-tree-lies": (text_pdf(1, lines=2, claimed=5), "PDF", ""),
+}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_engine):
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False, max_document_pixels=100_000_000)
+    with TestClient(create_app(settings, load_engine=lambda: tiny_engine)) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.02)
+        yield client
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_a_malformed_file_is_a_4xx_that_names_the_format(client, name):
+    data, kind, detail = MALFORMED[name]
+    response = client.post("/v1/ocr", files={"file": ("upload", data)}, data={"mode": "tiny", "max_new_tokens": "1"})
+    assert 400 <= response.status_code < 500, response.text
+    error = response.json()["error"]
+    if response.status_code == 422:
+        assert error["code"] == "corrupt_file" and kind in error["message"] and detail in error["message"]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def test_a_document_over_the_pixel_budget_is_413_before_rendering(client):
+    big = text_pdf(12, lines=1, size=(3158, 3158))  # twelve 39.9-megapixel pages in a few KB
+    assert len(big) < 10_000
+    before = rss_mb()
+    response = client.post("/v1/ocr", files={"file": ("big.pdf", big)}, data={"mode": "tiny"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "document_too_large"
+    assert rss_mb() - before < 100  # nothing was rendered (one such page alone is 120 MB of pixels)
+    narrowed = client.post(
+        "/v1/ocr", files={"file": ("big.pdf", big)}, data={"mode": "tiny", "pages": "1-2", "max_new_tokens": "1"}
+    )
+    assert narrowed.status_code == 200  # a page range under the budget is fine
+
+
+def test_two_file_parts_are_a_422(client):
+    files = [("file", ("a.png", encoded("PNG"))), ("file", ("b.png", encoded("PNG")))]
+    response = client.post("/v1/ocr", files=files, data={"mode": "tiny", "max_new_tokens": "1"})
+    assert response.status_code == 422 and "one `file` part" in response.json()["error"]["message"]
+
+
+def test_the_openapi_schema_says_multipart_with_a_binary_file_and_the_limits(client):
+    spec = client.get("/openapi.json").json()
+    content = spec["paths"]["/v1/ocr"]["post"]["requestBody"]["content"]
+    assert list(content) == ["multipart/form-data"]
+    form = spec["components"]["schemas"]["OcrForm"]["properties"]
+    assert form["file"]["format"] == "binary"
+    number = next(option for option in form["retention"]["anyOf"] if option.get("type") == "number")
+    assert number["exclusiveMinimum"] == 0 and number["maximum"] == 1
+    assert "pattern" in form["pages"]["anyOf"][0] and "<image>" in form["prompt"]["pattern"]
+    assert form["max_new_tokens"]["maximum"] == 8192 and form["max_crops"]["minimum"] == 2
+
+
+# --- connections ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(preset_cache):
+    """A real `rtprune-ocr serve` process with short connection timeouts."""
+    port = free_port()
+    env = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache)}
+    args = ["--model", "tiny", "--device", "cpu", "--no-warmup", "--header-timeout-s", "2", "--body-timeout-s", "1"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, process, timeout=120)
+        yield base, port, process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_health_answers_while_idle_connections_flood_the_server(server):
+    base, port, process = server
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))  # the test itself needs the sockets
+    idle = []
+    try:
+        for _ in range(1100):
+            conn = socket.create_connection(("127.0.0.1", port))
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+            idle.append(conn)
+        start = time.monotonic()
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+        assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+        assert time.monotonic() - start < 2
+        time.sleep(3)  # past the 2 s head timeout: the server has closed them
+        for conn in idle[:20]:
+            conn.settimeout(2)
+            assert conn.recv(1) == b""
+    finally:
+        for conn in idle:
+            conn.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert process.poll() is None
+
+
+def test_a_stalled_upload_gets_408(server):
+    _, port, _ = server
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(
+            b"POST /v1/ocr HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000\r\n\r\n--b\r\n"  # then nothing more
+        )
+        answer = conn.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer
+
+
+def test_requests_beyond_the_concurrency_limit_get_503_and_health_still_answers(tiny_engine):
+    release = threading.Event()
+
+    class Held:
+        def __getattr__(self, name):
+            return getattr(tiny_engine, name)
+
+        def prepare(self, tasks):
+            release.wait(30)
+            return tiny_engine.prepare(tasks)
+
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False, max_concurrent_requests=1)
+    with live_server(create_app(settings, load_engine=Held)) as base:
+        files = {"file": ("p.png", encoded("PNG"))}
+        data = {"mode": "tiny", "max_new_tokens": "1"}
+        first = threading.Thread(target=httpx.post, args=(f"{base}/v1/ocr",), kwargs={"files": files, "data": data})
+        first.start()
+        time.sleep(0.5)
+        refused = httpx.post(f"{base}/v1/ocr", files=files, data=data, timeout=10)
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert httpx.get(f"{base}/healthz").status_code == 200 and httpx.get(f"{base}/metrics").status_code == 200
+        release.set()
+        first.join(30)
+
+
+def test_a_corrupt_page_of_an_image_never_reaches_the_model():
+    image = Image.open(io.BytesIO(encoded("PNG")[:300]))  # header fine, pixels cut
+    from service.inputs import UploadError, open_document
+
+    with pytest.raises(UploadError) as refused:
+        open_document(encoded("PNG")[:300])
+    assert refused.value.status == 422 and image.size == (300, 200)
