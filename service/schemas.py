@@ -52,6 +52,8 @@ class Limits(BaseModel):
     max_upload_bytes: int
     max_image_pixels: int
     max_pdf_pages: int
+    max_document_pixels: int
+    max_concurrent_requests: int
     queue_size: int = Field(description="pages that may wait for the model")
     request_timeout_s: float
 

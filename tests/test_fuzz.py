@@ -1,37 +1,54 @@
-"""OpenAPI-driven fuzzing: no generated request may cause a server error.
+"""Fuzzing the front door: no generated request and no mutated file may cause a server error.
 
-Hypothesis strategies come from schemathesis per operation of our own OpenAPI document; the
-requests go to a real uvicorn on loopback serving the tiny model. (Schemathesis' pytest
-plugin does not run under pytest 9 yet, so the strategies are driven with ``given`` here.)
+Two parts, both against a real uvicorn on loopback serving the tiny model:
+
+- schema fuzzing: hypothesis strategies from schemathesis, per operation of our own OpenAPI
+  document (multipart uploads included: the schema says so). Schemathesis' pytest plugin does
+  not run under pytest 9 yet, so the strategies are driven with ``given`` here;
+- a mutation corpus: valid PNG, JPEG, WebP, TIFF, BMP, GIF and PDF files made at test time, then
+  bit flips, truncations, zeroed runs and spliced copies of their bytes (seeded).
+
+CI runs a bounded slice. The full run, ≥ 2,000 cases, is
+``RTPRUNE_FUZZ_CASES=2000 RTPRUNE_FUZZ_SCHEMA_CASES=1000 python -m pytest tests/test_fuzz.py``;
+the targets are 0 responses ≥ 500, the server alive, and its memory back within 10% after.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import random
+
+import httpx
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.conftest import live_server
+from tests.conftest import live_server, text_page, text_pdf
 
-EXAMPLES = {"/v1/ocr": 400}  # the upload route has the inputs; the GET routes take no parameters
+SCHEMA_CASES = int(os.environ.get("RTPRUNE_FUZZ_SCHEMA_CASES", "300"))
+MUTATION_CASES = int(os.environ.get("RTPRUNE_FUZZ_CASES", "150"))
 DEFAULT_EXAMPLES = 25
+FAST = {"mode": "tiny", "max_new_tokens": "1"}
 
 
-def fuzz_operation(operation, base: str, calls: dict[str, int]) -> None:
+def fuzz_operation(operation, base: str, calls: dict[str, int], uploads: list[int]) -> None:
     """Send generated requests for one operation; fail on any 5xx or a malformed error body."""
     path = operation.path
 
     @given(case=operation.as_strategy())
     @settings(
-        max_examples=EXAMPLES.get(path, DEFAULT_EXAMPLES),
+        max_examples=SCHEMA_CASES if path == "/v1/ocr" else DEFAULT_EXAMPLES,
         deadline=None,
         suppress_health_check=list(HealthCheck),
         database=None,
     )
     def check(case):
         if path == "/v1/ocr" and isinstance(case.body, dict):
-            case.body["max_new_tokens"] = 2  # a generated page that does decode stays quick on CPU
+            case.body["max_new_tokens"] = 1  # a generated page that does decode stays quick on CPU
+            if "file" in case.body:
+                uploads.append(1)
         response = case.call(base_url=base, timeout=60)
         calls[path] = calls.get(path, 0) + 1
         assert response.status_code < 500, f"{case.method} {path}: {response.status_code} {response.text[:300]}"
@@ -42,16 +59,79 @@ def fuzz_operation(operation, base: str, calls: dict[str, int]) -> None:
     check()
 
 
+def service_app(tiny_engine):
+    settings = ServiceSettings(model="tiny", log_json=False, request_timeout_s=30, queue_size=64, warmup=False)
+    return create_app(settings, load_engine=lambda: tiny_engine)
+
+
 def test_no_server_error_on_any_generated_input(tiny_engine):
-    app = create_app(
-        ServiceSettings(model="tiny", log_json=False, request_timeout_s=30, queue_size=4),
-        load_engine=lambda: tiny_engine,
-    )
     calls: dict[str, int] = {}
-    with live_server(app) as base:
+    uploads: list[int] = []
+    with live_server(service_app(tiny_engine)) as base:
         schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
         assert {op.path for op in operations} >= {"/v1/ocr", "/healthz", "/readyz", "/metrics", "/v1/info"}
         for operation in operations:
-            fuzz_operation(operation, base, calls)
-    assert calls["/v1/ocr"] >= 300, calls  # a few hundred cases really ran
+            fuzz_operation(operation, base, calls, uploads)
+    assert calls["/v1/ocr"] >= SCHEMA_CASES * 3 // 4, calls  # the cases really ran
+    assert len(uploads) >= calls["/v1/ocr"] // 2, "schema fuzzing should reach the upload, not stop at the form"
+
+
+def seed_files() -> dict[str, bytes]:
+    files = {"pdf": text_pdf(2, lines=4)}
+    page = text_page((240, 180), lines=3)
+    for fmt in ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF"):
+        buffer = io.BytesIO()
+        page.save(buffer, format=fmt)
+        files[fmt.lower()] = buffer.getvalue()
+    return files
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    """One of: flip bytes, truncate, zero a run, splice a copy of a slice elsewhere."""
+    out = bytearray(data)
+    kind = rng.randrange(4)
+    if kind == 0:
+        for _ in range(rng.randint(1, 8)):
+            out[rng.randrange(len(out))] = rng.randrange(256)
+    elif kind == 1:
+        out = out[: rng.randrange(1, len(out))]
+    elif kind == 2:
+        start = rng.randrange(len(out))
+        out[start : start + rng.randint(1, 64)] = bytes(min(64, len(out) - start))
+    else:
+        start = rng.randrange(len(out))
+        piece = out[start : start + rng.randint(1, 256)]
+        at = rng.randrange(len(out))
+        out[at:at] = piece
+    return bytes(out)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def test_mutated_files_never_cause_a_server_error(tiny_engine):
+    rng = random.Random(20261125)
+    seeds = seed_files()
+    statuses: dict[int, int] = {}
+    with live_server(service_app(tiny_engine)) as base, httpx.Client(base_url=base, timeout=60) as client:
+        for name, data in seeds.items():  # the originals are fine, and warm every decoder up
+            assert client.post("/v1/ocr", files={"file": (name, data)}, data=FAST).status_code == 200, name
+        before = rss_mb()
+        for i in range(MUTATION_CASES):
+            name = list(seeds)[i % len(seeds)]
+            data = mutate(seeds[name], rng)
+            response = client.post("/v1/ocr", files={"file": (name, data)}, data=FAST)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            assert response.status_code < 500, f"{name} mutation {i}: {response.status_code} {response.text[:300]}"
+        assert client.get("/healthz").status_code == 200
+        after = rss_mb()
+    print(
+        f"\nmutation fuzzing: {MUTATION_CASES} cases, statuses {dict(sorted(statuses.items()))}, "
+        f"RSS {before:.0f} -> {after:.0f} MB"
+    )
+    assert sum(statuses.values()) == MUTATION_CASES
+    assert set(statuses) & {413, 415, 422} and 200 in statuses  # both refusals and survivable mutations
+    assert after <= before * 1.10 + 20, f"RSS grew from {before:.0f} MB to {after:.0f} MB"

@@ -77,6 +77,8 @@ async def info(
             max_upload_bytes=settings.max_upload_bytes,
             max_image_pixels=settings.max_image_pixels,
             max_pdf_pages=settings.max_pdf_pages,
+            max_document_pixels=settings.max_document_pixels,
+            max_concurrent_requests=settings.max_concurrent_requests,
             queue_size=settings.queue_size,
             request_timeout_s=settings.request_timeout_s,
         ),

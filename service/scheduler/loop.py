@@ -25,6 +25,8 @@ alone fails its request (503 for out-of-memory).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import threading
 import time
@@ -108,6 +110,7 @@ class Scheduler:
         self.engine: OCREngine | None = None
         self.batch_tokens_limit: int | None = config.max_batch_tokens
         self._row_cap = config.max_batch_size  # lowered after a step ran out of memory, until the batch empties
+        self._busy = False
 
     # --- the front door's side ---------------------------------------------------------------
 
@@ -220,7 +223,11 @@ class Scheduler:
         self._join()
         if self._batch.rows:
             self._step()
+            self._busy = True
         elif not self._ready:
+            if self._busy and not self._queue.pages:  # just went idle: give freed page buffers back
+                self._busy = False
+                return_memory_to_os()
             self._queue.wait(timeout=0.05)
         return True
 
@@ -410,6 +417,13 @@ def _domain_error(exc: BaseException, retry_after_s: int) -> BaseException:
             headers={"Retry-After": str(retry_after_s)},
         )
     return exc
+
+
+def return_memory_to_os() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS stays at its peak after a
+    large document); elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def default_batch_tokens(engine: OCREngine) -> int:
