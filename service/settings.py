@@ -84,19 +84,12 @@ class ServiceSettings(BaseSettings):
         return self
 
     def scheduler_config(self):
-        """The scheduler's share of the settings."""
+        """The scheduler's share of the settings (its fields carry the same names)."""
+        from dataclasses import fields
+
         from service.scheduler import SchedulerConfig
 
-        return SchedulerConfig(
-            queue_size=self.queue_size,
-            max_batch_size=self.max_batch_size,
-            max_batch_tokens=self.max_batch_tokens,
-            max_prefill_tokens=self.max_prefill_tokens,
-            batch_wait_ms=self.batch_wait_ms,
-            batching=self.batching,
-            retry_after_s=self.retry_after_s,
-            warmup=self.warmup,
-        )
+        return SchedulerConfig(**{field.name: getattr(self, field.name) for field in fields(SchedulerConfig)})
 
 
 def usable_cpus() -> int:

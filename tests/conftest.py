@@ -168,3 +168,31 @@ def text_pdf(n_pages: int, lines: int = 30, size: tuple[int, int] = (612, 792), 
     out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
     out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
     return bytes(out)
+
+
+@contextmanager
+def serve_process(preset_cache, *args: str, log_path: Path | None = None, env: dict | None = None):  # noqa: F821
+    """`rtprune-ocr serve` as a user starts it, in its own process on a free loopback port, until the block
+    ends; yields (base URL, port, process). Its output goes to ``log_path`` (never an unread pipe)."""
+    import os
+    import subprocess
+    import sys
+
+    from service.loadtest import wait_ready
+
+    port = free_port()
+    environment = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache), **(env or {})}
+    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    with open(log_path or os.devnull, "w") as log:
+        process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(base, process, timeout=120)
+            yield base, port, process
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()

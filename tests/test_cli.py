@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import httpx
 import pytest
 
-from service.loadtest import wait_ready
-from tests.conftest import free_port, text_page
+from tests.conftest import free_port, serve_process, text_page
 
 
 def serve_command(*args: str) -> list[str]:
@@ -18,18 +16,9 @@ def serve_command(*args: str) -> list[str]:
 
 
 def test_serve_starts_reports_ready_and_answers(preset_cache, tmp_path):
-    port = free_port()
-    env = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache), "RTPRUNE_MAX_PDF_PAGES": "3"}
-    process = subprocess.Popen(
-        serve_command("--model", "tiny", "--port", str(port), "--device", "cpu"),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, process, timeout=120)
+    log = tmp_path / "server.log"
+    args = ("--model", "tiny", "--device", "cpu")
+    with serve_process(preset_cache, *args, log_path=log, env={"RTPRUNE_MAX_PDF_PAGES": "3"}) as (base, _, _):
         info = httpx.get(f"{base}/v1/info").json()
         assert info["limits"]["max_pdf_pages"] == 3  # the environment reached the settings
         path = tmp_path / "page.png"
@@ -38,10 +27,7 @@ def test_serve_starts_reports_ready_and_answers(preset_cache, tmp_path):
             f"{base}/v1/ocr", files={"file": path.open("rb")}, data={"mode": "tiny", "max_new_tokens": "3"}, timeout=60
         )
         assert response.status_code == 200 and response.json()["random_weights"] is True
-    finally:
-        process.terminate()
-        output, _ = process.communicate(timeout=30)
-    assert '"request_id"' in output  # structured JSON access log lines
+    assert '"request_id"' in log.read_text()  # structured JSON access log lines
 
 
 @pytest.mark.parametrize("model", ["/nonexistent/checkpoint"])
@@ -70,16 +56,7 @@ def test_sigterm_refuses_waiting_requests_and_exits_within_the_grace(preset_cach
     import threading
     import time
 
-    port = free_port()
-    env = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache)}
-    args = ("--model", "tiny", "--port", str(port), "--device", "cpu", "--max-batch-size", "1")
-    process = subprocess.Popen(
-        serve_command(*args, "--shutdown-grace-s", "3", "--no-warmup"),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
+    args = ("--model", "tiny", "--device", "cpu", "--max-batch-size", "1", "--shutdown-grace-s", "3", "--no-warmup")
     path = tmp_path / "page.png"
     text_page((500, 400)).save(path)
     answers: dict[str, httpx.Response] = {}
@@ -88,8 +65,7 @@ def test_sigterm_refuses_waiting_requests_and_exits_within_the_grace(preset_cach
         data = {"mode": "tiny", "max_new_tokens": "8192", "ngram_size": "0"}
         answers[name] = httpx.post(f"{base}/v1/ocr", files={"file": path.read_bytes()}, data=data, timeout=60)
 
-    try:
-        wait_ready(base, process, timeout=120)
+    with serve_process(preset_cache, *args) as (base, _, process):
         running = threading.Thread(target=post, args=("running",))
         running.start()
         time.sleep(1.0)
@@ -107,6 +83,3 @@ def test_sigterm_refuses_waiting_requests_and_exits_within_the_grace(preset_cach
         # uvicorn re-raises the signal it caught once its graceful shutdown is done
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)
         assert time.monotonic() - sent < 15
-    finally:
-        if process.poll() is None:
-            process.kill()

@@ -16,9 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.loadtest import wait_ready
 from service.settings import ServiceSettings
-from tests.conftest import free_port, text_pdf
+from tests.conftest import serve_process, text_pdf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,23 +33,17 @@ def test_the_readme_try_out_answers_in_seconds(preset_cache, tmp_path):
     """`serve --model tiny`, then the README's curl of the shipped sample, exactly as written."""
     serve_line, curl_line = readme_block("try-out")
     assert serve_line.startswith("rtprune-ocr serve --model tiny") and curl_line.startswith("curl ")
-    port = free_port()
-    args = [*shlex.split(serve_line)[1:], "--port", str(port), "--host", "127.0.0.1"]
-    env = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache)}
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", server, timeout=120)
+    log_path = tmp_path / "server.log"
+    with serve_process(preset_cache, *shlex.split(serve_line)[2:], log_path=log_path) as (base, _, _):
         start = time.monotonic()
-        curl = shlex.split(curl_line.replace("localhost:8000", f"127.0.0.1:{port}"))
+        curl = shlex.split(curl_line.replace("http://localhost:8000", base))
         result = subprocess.run(curl, cwd=ROOT, capture_output=True, text=True, timeout=60)
         elapsed = time.monotonic() - start
         body = json.loads(result.stdout)
         assert body["random_weights"] is True and body["pages"][0]["stats"]["output_tokens"] <= 32
         assert any("max_new_tokens defaults to 32" in w for w in body["warnings"])
         assert elapsed < 20, f"the try-out took {elapsed:.0f} s"
-    finally:
-        server.terminate()
-        _, log = server.communicate(timeout=30)
+    log = log_path.read_text()
     lines = [line for line in log.splitlines() if line.strip()]
     assert "\x1b[" not in log, "log lines carry ANSI colour codes"
     assert all(line.startswith("{") for line in lines), [line for line in lines if not line.startswith("{")][:3]

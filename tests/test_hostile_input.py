@@ -4,12 +4,9 @@ and idle or stalled connections cannot starve the server."""
 from __future__ import annotations
 
 import io
-import os
 import resource
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -20,9 +17,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.api.app import create_app
-from service.loadtest import wait_ready
 from service.settings import ServiceSettings
-from tests.conftest import free_port, live_server, text_page, text_pdf
+from tests.conftest import live_server, serve_process, text_page, text_pdf
 
 
 def encoded(fmt: str, **kwargs) -> bytes:
@@ -112,23 +108,9 @@ def test_the_openapi_schema_says_multipart_with_a_binary_file_and_the_limits(cli
 @pytest.fixture
 def server(preset_cache):
     """A real `rtprune-ocr serve` process with short connection timeouts."""
-    port = free_port()
-    env = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache)}
-    args = ["--model", "tiny", "--device", "cpu", "--no-warmup", "--header-timeout-s", "2", "--body-timeout-s", "1"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, process, timeout=120)
-        yield base, port, process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    args = ("--model", "tiny", "--device", "cpu", "--no-warmup", "--header-timeout-s", "2", "--body-timeout-s", "1")
+    with serve_process(preset_cache, *args) as running:
+        yield running
 
 
 def test_health_answers_while_idle_connections_flood_the_server(server):

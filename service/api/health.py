@@ -73,20 +73,10 @@ async def info(
         modes=engine.modes if engine else [],
         pruners=list(PRUNERS),
         defaults=defaults,
-        limits=Limits(
-            max_upload_bytes=settings.max_upload_bytes,
-            max_image_pixels=settings.max_image_pixels,
-            max_pdf_pages=settings.max_pdf_pages,
-            max_document_pixels=settings.max_document_pixels,
-            max_concurrent_requests=settings.max_concurrent_requests,
-            queue_size=settings.queue_size,
-            request_timeout_s=settings.request_timeout_s,
-        ),
+        limits=Limits(**settings.model_dump(include=set(Limits.model_fields))),
         batching=Batching(
             mode=settings.batching,
-            max_batch_size=settings.max_batch_size,
             max_batch_tokens=scheduler.batch_tokens_limit,
-            max_prefill_tokens=settings.max_prefill_tokens,
-            batch_wait_ms=settings.batch_wait_ms,
+            **settings.model_dump(include={"max_batch_size", "max_prefill_tokens", "batch_wait_ms"}),
         ),
     )
