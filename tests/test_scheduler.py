@@ -426,3 +426,15 @@ def png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_a_prepared_page_holds_no_pixels_unless_its_token_map_needs_them(tiny_engine):
+    plain, mapped = tiny_engine.prepare(
+        [
+            PageTask(text_page(), OcrOptions(mode="gundam"), StageTimer()),
+            PageTask(text_page(), OcrOptions(token_map=True), StageTimer()),
+        ]
+    )
+    assert plain.task.image is None and plain.block.global_view.numel() == 0 and plain.block.page.tiles is None
+    assert plain.block.page.size == (1100, 800)  # what the boxes need stays
+    assert mapped.task.image is not None and mapped.block.global_view.numel() > 0

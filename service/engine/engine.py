@@ -12,6 +12,7 @@ knows nothing of HTTP or queues.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,7 +120,7 @@ def _never() -> bool:
 class PageTask:
     """One page of one request, as the batch runner takes it."""
 
-    image: Image.Image
+    image: Image.Image | None  # None once the page is prepared (unless its token map needs it)
     options: OcrOptions
     timer: StageTimer
     should_stop: Callable[[], bool] = _never
@@ -153,6 +154,14 @@ class PageResult(BaseModel):
     token_map: TokenMap | None = Field(None, description="only with token_map=true")
     preview: str | None = Field(None, description="page preview as a JPEG data URL; only with token_map=true")
     _spans: dict[str, list[tuple[float, float]]] = PrivateAttr(default_factory=dict)  # stage -> wall-clock spans
+
+
+def _without_pixels(block: VisualBlock) -> VisualBlock:
+    """The block without its view tensors (12-40 MB a page, on the device): what :meth:`OCREngine.finish`
+    needs when no token map is asked for is the features' count and the page size."""
+    empty = block.global_view.new_empty(0)
+    page = dataclasses.replace(block.page, global_view=empty, tiles=None)
+    return dataclasses.replace(block, global_view=empty, page=page)
 
 
 class OCREngine:
@@ -297,6 +306,8 @@ class OCREngine:
         if problem:
             raise PromptTooLong(problem)
         sequence = Sequence(prompt, options.max_new_tokens, options.guard(), task.timer, task.should_stop)
+        if not options.token_map:  # a page may wait and decode for a long time: hold no pixels meanwhile
+            task, block = dataclasses.replace(task, image=None), _without_pixels(block)
         return PreparedPage(task, block, pruned, sequence)
 
     def _encode(
