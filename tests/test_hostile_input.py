@@ -183,3 +183,22 @@ def test_a_corrupt_page_of_an_image_never_reaches_the_model():
     with pytest.raises(UploadError) as refused:
         open_document(encoded("PNG")[:300])
     assert refused.value.status == 422 and image.size == (300, 200)
+
+
+def test_an_unhandled_error_is_one_500_logged_once(tiny_engine, monkeypatch, caplog):
+    import service.api.ocr as route
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in shaping the response")
+
+    monkeypatch.setattr(route, "build_response", broken)
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False)
+    with TestClient(create_app(settings, load_engine=lambda: tiny_engine), raise_server_exceptions=True) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.02)
+        caplog.clear()
+        response = client.post("/v1/ocr", files={"file": ("p.png", encoded("PNG"))}, data={"mode": "tiny"})
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    assert response.json()["error"]["request_id"] == response.headers["x-request-id"]
+    logged = [r for r in caplog.records if r.exc_info and "a bug in shaping" in str(r.exc_info[1])]
+    assert len(logged) == 1

@@ -223,6 +223,31 @@ def test_a_page_that_runs_out_of_memory_alone_fails_its_request_only(tiny_engine
         scheduler.stop()
 
 
+def test_a_prefill_that_fails_is_retried_in_halves_until_the_bad_page_fails_alone(tiny_engine):
+    class BadPrefill(RecordingEngine):
+        def new_batch(self):
+            class Batch(RunningBatch):
+                def join(self, joiners):
+                    if any(seq.budget == 13 for seq in joiners):
+                        raise RuntimeError("prefill failed on a corrupt page")
+                    return super().join(joiners)
+
+            return Batch(self.engine.model)
+
+    scheduler = started_scheduler(BadPrefill(tiny_engine, []), batch_wait_ms=300)
+    try:
+        bad = image_job(text_page(), OcrOptions(mode="tiny", max_new_tokens=13))
+        jobs = [image_job(image, options) for image, options in SHORT]
+        for job in [*jobs[:2], bad, *jobs[2:]]:
+            scheduler.submit(job)
+        with pytest.raises(RuntimeError, match="corrupt page"):
+            bad.future.result(timeout=120)
+        for job, (image, options) in zip(jobs, SHORT, strict=True):
+            assert job.future.result(timeout=120)[0].text == tiny_engine.run(image, options).text
+    finally:
+        scheduler.stop()
+
+
 def test_a_step_that_fails_half_way_leaves_the_cache_as_it_was(tiny_engine):
     pages = tiny_engine.prepare([PageTask(*item, StageTimer()) for item in SHORT[:2]])
     batch = tiny_engine.new_batch()

@@ -42,17 +42,28 @@ class RequestContextMiddleware:
         request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
+        started = False
         start = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Logged here, once, with the request id; Starlette's outer error middleware would log it
+            # again through the server after its handler ran, so it never sees it.
+            log.exception("unhandled error", extra={"request_id": request_id})
+            if started:
+                raise
+            response = error_json(
+                500, "internal_error", "internal server error; the request id is in the logs", request_id
+            )
+            await response(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - start
             if scope["path"] == "/v1/ocr":
