@@ -55,6 +55,10 @@ class ClientGone(ServiceError):
     status, code = 499, "client_closed_request"
 
 
+class PayloadTooLarge(ServiceError):
+    status, code = 413, "upload_too_large"
+
+
 class InvalidParameter(ServiceError):
     status, code = 422, "invalid_parameter"
 

@@ -37,6 +37,10 @@ class ServiceSettings(BaseSettings):
     max_document_pixels: int = Field(
         200_000_000, ge=4096, description="most pixels of all a document's pages together; more is 413 before rendering"
     )
+    allow_url_fetch: bool = Field(
+        False, description="let chat requests name http(s) image URLs for the server to fetch (off: data URLs only)"
+    )
+    fetch_timeout_s: float = Field(10.0, gt=0, description="timeout of such a fetch; its size limit is the upload's")
     max_concurrent_requests: int = Field(
         256, ge=1, description="requests in flight at once (health and metrics exempt); more get 503"
     )

@@ -10,7 +10,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import health, ocr, web
+from service.api import chat, health, ocr, web
 from service.api.handlers import install_error_handlers
 from service.api.middleware import (
     AdmissionMiddleware,
@@ -73,13 +73,14 @@ def create_app(
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(ocr.router)
+    app.include_router(chat.router)
     web.attach(app)
     describe_uploads_as_multipart(app)
     # added last = outermost: the request id exists before auth, admission and the body limit answer
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(
         AdmissionMiddleware,
-        paths={"/v1/ocr"},
+        paths={"/v1/ocr", "/v1/chat/completions"},
         full=lambda: hasattr(app.state, "scheduler") and app.state.scheduler.queue_full(),
         retry_after_s=settings.retry_after_s,
     )

@@ -66,7 +66,7 @@ ERROR_RESPONSES = {
 
 
 async def wait_for(request: Request, job: Job) -> list[PageResult]:
-    """Await the worker's result; cancel the job if the client leaves or the deadline passes."""
+    """Await the scheduler's result; cancel the job if the client leaves or the deadline passes."""
     future = asyncio.wrap_future(job.future)
     try:
         while True:
@@ -138,7 +138,13 @@ async def read_document(
     """The upload as a Document, every limit checked before any PDF page is rendered."""
     if len((await request.form()).getlist("file")) > 1:  # parsed once by FastAPI; this is its cache
         raise InvalidParameter("send one `file` part per request; this one has several")
-    data = await form.file.read()
+    return await open_upload(await form.file.read(), settings, page_range)
+
+
+async def open_upload(
+    data: bytes, settings: ServiceSettings, page_range: tuple[int, int | None] | None = None
+) -> Document:
+    """Bytes of any front door (form, data URL) -> Document, under the service's limits."""
     return await run_in_threadpool(
         open_document,
         data,

@@ -124,6 +124,7 @@ class PageTask:
     options: OcrOptions
     timer: StageTimer
     should_stop: Callable[[], bool] = _never
+    on_token: Callable[[int, int], None] | None = None  # (position, token id) as each token is chosen
 
 
 class PromptTooLong(ValueError):
@@ -305,7 +306,9 @@ class OCREngine:
         problem = prompt_problem(self.model, prompt)
         if problem:
             raise PromptTooLong(problem)
-        sequence = Sequence(prompt, options.max_new_tokens, options.guard(), task.timer, task.should_stop)
+        sequence = Sequence(
+            prompt, options.max_new_tokens, options.guard(), task.timer, task.should_stop, on_token=task.on_token
+        )
         if not options.token_map:  # a page may wait and decode for a long time: hold no pixels meanwhile
             task, block = dataclasses.replace(task, image=None), _without_pixels(block)
         return PreparedPage(task, block, pruned, sequence)

@@ -73,5 +73,6 @@ class Sequence:
     guard: NGramGuard
     timer: StageTimer
     should_stop: Callable[[], bool] = _never
+    on_token: Callable[[int, int], None] | None = None  # (position in the output, token id), e.g. streaming
     tokens: list[int] = field(default_factory=list)
     outcome: Generation | BaseException | None = None

@@ -33,6 +33,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future = field(default_factory=Future)
     on_page: Callable[[int, PageResult], None] | None = None  # progress: (page index, result)
+    on_token: Callable[[int, int, int], None] | None = None  # streaming: (page index, position, token id)
     next_page: int = 0  # pages before this one have been handed to the scheduler
     results: dict[int, PageResult] = field(default_factory=dict)
 

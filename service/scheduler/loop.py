@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import threading
 import time
@@ -295,7 +296,8 @@ class Scheduler:
         except Exception as exc:
             job.fail(exc)
             return None
-        return PageTask(image, job.options, timer, job.should_stop)
+        on_token = functools.partial(job.on_token, index) if job.on_token is not None else None
+        return PageTask(image, job.options, timer, job.should_stop, on_token)
 
     # --- join -----------------------------------------------------------------------------------------
 

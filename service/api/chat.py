@@ -1,0 +1,271 @@
+"""OpenAI-compatible chat completions: the body DeepSeek-OCR's vLLM recipe sends works here unchanged.
+
+One user turn with one image (a data URL; http(s) only when ``RTPRUNE_ALLOW_URL_FETCH`` is on)
+and a task prompt such as "Free OCR." or "<image>\\n<|grounding|>Convert the document to
+markdown.". vLLM's knobs (``vllm_xargs``: ngram_size, window_size, whitelist_token_ids;
+``skip_special_tokens``) map onto ours; our own (mode, pruner, retention, positions, max_crops)
+go in ``rtprune``. Decoding is greedy: a temperature other than 0 is a 422, never silently
+ignored. The page walks the same way as ``/v1/ocr`` (limits, scheduler, errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import get_scheduler, get_settings
+from service.api.ocr import ERROR_RESPONSES, open_upload, wait_for
+from service.engine import OcrOptions, PageResult
+from service.engine.sequence import TABLE_CELL_IDS
+from service.errors import InvalidParameter, PayloadTooLarge
+from service.scheduler import Job, Scheduler
+from service.settings import ServiceSettings
+
+router = APIRouter(tags=["openai"])
+FINISH = {"eos": "stop", "length": "length"}
+
+
+class ImageUrl(BaseModel):
+    url: str = Field(description="data:image/...;base64,... (or http(s) when the server allows fetching)")
+    detail: str | None = None
+
+
+class ContentPart(BaseModel):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageUrl | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["user"] = Field(description="DeepSeek-OCR takes one user turn")
+    content: str | list[ContentPart]
+
+
+class VllmXargs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ngram_size: int = Field(30, ge=0, le=512)
+    window_size: int = Field(90, ge=0, le=8192)
+    whitelist_token_ids: list[int] | None = Field(None, description=f"only {sorted(TABLE_CELL_IDS)} is supported")
+
+
+class RtpruneChatOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: str = "gundam"
+    pruner: str = "rtprune"
+    retention: float | Literal["auto"] = "auto"
+    positions: Literal["original", "compact"] = "original"
+    max_crops: int = Field(6, ge=2, le=9)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = True
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=8192)
+    max_completion_tokens: int | None = Field(None, ge=1, le=8192)
+    temperature: float | None = Field(None, description="only 0 (greedy) is supported")
+    top_p: float | None = Field(None, description="only 1 is supported")
+    n: int | None = Field(None, ge=1, le=1)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    skip_special_tokens: bool = True
+    vllm_xargs: VllmXargs | None = None
+    rtprune: RtpruneChatOptions | None = None
+
+
+def chat_options(body: ChatRequest) -> tuple[OcrOptions, str]:
+    """Our options and the image URL from a chat body; InvalidParameter for anything we cannot honour."""
+    if body.temperature not in (None, 0, 0.0) or body.top_p not in (None, 1, 1.0):
+        raise InvalidParameter("decoding is greedy: temperature must be 0 (and top_p 1); sampling is not supported")
+    content = body.messages[0].content
+    parts = [ContentPart(type="text", text=content)] if isinstance(content, str) else content
+    images = [p.image_url.url for p in parts if p.type == "image_url" and p.image_url]
+    if len(images) != 1:
+        raise InvalidParameter(f"send exactly one image_url part; this message has {len(images)}")
+    text = "\n".join(p.text for p in parts if p.type == "text" and p.text).strip()
+    xargs = body.vllm_xargs or VllmXargs()
+    if xargs.whitelist_token_ids is not None and set(xargs.whitelist_token_ids) != TABLE_CELL_IDS:
+        raise InvalidParameter(f"vllm_xargs.whitelist_token_ids: only {sorted(TABLE_CELL_IDS)} is supported")
+    knobs = (body.rtprune or RtpruneChatOptions()).model_dump()
+    prompt = None if not text else text if "<image>" in text else f"<image>\n{text}"
+    options = OcrOptions(
+        **knobs,
+        prompt=prompt,
+        max_new_tokens=body.max_completion_tokens or body.max_tokens or 8192,
+        ngram_size=xargs.ngram_size,
+        ngram_window=max(xargs.window_size, xargs.ngram_size),
+    )
+    return options, images[0]
+
+
+async def image_bytes(url: str, settings: ServiceSettings) -> bytes:
+    """The image of a data URL, or of an http(s) URL when fetching is allowed (size limit, timeout)."""
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if not header.endswith(";base64"):
+            raise InvalidParameter("image_url: a data URL must be base64 (data:image/png;base64,...)")
+        if len(payload) * 3 // 4 > settings.max_upload_bytes:
+            raise PayloadTooLarge(f"the image exceeds the {settings.max_upload_bytes:,}-byte upload limit")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidParameter("image_url: the data URL is not valid base64") from None
+    if url.startswith(("http://", "https://")):
+        if not settings.allow_url_fetch:
+            raise InvalidParameter("image_url: fetching http(s) URLs is off on this server; send a data URL")
+        return await run_in_threadpool(fetch, url, settings.max_upload_bytes, settings.fetch_timeout_s)
+    raise InvalidParameter("image_url must be a data URL (or http(s) where the server allows fetching)")
+
+
+def fetch(url: str, limit: int, timeout_s: float) -> bytes:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            data = response.read(limit + 1)
+    except (urllib.error.URLError, TimeoutError, ValueError) as exc:
+        raise InvalidParameter(f"image_url could not be fetched: {exc}") from None
+    if len(data) > limit:
+        raise PayloadTooLarge(f"the image exceeds the {limit:,}-byte upload limit")
+    return data
+
+
+@router.get("/v1/models", summary="The served model (OpenAI-compatible)")
+async def models(settings: Annotated[ServiceSettings, Depends(get_settings)]) -> dict:
+    return {"object": "list", "data": [{"id": settings.model, "object": "model", "owned_by": "rtprune-ocr"}]}
+
+
+@router.post(
+    "/v1/chat/completions", summary="OCR one image through an OpenAI chat completion", responses=ERROR_RESPONSES
+)
+async def chat_completions(
+    request: Request,
+    body: ChatRequest,
+    scheduler: Annotated[Scheduler, Depends(get_scheduler)],
+    settings: Annotated[ServiceSettings, Depends(get_settings)],
+):
+    engine = scheduler.ensure_ready()
+    try:
+        options, url = chat_options(body)
+        options.validate_for_run(engine.version)
+    except ValueError as exc:
+        raise InvalidParameter(str(exc)) from None
+    document = await open_upload(await image_bytes(url, settings), settings, page_range=(1, 1))
+    accepted_at = time.monotonic()
+    job = Job(document, options, accepted_at + settings.request_timeout_s, request.state.request_id, accepted_at)
+    reply = Reply(body.model or settings.model, engine.model.tokenizer, body.skip_special_tokens)
+    if body.stream:
+        tokens: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        job.on_token = lambda page, position, token: loop.call_soon_threadsafe(tokens.put_nowait, (position, token))
+        scheduler.submit(job)
+        usage = body.stream_options is None or body.stream_options.include_usage
+        return StreamingResponse(reply.stream(request, job, tokens, usage), media_type="text/event-stream")
+    scheduler.submit(job)
+    return reply.completion((await wait_for(request, job))[0])
+
+
+class Reply:
+    """Shapes chat.completion objects and chunks from a page's result and tokens."""
+
+    def __init__(self, model: str, tokenizer, skip_special_tokens: bool) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model, self.tokenizer, self.skip = model, tokenizer, skip_special_tokens
+
+    def _base(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=self.skip)
+
+    @staticmethod
+    def usage(page: PageResult) -> dict:
+        s = page.stats
+        return {
+            "prompt_tokens": s.prompt_tokens,  # the pruned prompt
+            "completion_tokens": s.output_tokens,
+            "total_tokens": s.prompt_tokens + s.output_tokens,
+        }
+
+    def strip_special(self, text: str) -> str:
+        """The raw text (special tokens kept) as decoding with ``skip_special_tokens`` would give it."""
+        for special in self.tokenizer.all_special_tokens:
+            text = text.replace(special, "")
+        return text
+
+    def completion(self, page: PageResult) -> dict:
+        content = self.strip_special(page.text) if self.skip else page.text
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": FINISH[page.stats.finish_reason],
+        }
+        return {
+            **self._base("chat.completion"),
+            "choices": [choice],
+            "usage": self.usage(page),
+            "rtprune": page.stats.model_dump(mode="json"),
+        }
+
+    def chunk(self, delta: dict, finish: str | None = None, **extra) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        body = {**self._base("chat.completion.chunk"), "choices": [choice]}
+        return f"data: {json.dumps({**body, **extra}, ensure_ascii=False)}\n\n"
+
+    async def stream(self, request: Request, job: Job, tokens: asyncio.Queue, usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: a role chunk, text deltas as tokens are decoded, a final chunk, [DONE].
+        A client that leaves cancels the work (the generator is closed and the job cancelled)."""
+        future = asyncio.wrap_future(job.future)
+        generated: list[int] = []
+        shown = ""
+        try:
+            yield self.chunk({"role": "assistant", "content": ""})
+            while not (future.done() and tokens.empty()):
+                try:
+                    position, token = await asyncio.wait_for(tokens.get(), timeout=0.1)
+                except TimeoutError:
+                    if time.monotonic() > job.deadline or await request.is_disconnected():
+                        return
+                    continue
+                if position == len(generated):  # a recomputed page (after eviction) repeats its tokens
+                    generated.append(token)
+                    text = self.text(generated)
+                    if len(text) > len(shown) and not text.endswith("\ufffd"):
+                        yield self.chunk({"content": text[len(shown) :]})
+                        shown = text
+            try:
+                page = future.result()[0]
+            except Exception as exc:  # the status line is sent: say it in the stream
+                error = {"code": getattr(exc, "code", "internal_error"), "message": str(exc)}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                return
+            text = self.text(generated)
+            if len(text) > len(shown):
+                yield self.chunk({"content": text[len(shown) :]})
+            extra = {"usage": self.usage(page), "rtprune": page.stats.model_dump(mode="json")} if usage else {}
+            yield self.chunk({}, FINISH[page.stats.finish_reason], **extra)
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel.set()
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -1,0 +1,127 @@
+"""OpenAI-compatible chat completions, driven by the official `openai` client against a real uvicorn."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import openai
+import pytest
+
+from service.api.app import create_app
+from service.settings import ServiceSettings
+from tests.conftest import live_server, text_page
+
+PAGE = text_page((600, 800))
+
+
+def data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def messages(text: str = "Free OCR.", image=PAGE, url: str | None = None) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": url or data_url(image)}}, {"type": "text", "text": text}]
+    return [{"role": "user", "content": parts}]
+
+
+RECIPE = {  # DeepSeek-OCR's vLLM recipe, as the openai client sends it through extra_body
+    "skip_special_tokens": False,
+    "vllm_xargs": {"ngram_size": 30, "window_size": 90, "whitelist_token_ids": [128821, 128822]},
+    "rtprune": {"mode": "tiny", "retention": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False)
+    with live_server(create_app(settings, load_engine=lambda: tiny_engine)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+
+
+def ocr_text(server: str, **form) -> dict:
+    response = httpx.post(f"{server}/v1/ocr", files={"file": ("p.png", png(PAGE))}, data=form, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["pages"][0]
+
+
+def test_the_vllm_recipe_body_works_unchanged_and_matches_v1_ocr(client, server):
+    completion = client.chat.completions.create(
+        model="tiny", messages=messages(), max_tokens=12, temperature=0.0, extra_body=RECIPE
+    )
+    page = ocr_text(server, mode="tiny", task="free", retention="0.5", max_new_tokens="12")
+    assert completion.choices[0].message.content == page["text"]  # the same walk, the same tokens
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 12
+    assert completion.usage.prompt_tokens == page["stats"]["prompt_tokens"]  # the pruned prompt
+    extra = completion.model_extra["rtprune"]
+    assert extra["retention"] == 0.5 and extra["visual_tokens"] == 73
+
+
+def test_streaming_sends_the_same_text_as_deltas_and_ends_with_usage(client, server):
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages(),
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=RECIPE,
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ocr_text(server, mode="tiny", task="free", retention="0.5", max_new_tokens="10")["text"]
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # really incremental
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 10
+
+
+def test_a_grounding_prompt_with_its_own_placeholder(client):
+    completion = client.chat.completions.create(
+        model="tiny",
+        messages=messages("<image>\n<|grounding|>Convert the document to markdown."),
+        max_tokens=4,
+        extra_body={"rtprune": {"mode": "tiny"}},
+    )
+    assert completion.choices[0].message.role == "assistant" and completion.usage.completion_tokens == 4
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "needle"),
+    [
+        ({"temperature": 0.7}, 422, "greedy"),
+        ({"messages": [{"role": "user", "content": "Free OCR."}]}, 422, "exactly one image_url"),
+        ({"vllm_xargs": {"whitelist_token_ids": [5]}}, 422, "whitelist_token_ids"),
+        ({"messages": messages(url="https://example.invalid/p.png")}, 422, "fetching http(s) URLs is off"),
+        ({"rtprune": {"mode": "huge"}}, 422, "mode"),
+    ],
+)
+def test_what_cannot_be_honoured_is_a_clear_4xx(server, change, status, needle):
+    body = {"model": "tiny", "messages": messages(), "max_tokens": 2, **change}
+    response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    assert needle in response.text
+
+
+def test_an_oversized_data_url_is_413(tiny_engine):
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False, max_upload_bytes=200_000)
+    with live_server(create_app(settings, load_engine=lambda: tiny_engine)) as base:
+        big = "data:image/png;base64," + base64.b64encode(b"\0" * 150_000).decode()
+        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": big}}]}]}
+        response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "upload_too_large"
