@@ -125,3 +125,11 @@ def test_an_oversized_data_url_is_413(tiny_engine):
         body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": big}}]}]}
         response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 413 and response.json()["error"]["code"] == "upload_too_large"
+
+
+def test_the_api_key_works_as_an_openai_bearer_token(tiny_engine):
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False, api_key="s3cret")
+    with live_server(create_app(settings, load_engine=lambda: tiny_engine)) as base:
+        assert [m.id for m in openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret").models.list().data] == ["tiny"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong").models.list()

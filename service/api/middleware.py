@@ -85,7 +85,8 @@ class RequestContextMiddleware:
 
 
 class ApiKeyMiddleware:
-    """When a key is configured, every path except health, metrics and docs needs ``X-API-Key``."""
+    """When a key is configured, every path except health, metrics and docs needs ``X-API-Key``
+    (or ``Authorization: Bearer <key>``, as OpenAI-compatible clients send it)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
@@ -96,7 +97,10 @@ class ApiKeyMiddleware:
         if self.api_key is None or scope["type"] != "http" or path in OPEN_EXACT or path.startswith(OPEN_PATHS):
             await self.app(scope, receive, send)
             return
-        given = Headers(scope=scope).get("x-api-key", "").encode()
+        headers = Headers(scope=scope)
+        bearer = headers.get("authorization", "")
+        # X-API-Key, or the Authorization: Bearer header that OpenAI clients send
+        given = (headers.get("x-api-key") or bearer.removeprefix("Bearer ").strip()).encode()
         if not hmac.compare_digest(given, self.api_key):  # constant time
             response = error_json(
                 401,
