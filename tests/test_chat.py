@@ -133,3 +133,49 @@ def test_the_api_key_works_as_an_openai_bearer_token(tiny_engine):
         assert [m.id for m in openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret").models.list().data] == ["tiny"]
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="wrong").models.list()
+
+
+# --- Mistral's OCR shape (what LiteLLM's OCR call sends) on /v1/ocr -----------------------------------
+
+
+def test_a_litellm_shaped_ocr_request_gets_pages_with_markdown(server):
+    from tests.conftest import text_pdf
+
+    pdf = text_pdf(3, lines=3)
+    url = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+    body = {
+        "model": "mistral-ocr-latest",
+        "document": {"type": "document_url", "document_url": url},
+        "pages": [0, 2],
+        "include_image_base64": False,
+        "rtprune": {"mode": "tiny"},
+        "max_new_tokens": 6,
+    }
+    response = httpx.post(f"{server}/v1/ocr", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert [p["index"] for p in out["pages"]] == [0, 2]
+    assert out["pages"][0]["dimensions"] == {"dpi": 144, "height": 1584, "width": 1224}
+    assert out["usage_info"] == {"pages_processed": 2, "doc_size_bytes": len(pdf)}
+    form = httpx.post(
+        f"{server}/v1/ocr",
+        files={"file": ("d.pdf", pdf)},
+        data={"mode": "tiny", "pages": "3", "max_new_tokens": "6"},
+        timeout=60,
+    ).json()
+    assert out["pages"][1]["markdown"] == form["pages"][0]["markdown"]  # the same walk as the form
+    assert out["rtprune"]["pages"][1]["prompt_tokens"] == form["pages"][0]["stats"]["prompt_tokens"]
+
+
+def test_the_json_shape_takes_an_image_too_and_refuses_what_it_cannot_do(server):
+    url = data_url(PAGE)
+    ok = httpx.post(
+        f"{server}/v1/ocr",
+        json={"document": {"type": "image_url", "image_url": url}, "rtprune": {"mode": "tiny"}, "max_new_tokens": 2},
+        timeout=60,
+    )
+    assert ok.status_code == 200 and ok.json()["pages"][0]["dimensions"]["width"] == 600
+    bad = httpx.post(f"{server}/v1/ocr", json={"document": {"type": "image_url", "image_url": url}, "pages": [3]})
+    assert bad.status_code == 422 and "outside the document" in bad.json()["error"]["message"]
+    http = httpx.post(f"{server}/v1/ocr", json={"document": {"type": "document_url", "document_url": "http://x/y"}})
+    assert http.status_code == 422 and "fetching http(s) URLs is off" in http.json()["error"]["message"]

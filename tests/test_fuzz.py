@@ -47,7 +47,7 @@ def fuzz_operation(operation, base: str, calls: dict[str, int], uploads: list[in
     def check(case):
         if path == "/v1/ocr" and isinstance(case.body, dict):
             case.body["max_new_tokens"] = 1  # a generated page that does decode stays quick on CPU
-            if "file" in case.body:
+            if "file" in case.body or "document" in case.body:  # a multipart upload or a JSON document
                 uploads.append(1)
         response = case.call(base_url=base, timeout=60)
         calls[path] = calls.get(path, 0) + 1

@@ -10,7 +10,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import chat, health, ocr, web
+from service.api import chat, health, mistral_ocr, ocr, web
 from service.api.handlers import install_error_handlers
 from service.api.middleware import (
     AdmissionMiddleware,
@@ -72,6 +72,7 @@ def create_app(
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(mistral_ocr.router)  # JSON bodies only; before the form route of the same path
     app.include_router(ocr.router)
     app.include_router(chat.router)
     web.attach(app)

@@ -155,6 +155,12 @@ class PageResult(BaseModel):
     token_map: TokenMap | None = Field(None, description="only with token_map=true")
     preview: str | None = Field(None, description="page preview as a JPEG data URL; only with token_map=true")
     _spans: dict[str, list[tuple[float, float]]] = PrivateAttr(default_factory=dict)  # stage -> wall-clock spans
+    _page_size: tuple[int, int] = PrivateAttr(default=(0, 0))
+
+    @property
+    def page_size(self) -> tuple[int, int]:
+        """(width, height) of the page as it was OCR'd, in pixels."""
+        return self._page_size
 
 
 def _without_pixels(block: VisualBlock) -> VisualBlock:
@@ -368,6 +374,7 @@ class OCREngine:
             markdown=to_markdown(text), text=text, boxes=parse_boxes(text, block.page.size), stats=stats
         )
         result._spans = {stage: list(spans) for stage, spans in task.timer.intervals.items()}
+        result._page_size = block.page.size
         if task.options.token_map:
             merges = task.options.pruner == "rtprune"
             result.token_map = build_token_map(block, pruned, merges, self.model.version)

@@ -1,0 +1,136 @@
+"""``POST /v1/ocr`` with a JSON body: the shape of Mistral's OCR API, which LiteLLM's OCR call speaks.
+
+``{"model": ..., "document": {"type": "document_url" | "image_url", ...}, "pages": [0, 2]}``
+-> ``{"pages": [{"index", "markdown", "images", "dimensions"}], "model", "usage_info"}``.
+The content type selects it: a JSON body comes here, a multipart form to the form route,
+which stays exactly as it is. Both share the walk (limits, scheduler, errors) and the
+statistics (in an extra ``rtprune`` field here).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
+from starlette.routing import Match
+from starlette.types import Scope
+
+from service.api.chat import RtpruneChatOptions, image_bytes
+from service.api.deps import get_scheduler, get_settings
+from service.api.ocr import ERROR_RESPONSES, open_upload, wait_for
+from service.engine import RANDOM_WEIGHTS_WARNING, OcrOptions, resolve_options
+from service.errors import InvalidParameter
+from service.inputs import PDF_DPI
+from service.scheduler import Job, Scheduler
+from service.settings import ServiceSettings
+
+
+class JsonBodyRoute(APIRoute):
+    """Matches only requests whose body is JSON, so the same path can also take a multipart form."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is Match.FULL and "json" not in Headers(scope=scope).get("content-type", ""):
+            return Match.NONE, {}
+        return match, child
+
+
+router = APIRouter(tags=["ocr"], route_class=JsonBodyRoute)
+
+
+class DocumentUrl(BaseModel):
+    type: Literal["document_url"]
+    document_url: str = Field(description="data:application/pdf;base64,... (or http(s) where fetching is allowed)")
+    document_name: str | None = None
+
+
+class ImageUrlDocument(BaseModel):
+    type: Literal["image_url"]
+    image_url: str = Field(description="data:image/...;base64,... (or http(s) where fetching is allowed)")
+
+
+class MistralOcrRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    id: str | None = None
+    document: DocumentUrl | ImageUrlDocument = Field(discriminator="type")
+    pages: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="0-based pages; default all")
+    include_image_base64: bool | None = Field(None, description="figures are not extracted: images stay empty")
+    max_new_tokens: int | None = Field(None, ge=1, le=8192, description="rtprune-ocr: most tokens a page")
+    rtprune: RtpruneChatOptions | None = None
+
+
+class Dimensions(BaseModel):
+    dpi: int
+    height: int
+    width: int
+
+
+class MistralPage(BaseModel):
+    index: int
+    markdown: str
+    images: list[dict] = Field(default_factory=list)
+    dimensions: Dimensions
+
+
+class UsageInfo(BaseModel):
+    pages_processed: int
+    doc_size_bytes: int
+
+
+class MistralOcrResponse(BaseModel):
+    pages: list[MistralPage]
+    model: str
+    usage_info: UsageInfo
+    rtprune: dict = Field(description="rtprune-ocr's statistics and warnings for the request")
+
+
+@router.post("/v1/ocr", response_model=MistralOcrResponse, include_in_schema=False, responses=ERROR_RESPONSES)
+async def mistral_ocr(
+    request: Request,
+    body: MistralOcrRequest,
+    scheduler: Annotated[Scheduler, Depends(get_scheduler)],
+    settings: Annotated[ServiceSettings, Depends(get_settings)],
+) -> MistralOcrResponse:
+    accepted_at = time.monotonic()
+    engine = scheduler.ensure_ready()
+    chosen = {"max_new_tokens": body.max_new_tokens} if body.max_new_tokens else {}
+    try:
+        options = OcrOptions(**(body.rtprune or RtpruneChatOptions()).model_dump(), **chosen)
+        options.validate_for_run(engine.version)
+    except ValueError as exc:
+        raise InvalidParameter(str(exc)) from None
+    options, notes = resolve_options(options, set(chosen), random_weights=engine.random_weights)
+    url = body.document.document_url if isinstance(body.document, DocumentUrl) else body.document.image_url
+    data = await image_bytes(url, settings)
+    document = await open_upload(data, settings)
+    if body.pages is not None:
+        missing = [p for p in body.pages if p >= len(document)]
+        if missing:
+            raise InvalidParameter(f"pages {missing} are outside the document's {len(document)} pages (0-based)")
+        document.numbers = [document.numbers[p] for p in sorted(set(body.pages))]
+    job = Job(document, options, accepted_at + settings.request_timeout_s, request.state.request_id, accepted_at)
+    scheduler.submit(job)
+    results = await wait_for(request, job)
+    pages = [
+        MistralPage(index=number - 1, markdown=result.markdown, dimensions=_dimensions(result))
+        for number, result in zip(document.numbers, results, strict=True)
+    ]
+    warnings = [RANDOM_WEIGHTS_WARNING.format(name=engine.name)] if engine.random_weights else []
+    return MistralOcrResponse(
+        pages=pages,
+        model=body.model or settings.model,
+        usage_info=UsageInfo(pages_processed=len(pages), doc_size_bytes=len(data)),
+        rtprune={"pages": [r.stats.model_dump(mode="json") for r in results], "warnings": warnings + notes},
+    )
+
+
+def _dimensions(result) -> Dimensions:
+    """The page's pixel size as OCR'd (a PDF page rendered at ``PDF_DPI``)."""
+    width, height = result.page_size
+    return Dimensions(dpi=PDF_DPI, height=height, width=width)
