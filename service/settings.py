@@ -72,6 +72,13 @@ class ServiceSettings(BaseSettings):
     )
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline (queue + work); then 504")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503")
+    jobs_dir: Path | None = Field(
+        None, description="where asynchronous jobs are stored (default ~/.cache/rtprune-ocr/jobs); a volume in compose"
+    )
+    job_retention_s: float = Field(86_400.0, gt=0, description="a job is deleted this long after its last change")
+    jobs_max_bytes: int = Field(5_000_000_000, ge=1, description="uploads stored for jobs, all together; more get 503")
+    jobs_per_key: int = Field(100, ge=1, description="jobs one API key (or everyone, without keys) may hold; more 429")
+    allow_webhooks: bool = Field(False, description="let a job name a webhook URL the server POSTs to when it ends")
     warmup: bool = Field(True, description="run one tiny page before reporting ready")
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads; default: the CPUs this process may use (cgroup quota included)"

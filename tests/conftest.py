@@ -14,6 +14,12 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
+# Jobs of the apps the tests build go to a fresh directory, never a user's ~/.cache (tests that check
+# durability pass their own).
+import tempfile  # noqa: E402
+
+os.environ.setdefault("RTPRUNE_JOBS_DIR", tempfile.mkdtemp(prefix="rtprune-test-jobs-"))
+
 
 def v1_block_masks(rows: int, cols: int, with_separator: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """protected/newline masks of a v1 block: `rows` rows of `cols` grid tokens + newline, then a separator."""

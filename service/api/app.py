@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import chat, health, mistral_ocr, ocr, web
+from service.api import chat, health, jobs, mistral_ocr, ocr, web
 from service.api.handlers import install_error_handlers
 from service.api.middleware import (
     AdmissionMiddleware,
@@ -21,6 +23,7 @@ from service.api.middleware import (
 )
 from service.api.openapi import describe_uploads_as_multipart
 from service.engine import OCREngine
+from service.jobs import JobRunner, JobStore
 from service.metrics import Metrics
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
@@ -29,6 +32,17 @@ from service.settings import ServiceSettings
 def default_loader(settings: ServiceSettings) -> Callable[[], OCREngine]:
     return lambda: OCREngine.load(
         settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir
+    )
+
+
+def job_runner(settings: ServiceSettings, scheduler: Scheduler) -> JobRunner:
+    directory = settings.jobs_dir or Path.home() / ".cache" / "rtprune-ocr" / "jobs"
+    return JobRunner(
+        JobStore(directory),
+        scheduler,
+        lambda data, page_range: ocr.open_upload(data, settings, page_range),
+        retention_s=settings.job_retention_s,
+        retry_after_s=settings.retry_after_s,
     )
 
 
@@ -54,10 +68,15 @@ def create_app(
         )
         app.state.scheduler = scheduler
         scheduler.start()  # loads in the scheduler's thread; /readyz says 503 until it is warm
+        app.state.jobs = job_runner(settings, scheduler)
+        resume = asyncio.create_task(app.state.jobs.start())  # unfinished jobs go on once the model is ready
         try:
             yield
         finally:
+            resume.cancel()
+            await app.state.jobs.stop()  # stored state untouched: the next start resumes
             await run_in_threadpool(scheduler.stop)
+            app.state.jobs.store.close()
 
     # /docs and /redoc from assets in the fastapi-offline package: FastAPI's default pages load them
     # from a CDN and stay blank on an offline or air-gapped host, the kind that often runs a GPU service
@@ -75,6 +94,7 @@ def create_app(
     app.include_router(mistral_ocr.router)  # JSON bodies only; before the form route of the same path
     app.include_router(ocr.router)
     app.include_router(chat.router)
+    app.include_router(jobs.router)
     web.attach(app)
     describe_uploads_as_multipart(app)
     # added last = outermost: the request id exists before auth, admission and the body limit answer

@@ -66,7 +66,7 @@ class RequestContextMiddleware:
             await response(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - start
-            if scope["path"] in ("/v1/ocr", "/v1/chat/completions"):
+            if scope["path"] in ("/v1/ocr", "/v1/chat/completions", "/v1/jobs"):
                 self.metrics.requests.labels(str(status)).inc()
                 self.metrics.request_seconds.observe(elapsed)
             log.info(

@@ -125,7 +125,7 @@ async def ocr(
         settings.model,
         engine.random_weights,
         options,
-        document,
+        document.numbers,
         results,
         warnings + notes,
         (time.monotonic() - accepted_at) * 1e3,
@@ -159,12 +159,12 @@ def build_response(
     model: str,
     random_weights: bool,
     options: OcrOptions,
-    document: Document,
+    numbers: list[int],
     results: list[PageResult],
     warnings: list[str],
     wall_ms: float,
 ) -> OcrResponse:
-    pages = [PageOut(page=number, **r.model_dump()) for number, r in zip(document.numbers, results, strict=True)]
+    pages = [PageOut(page=number, **r.model_dump()) for number, r in zip(numbers, results, strict=True)]
     warnings = warnings + [
         f"page {p.page} stopped at max_new_tokens ({options.max_new_tokens}) or the position limit"
         for p in pages

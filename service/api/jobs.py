@@ -1,0 +1,203 @@
+"""Asynchronous jobs for long documents: ``POST /v1/jobs`` (the form of ``/v1/ocr``) answers 202 at once;
+poll ``GET /v1/jobs/{id}``, stream page events from ``/events``, fetch ``/result``, ``DELETE`` to cancel.
+
+Jobs are durable (see :mod:`service.jobs`) and belong to the API key that made them: another
+key's job is a 404, like a job that does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from service.api.deps import get_scheduler, get_settings
+from service.api.ocr import ERROR_RESPONSES, OcrForm, build_response, open_upload
+from service.engine import OcrOptions, resolve_options
+from service.errors import InvalidParameter, Overloaded, ServiceError
+from service.jobs import JobRecord, JobRunner, JobStore, stored_page
+from service.scheduler import Scheduler
+from service.settings import ServiceSettings
+
+router = APIRouter(tags=["jobs"])
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class TooManyJobs(ServiceError):
+    status, code = 429, "too_many_jobs"
+
+
+class NotFinished(ServiceError):
+    status, code = 409, "job_not_finished"
+
+
+class JobForm(OcrForm):
+    webhook_url: str | None = Field(
+        None, pattern=r"^https?://", description="POSTed {id, state} when the job ends (if the server allows it)"
+    )
+
+
+class PageProgress(BaseModel):
+    page: int
+    done_at: float | None
+
+
+class JobStatus(BaseModel):
+    id: str
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    pages_total: int
+    pages_done: int
+    created: float
+    updated: float
+    error: str | None
+    pages: list[PageProgress]
+
+
+def get_runner(request: Request) -> JobRunner:
+    return request.app.state.jobs
+
+
+def owner_of(request: Request) -> str:
+    """Who a job belongs to: a digest of the caller's API key (everyone shares one without keys)."""
+    key = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+    return hashlib.sha256(key.strip().encode()).hexdigest()[:32] if key.strip() else "anonymous"
+
+
+def find(store: JobStore, job_id: str, request: Request) -> JobRecord:
+    record = store.get(job_id, owner=owner_of(request))
+    if record is None:
+        raise NotFound(f"no job {job_id!r} (or it belongs to another key, or it expired)")
+    return record
+
+
+def status_of(record: JobRecord, store: JobStore) -> JobStatus:
+    done = store.pages(record.id)
+    return JobStatus(
+        id=record.id,
+        state=record.state,
+        pages_total=len(record.numbers),
+        pages_done=len(done),
+        created=record.created,
+        updated=record.updated,
+        error=record.error,
+        pages=[PageProgress(page=n, done_at=done[p][1] if p in done else None) for p, n in enumerate(record.numbers)],
+    )
+
+
+@router.post("/v1/jobs", status_code=202, summary="Start an OCR job (the form of /v1/ocr); 202 at once")
+async def create_job(
+    request: Request,
+    form: Annotated[JobForm, Form()],
+    scheduler: Annotated[Scheduler, Depends(get_scheduler)],
+    runner: Annotated[JobRunner, Depends(get_runner)],
+    settings: Annotated[ServiceSettings, Depends(get_settings)],
+) -> JSONResponse:
+    engine = scheduler.ensure_ready()
+    fields = form.model_dump(exclude={"file", "pages", "webhook_url"}, exclude_unset=True)
+    options, _ = resolve_options(OcrOptions(**fields), set(fields), random_weights=engine.random_weights)
+    try:
+        options.validate_for_run(engine.version)
+        page_range = form.page_range()
+    except ValueError as exc:
+        raise InvalidParameter(str(exc)) from None
+    if form.webhook_url and not settings.allow_webhooks:
+        raise InvalidParameter("webhooks are off on this server (RTPRUNE_ALLOW_WEBHOOKS)")
+    if len((await request.form()).getlist("file")) > 1:
+        raise InvalidParameter("send one `file` part per request; this one has several")
+    data = await form.file.read()
+    document = await open_upload(data, settings, page_range)  # every limit, before anything is stored
+    owner, store = owner_of(request), runner.store
+    if store.count(owner) >= settings.jobs_per_key:
+        raise TooManyJobs(f"this key holds {settings.jobs_per_key} jobs; wait for some to expire or delete them")
+    if store.total_bytes() + len(data) > settings.jobs_max_bytes:
+        raise Overloaded("job storage is full; retry later", headers={"Retry-After": str(settings.retry_after_s)})
+    record = store.create(owner, options.model_dump(mode="json"), document.numbers, data, form.webhook_url)
+    runner.run(record.id)
+    body = status_of(record, store).model_dump(mode="json")
+    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
+
+
+@router.get("/v1/jobs/{job_id}", summary="A job's state and progress in pages", responses=ERROR_RESPONSES)
+async def job_status(job_id: str, request: Request, runner: Annotated[JobRunner, Depends(get_runner)]) -> JobStatus:
+    return status_of(find(runner.store, job_id, request), runner.store)
+
+
+@router.get("/v1/jobs/{job_id}/result", summary="A finished job's result (as /v1/ocr answers)")
+async def job_result(
+    job_id: str,
+    request: Request,
+    runner: Annotated[JobRunner, Depends(get_runner)],
+    settings: Annotated[ServiceSettings, Depends(get_settings)],
+    scheduler: Annotated[Scheduler, Depends(get_scheduler)],
+):
+    record = find(runner.store, job_id, request)
+    if record.state != "done":
+        detail = f": {record.error}" if record.error else ""
+        raise NotFinished(f"the job is {record.state}{detail}")
+    done = runner.store.pages(job_id)
+    results = [stored_page(done[p][0]) for p in range(len(record.numbers))]
+    engine = scheduler.engine
+    return build_response(
+        settings.model,
+        bool(engine and engine.random_weights),
+        OcrOptions(**record.options),
+        record.numbers,
+        results,
+        [],
+        (record.updated - record.created) * 1e3,
+    )
+
+
+@router.delete("/v1/jobs/{job_id}", summary="Cancel a job (finished pages stay until it expires)")
+async def cancel_job(job_id: str, request: Request, runner: Annotated[JobRunner, Depends(get_runner)]) -> JobStatus:
+    record = find(runner.store, job_id, request)
+    if record.state not in ("done", "failed", "cancelled"):
+        runner.cancel(job_id)
+    return status_of(runner.store.get(job_id), runner.store)
+
+
+@router.get("/v1/jobs/{job_id}/events", summary="Server-sent events: one per finished page, then the final state")
+async def job_events(job_id: str, request: Request, runner: Annotated[JobRunner, Depends(get_runner)]):
+    record = find(runner.store, job_id, request)
+    return StreamingResponse(events(runner, record, request), media_type="text/event-stream")
+
+
+async def events(runner: JobRunner, record: JobRecord, request: Request) -> AsyncIterator[str]:
+    queue = runner.subscribe(record.id)  # first, so nothing between the snapshot and now is missed
+    try:
+        sent: set[int] = set()
+        for position, (_, done_at) in sorted(runner.store.pages(record.id).items()):
+            sent.add(position)
+            yield sse("page", {"page": record.numbers[position], "done_at": done_at})
+        state = runner.store.get(record.id).state
+        while state in ("queued", "running"):
+            try:
+                event, data = await asyncio.wait_for(queue.get(), 1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return
+                state = runner.store.get(record.id).state
+                continue
+            if event == "page" and data["position"] not in sent:
+                sent.add(data["position"])
+                yield sse("page", {"page": record.numbers[data["position"]], "done_at": data["done_at"]})
+            elif event == "state":
+                state = data["state"]
+        final = runner.store.get(record.id)
+        yield sse("end", {"state": final.state, "error": final.error, "at": time.time()})
+    finally:
+        runner.unsubscribe(record.id, queue)
+
+
+def sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"

@@ -1,0 +1,177 @@
+"""Asynchronous, durable jobs: 202 at once, progress in pages, events, result, cancel, limits, kill -9."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.settings import ServiceSettings
+from tests.conftest import serve_process, text_pdf
+
+FAST = {"mode": "tiny", "max_new_tokens": "5"}
+PDF = text_pdf(3, lines=3)
+
+
+def app_client(tiny_engine, jobs_dir, **overrides) -> TestClient:
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False, jobs_dir=jobs_dir, **overrides)
+    return TestClient(create_app(settings, load_engine=lambda: tiny_engine))
+
+
+def ready(client) -> None:
+    while client.get("/readyz").status_code != 200:
+        time.sleep(0.02)
+
+
+def wait_state(get, job_id: str, states=("done", "failed", "cancelled"), timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = get(f"/v1/jobs/{job_id}").json()
+        if status["state"] in states:
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+
+
+def test_a_job_answers_202_at_once_and_its_result_equals_v1_ocr(tiny_engine, tmp_path):
+    with app_client(tiny_engine, tmp_path) as client:
+        ready(client)
+        start = time.monotonic()
+        accepted = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST)
+        assert accepted.status_code == 202 and time.monotonic() - start < 2
+        job_id = accepted.json()["id"]
+        assert accepted.headers["location"] == f"/v1/jobs/{job_id}" and accepted.json()["pages_total"] == 3
+        status = wait_state(client.get, job_id)
+        assert status["state"] == "done" and status["pages_done"] == 3
+        assert all(page["done_at"] for page in status["pages"])
+        result = client.get(f"/v1/jobs/{job_id}/result").json()
+        direct = client.post("/v1/ocr", files={"file": ("d.pdf", PDF)}, data=FAST).json()
+        assert [p["text"] for p in result["pages"]] == [p["text"] for p in direct["pages"]]
+        assert result["stats"]["pages"] == 3 and result["markdown"] == direct["markdown"]
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as events:
+            text = "".join(events.iter_text())
+        assert text.count("event: page") == 3 and '"state": "done"' in text
+
+
+def test_unknown_jobs_and_other_keys_jobs_are_404(tiny_engine, tmp_path):
+    with app_client(tiny_engine, tmp_path) as client:
+        ready(client)
+        job_id = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST, headers={"X-API-Key": "a"}).json()[
+            "id"
+        ]
+        assert client.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": "a"}).status_code == 200
+        assert client.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": "b"}).status_code == 404
+        assert client.delete(f"/v1/jobs/{job_id}", headers={"Authorization": "Bearer b"}).status_code == 404
+        assert client.get("/v1/jobs/does-not-exist").json()["error"]["code"] == "not_found"
+
+
+def test_cancelling_a_job_stops_its_pages(tiny_engine, tmp_path):
+    with app_client(tiny_engine, tmp_path) as client:
+        ready(client)
+        long = {"mode": "tiny", "max_new_tokens": "8192", "ngram_size": "0"}
+        job_id = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=long).json()["id"]
+        wait_state(client.get, job_id, states=("running",))
+        assert client.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
+        scheduler = client.app.state.scheduler
+        deadline = time.monotonic() + 5
+        while scheduler.running_pages or scheduler.queued_pages:
+            assert time.monotonic() < deadline, "the cancelled job's pages kept running"
+            time.sleep(0.05)
+        result = client.get(f"/v1/jobs/{job_id}/result")
+        assert result.status_code == 409 and result.json()["error"]["code"] == "job_not_finished"
+
+
+def test_limits_per_key_and_storage(tiny_engine, tmp_path):
+    with app_client(tiny_engine, tmp_path / "a", jobs_per_key=1) as client:
+        ready(client)
+        assert client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST).status_code == 202
+        refused = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_jobs"
+    with app_client(tiny_engine, tmp_path / "b", jobs_max_bytes=len(PDF) + 10) as client:
+        ready(client)
+        assert client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST).status_code == 202
+        full = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST)
+        assert full.status_code == 503 and full.headers["retry-after"]
+
+
+def test_expired_jobs_are_deleted_with_their_files(tiny_engine, tmp_path):
+    with app_client(tiny_engine, tmp_path, job_retention_s=0.5) as client:
+        ready(client)
+        job_id = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST).json()["id"]
+        wait_state(client.get, job_id)
+    assert (tmp_path / "uploads" / job_id).exists()
+    time.sleep(0.6)
+    with app_client(tiny_engine, tmp_path, job_retention_s=0.5) as client:  # the sweep runs at start
+        ready(client)
+        deadline = time.monotonic() + 5
+        while client.get(f"/v1/jobs/{job_id}").status_code != 404:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert not (tmp_path / "uploads" / job_id).exists()
+
+
+def test_a_webhook_hears_the_end_when_the_server_allows_it(tiny_engine, tmp_path):
+    heard: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            heard.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{hook.server_address[1]}/done"
+    try:
+        with app_client(tiny_engine, tmp_path / "off") as client:
+            ready(client)
+            off = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data={**FAST, "webhook_url": url})
+            assert off.status_code == 422 and "webhooks are off" in off.json()["error"]["message"]
+        with app_client(tiny_engine, tmp_path / "on", allow_webhooks=True) as client:
+            ready(client)
+            job_id = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data={**FAST, "webhook_url": url}).json()[
+                "id"
+            ]
+            wait_state(client.get, job_id)
+            deadline = time.monotonic() + 10
+            while not heard:
+                assert time.monotonic() < deadline, "the webhook was not called"
+                time.sleep(0.05)
+        assert heard == [{"id": job_id, "state": "done"}]
+    finally:
+        hook.shutdown()
+
+
+@pytest.mark.slow
+def test_a_job_survives_kill_9_and_recomputes_no_finished_page(preset_cache, tmp_path):
+    pdf = text_pdf(4, lines=3)
+    args = ("--model", "tiny", "--device", "cpu", "--max-batch-size", "1", "--jobs-dir", str(tmp_path / "jobs"))
+    slow = {"mode": "tiny", "max_new_tokens": "150", "ngram_size": "0"}
+    with serve_process(preset_cache, *args) as (base, _, process):
+        job_id = httpx.post(f"{base}/v1/jobs", files={"file": ("d.pdf", pdf)}, data=slow).json()["id"]
+        deadline = time.monotonic() + 120
+        while True:
+            status = httpx.get(f"{base}/v1/jobs/{job_id}").json()
+            if 1 <= status["pages_done"] < 4:
+                break
+            assert status["pages_done"] < 4 and time.monotonic() < deadline, status
+            time.sleep(0.02)
+        process.kill()  # SIGKILL: no shutdown, no clean-up
+        process.wait(10)
+    before = {p["page"]: p["done_at"] for p in status["pages"] if p["done_at"]}
+    with serve_process(preset_cache, *args) as (base, _, _):
+        final = wait_state(lambda path: httpx.get(f"{base}{path}"), job_id)
+        result = httpx.get(f"{base}/v1/jobs/{job_id}/result").json()
+    assert final["state"] == "done" and final["pages_done"] == 4
+    after = {p["page"]: p["done_at"] for p in final["pages"]}
+    assert all(after[page] == done_at for page, done_at in before.items())  # finished before the kill: kept as is
+    assert [p["page"] for p in result["pages"]] == [1, 2, 3, 4]  # every page exactly once
