@@ -54,6 +54,7 @@ def test_a_job_answers_202_at_once_and_its_result_equals_v1_ocr(tiny_engine, tmp
         direct = client.post("/v1/ocr", files={"file": ("d.pdf", PDF)}, data=FAST).json()
         assert [p["text"] for p in result["pages"]] == [p["text"] for p in direct["pages"]]
         assert result["stats"]["pages"] == 3 and result["markdown"] == direct["markdown"]
+        assert result["random_weights"] and "RANDOM" in result["warnings"][0]
         with client.stream("GET", f"/v1/jobs/{job_id}/events") as events:
             text = "".join(events.iter_text())
         assert text.count("event: page") == 3 and '"state": "done"' in text

@@ -82,7 +82,7 @@ def page_file(tmp_path):
     return path
 
 
-def run_ocr(driver, base: str, page_file: Path, *, keyboard: bool = False) -> None:
+def run_ocr(driver, base: str, page_file: Path, *, keyboard: bool = False, as_job: bool = False) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -94,8 +94,10 @@ def run_ocr(driver, base: str, page_file: Path, *, keyboard: bool = False) -> No
     max_tokens = driver.find_element(By.ID, "max-new-tokens")
     max_tokens.clear()
     max_tokens.send_keys("8")
+    if as_job:
+        driver.find_element(By.ID, "as-job").click()
     if keyboard:  # reach the button with Tab and press Enter, as a keyboard user would
-        max_tokens.send_keys(Keys.TAB, Keys.TAB)
+        max_tokens.send_keys(Keys.TAB, Keys.TAB, Keys.TAB)
         assert driver.switch_to.active_element.get_attribute("id") == "run"
         driver.switch_to.active_element.send_keys(Keys.ENTER)
     else:
@@ -161,6 +163,27 @@ def test_keyboard_and_phone_viewport(server, page_file, chromium):
         )
         assert 0 < image_width <= 390
         driver.save_screenshot(str(ARTIFACTS / "web-phone.png"))
+    finally:
+        driver.quit()
+
+
+def test_a_pdf_as_a_job_shows_page_progress_then_every_page(server, tmp_path, chromium):
+    from selenium.webdriver.common.by import By
+
+    from tests.conftest import text_pdf
+
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(text_pdf(3, lines=4))
+    driver = browser(chromium, 1280, 1000)
+    try:
+        run_ocr(driver, server, pdf, as_job=True)
+        assert driver.find_element(By.ID, "status").text.startswith("Done")
+        progress = driver.find_element(By.ID, "job-progress")
+        assert progress.is_displayed()
+        assert progress.get_attribute("max") == "3" and progress.get_attribute("value") == "3"
+        tabs = driver.find_elements(By.CSS_SELECTOR, "#page-tabs button")
+        assert [t.text for t in tabs] == ["Page 1", "Page 2", "Page 3"]
+        driver.save_screenshot(str(ARTIFACTS / "web-job.png"))
     finally:
         driver.quit()
 

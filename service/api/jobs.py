@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from service.api.deps import get_scheduler, get_settings
 from service.api.ocr import ERROR_RESPONSES, OcrForm, build_response, open_upload
-from service.engine import OcrOptions, resolve_options
+from service.engine import RANDOM_WEIGHTS_WARNING, OcrOptions, resolve_options
 from service.errors import InvalidParameter, Overloaded, ServiceError
 from service.jobs import JobRecord, JobRunner, JobStore, stored_page
 from service.scheduler import Scheduler
@@ -146,14 +146,14 @@ async def job_result(
         raise NotFinished(f"the job is {record.state}{detail}")
     done = runner.store.pages(job_id)
     results = [stored_page(done[p][0]) for p in range(len(record.numbers))]
-    engine = scheduler.engine
+    random_weights = bool(scheduler.engine and scheduler.engine.random_weights)
     return build_response(
         settings.model,
-        bool(engine and engine.random_weights),
+        random_weights,
         OcrOptions(**record.options),
         record.numbers,
         results,
-        [],
+        [RANDOM_WEIGHTS_WARNING.format(name=settings.model)] if random_weights else [],
         (record.updated - record.created) * 1e3,
     )
 

@@ -125,7 +125,9 @@ async function run(event) {
   $("run").disabled = true;
   setStatus("Running…");
   try {
-    const reply = await fetch("/v1/ocr", { method: "POST", body: form, headers });
+    const reply = $("as-job").checked ? await runJob(form, headers)
+                                      : await fetch("/v1/ocr", { method: "POST", body: form, headers });
+    if (!reply) return;
     const body = await reply.json();
     if (!reply.ok) { setStatus(`Error ${reply.status}: ${body.error ? body.error.message : reply.statusText}`); return; }
     response = body;
@@ -139,6 +141,26 @@ async function run(event) {
     setStatus(`Request failed: ${error}`);
   } finally {
     $("run").disabled = false;
+  }
+}
+
+// A job answers 202 at once; poll its progress (EventSource cannot send the API key), then fetch the result.
+async function runJob(form, headers) {
+  const started = await fetch("/v1/jobs", { method: "POST", body: form, headers });
+  if (!started.ok) return started;
+  const job = await started.json();
+  const bar = $("job-progress");
+  bar.max = job.pages_total; bar.value = 0; bar.hidden = false;
+  for (;;) {
+    const status = await (await fetch(`/v1/jobs/${job.id}`, { headers })).json();
+    bar.value = status.pages_done;
+    setStatus(`Job ${status.state}: ${status.pages_done} of ${status.pages_total} pages done…`);
+    if (status.state === "done") return fetch(`/v1/jobs/${job.id}/result`, { headers });
+    if (status.state === "failed" || status.state === "cancelled") {
+      setStatus(`Job ${status.state}${status.error ? `: ${status.error}` : ""}`);
+      return null;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 300));
   }
 }
 
