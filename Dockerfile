@@ -36,8 +36,8 @@ RUN python -m pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_
     && python -m pip install --no-cache-dir "$(find /wheels -name 'rtprune_ocr-*.whl')[load]" \
     && rm -rf /wheels \
     && useradd --create-home --uid 10001 app \
-    && mkdir -p /cache \
-    && chown app:app /cache
+    && mkdir -p /cache /jobs \
+    && chown app:app /cache /jobs
 # the load test runs from the image too: rtprune-ocr loadtest --host URL --locustfile /opt/rtprune-ocr/locustfile.py
 COPY docker/locustfile.py /opt/rtprune-ocr/locustfile.py
 COPY docker/samples /opt/rtprune-ocr/samples
@@ -45,7 +45,8 @@ USER 10001:10001
 WORKDIR /home/app
 # Weights (6.7 GB) land here once; mount a volume so restarts do not download again.
 # HF_HUB_OFFLINE=1 makes a pre-filled cache the only source.
-VOLUME ["/cache"]
+# Asynchronous jobs (uploads and finished pages) live in /jobs (RTPRUNE_JOBS_DIR in docker/rtprune-ocr.env).
+VOLUME ["/cache", "/jobs"]
 EXPOSE 8000
 # Ready = weights loaded and one warm-up page done; the first download can take many minutes.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \

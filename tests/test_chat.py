@@ -179,3 +179,26 @@ def test_the_json_shape_takes_an_image_too_and_refuses_what_it_cannot_do(server)
     assert bad.status_code == 422 and "outside the document" in bad.json()["error"]["message"]
     http = httpx.post(f"{server}/v1/ocr", json={"document": {"type": "document_url", "document_url": "http://x/y"}})
     assert http.status_code == 422 and "fetching http(s) URLs is off" in http.json()["error"]["message"]
+
+
+def test_a_client_that_leaves_a_stream_cancels_the_work(tiny_engine):
+    import time
+
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False)
+    app = create_app(settings, load_engine=lambda: tiny_engine)
+    with live_server(app) as base:
+        body = {
+            "messages": messages(),
+            "max_tokens": 8192,
+            "stream": True,
+            "vllm_xargs": {"ngram_size": 0},
+            "rtprune": {"mode": "tiny"},
+        }
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # the role chunk: the page is running
+        scheduler = app.state.scheduler
+        deadline = time.monotonic() + 5  # 8192 tokens take ~30 s here: stopping early proves cancellation
+        while scheduler.running_pages:
+            assert time.monotonic() < deadline, "the stream's page kept decoding after the client left"
+            time.sleep(0.05)

@@ -110,7 +110,10 @@ class JobRunner:
         finally:
             self._live.pop(job_id, None)
             self._tasks.pop(job_id, None)
-        if self.store.get(job_id).state == "cancelled":
+        current = self.store.get(job_id)
+        if current is None:  # expired and deleted while it ran
+            return
+        if current.state == "cancelled":
             state, error = "cancelled", None
         self.store.set_state(job_id, state, error)
         self._announce(job_id, "state", {"state": state, "error": error})
@@ -132,8 +135,9 @@ class JobRunner:
         )
         self._live[job_id] = job
         while True:
-            if self.store.get(job_id).state == "cancelled":
-                raise Cancelled("the job was cancelled")
+            current = self.store.get(job_id)
+            if current is None or current.state == "cancelled":
+                raise Cancelled("the job was cancelled or has expired")
             try:
                 self.scheduler.submit(job)
                 break
