@@ -65,3 +65,15 @@ class InvalidParameter(ServiceError):
 
 class InternalError(ServiceError):
     status, code = 500, "internal_error"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class TooManyJobs(ServiceError):
+    status, code = 429, "too_many_jobs"
+
+
+class NotFinished(ServiceError):
+    status, code = 409, "job_not_finished"

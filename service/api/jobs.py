@@ -21,24 +21,12 @@ from pydantic import BaseModel, Field
 from service.api.deps import get_scheduler, get_settings
 from service.api.ocr import ERROR_RESPONSES, OcrForm, build_response, open_upload
 from service.engine import RANDOM_WEIGHTS_WARNING, OcrOptions, resolve_options
-from service.errors import InvalidParameter, Overloaded, ServiceError
+from service.errors import InvalidParameter, NotFinished, NotFound, Overloaded, TooManyJobs
 from service.jobs import JobRecord, JobRunner, JobStore, stored_page
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
 
 router = APIRouter(tags=["jobs"])
-
-
-class NotFound(ServiceError):
-    status, code = 404, "not_found"
-
-
-class TooManyJobs(ServiceError):
-    status, code = 429, "too_many_jobs"
-
-
-class NotFinished(ServiceError):
-    status, code = 409, "job_not_finished"
 
 
 class JobForm(OcrForm):

@@ -13,10 +13,10 @@ from .names import DEFAULT_MODEL, RANDOM_WEIGHTS_WARNING
 
 _LAZY = {
     "OCREngine": ".engine",
-    "OcrOptions": ".engine",
+    "OcrOptions": ".options",
     "PageResult": ".engine",
     "PromptTooLong": ".engine",
-    "resolve_options": ".engine",
+    "resolve_options": ".options",
     "Cancelled": ".sequence",
     "ModelLoadError": ".loading",
 }

@@ -17,99 +17,27 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, Field, PrivateAttr
 
-from pruning import PRUNERS, PruneResult, build_pruner
+from pruning import PruneResult, build_pruner
 
 from .assemble import Positions, assemble_prompt
 from .batch import RunningBatch
-from .generate import NGramGuard, Sequence, generate_batch, prompt_problem
+from .generate import Sequence, generate_batch, prompt_problem
 from .layout import visual_token_count
 from .loading import DEFAULT_MODEL, load_model
 from .model import OcrModel, VisualBlock
+from .options import OcrOptions
 from .postprocess import Box, decode_text, parse_boxes, to_markdown
 from .preprocess import V1_MODES, V2_MODES, Mode, PreparedImage, preprocess
-from .prompts import Task, build_prompt, encode_prompt
+from .prompts import encode_prompt
 from .stats import PageStats, RetentionRequested, StageTimer, shared_stage
 from .token_map import TokenMap, build_token_map, preview_data_url
 
 log = logging.getLogger(__name__)
-
-PrunerName = Literal["rtprune", "none", "random", "norm", "divprune"]
-assert set(PrunerName.__args__) == set(PRUNERS), "keep PrunerName in step with pruning.PRUNERS"
-
-
-class OcrOptions(BaseModel):
-    """Everything a caller may choose per page. Defaults follow DeepSeek-OCR's own."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    mode: Mode = Mode.gundam
-    task: Task = Task.markdown
-    ref: str | None = Field(None, max_length=1000, description="what to find, for task 'locate'")
-    prompt: str | None = Field(
-        None,
-        max_length=4000,
-        description="raw prompt with exactly one <image> placeholder; overrides task",
-        json_schema_extra={"pattern": r"^(?![\s\S]*<image>[\s\S]*<image>)[\s\S]*<image>[\s\S]*$"},
-        examples=["<image>\nFree OCR."],
-    )
-    pruner: PrunerName = "rtprune"
-    retention: Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] = Field(
-        "auto",
-        description="share of grid tokens kept, in (0, 1], or auto (RTPrune's per-image ratio)",
-        examples=["auto", 0.8425],
-    )
-    positions: Positions = Positions.original
-    max_new_tokens: int = Field(8192, ge=1, le=8192)
-    ngram_size: int = Field(30, ge=0, le=512, description="no-repeat n-gram size; 0 disables the guard")
-    ngram_window: int = Field(90, ge=0, le=8192, description="generated tokens the guard looks back over")
-    max_crops: int = Field(6, ge=2, le=9, description="most Gundam tiles")
-    token_map: bool = Field(False, description="also return the global view's token map and a page preview")
-
-    def guard(self) -> NGramGuard:
-        return NGramGuard(size=self.ngram_size, window=self.ngram_window)
-
-    def prompt_text(self) -> str:
-        return build_prompt(self.task, ref=self.ref, prompt=self.prompt)
-
-    def validate_for_run(self, version: str = "v1") -> None:
-        """Checks that need more than one field or the model; raise ValueError before any heavy work."""
-        self.prompt_text()
-        self.guard()
-        modes = V1_MODES if version == "v1" else V2_MODES
-        if self.mode not in modes:
-            raise ValueError(
-                f"mode {self.mode.value!r} is not available for DeepSeek-OCR {version}; choose one of "
-                f"{', '.join(m.value for m in modes)}"
-            )
-
-
-RANDOM_MAX_NEW_TOKENS = 32  # random weights never write end-of-text: without a cap every page runs to 8192
-
-
-def resolve_options(options: OcrOptions, chosen: set[str], *, random_weights: bool) -> tuple[OcrOptions, list[str]]:
-    """Defaults that depend on the model, and a note for every chosen option that has no effect.
-
-    ``chosen`` are the fields the caller set explicitly (pydantic's ``model_fields_set``)."""
-    notes = []
-    if random_weights and "max_new_tokens" not in chosen:
-        options = options.model_copy(update={"max_new_tokens": RANDOM_MAX_NEW_TOKENS})
-        notes.append(
-            f"random weights never write end-of-text, so max_new_tokens defaults to {RANDOM_MAX_NEW_TOKENS} "
-            "on this preset (set it to change that)"
-        )
-    if options.pruner == "none" and "retention" in chosen:
-        notes.append("retention is ignored with pruner=none: every visual token is kept")
-    if "max_crops" in chosen and options.mode is not Mode.gundam:
-        notes.append(f"max_crops is ignored in mode {options.mode.value!r}: only gundam cuts the page into tiles")
-    if options.pruner == "none" and "positions" in chosen:
-        notes.append("positions has no effect with pruner=none: nothing is removed, so both schemes agree")
-    return options, notes
 
 
 def _never() -> bool:

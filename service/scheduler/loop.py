@@ -25,8 +25,6 @@ alone fails its request (503 for out-of-memory).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
 import logging
 import threading
@@ -36,22 +34,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from service.engine import Cancelled, OCREngine, PageResult
 from service.engine.batch import RunningBatch
 from service.engine.engine import PageTask, PreparedPage
 from service.engine.layout import visual_tokens_for_size
 from service.engine.stats import StageTimer
-from service.errors import NotReady, OutOfMemory
+from service.errors import NotReady
 
 from .jobs import Job, PageQueue
+from .memory import default_batch_tokens, domain_error, release_device_memory, return_memory_to_os
 
 log = logging.getLogger(__name__)
 
 Batching = Literal["continuous", "static"]
-CPU_BATCH_TOKENS = 32_768  # default KV budget on CPU (~4 GB of fp32 KV on the full-size model)
-GPU_KV_SHARE = 0.6  # share of the free device memory after warm-up given to the KV cache
 
 
 @dataclass(frozen=True)
@@ -278,11 +273,11 @@ class Scheduler:
         try:
             prepared = self.engine.prepare([task for _, _, task in taken])
         except Exception as exc:  # the engine returns per-page failures; anything else fails these pages only
-            self._release_memory(exc)
+            release_device_memory(exc)
             prepared = [exc] * len(taken)
         for (job, index, _), page in zip(taken, prepared, strict=True):
             if isinstance(page, BaseException):
-                job.fail(_domain_error(page, self.config.retry_after_s))
+                job.fail(domain_error(page, self.config.retry_after_s))
             else:
                 self._ready.append(Running(job, index, page))
 
@@ -311,10 +306,10 @@ class Scheduler:
             try:
                 finished = self._batch.join([r.sequence for r in joiners])
             except Exception as exc:
-                self._release_memory(exc)
+                release_device_memory(exc)
                 if len(joiners) == 1:
                     self._ready.popleft()
-                    joiners[0].job.fail(_domain_error(exc, self.config.retry_after_s))
+                    joiners[0].job.fail(domain_error(exc, self.config.retry_after_s))
                     limit = len(self._ready)
                 else:
                     limit = len(joiners) // 2
@@ -348,7 +343,7 @@ class Scheduler:
         try:
             finished = self._batch.step()
         except Exception as exc:
-            self._release_memory(exc)
+            release_device_memory(exc)
             self._evict_after_failure(exc)
             return
         self._step_times.append(time.monotonic())
@@ -362,7 +357,7 @@ class Scheduler:
         if len(rows) == 1:
             r = self._running.pop(id(rows[0]))
             self._batch.remove(rows)
-            r.job.fail(_domain_error(exc, self.config.retry_after_s))
+            r.job.fail(domain_error(exc, self.config.retry_after_s))
             return
         evicted = rows[len(rows) // 2 :]
         log.warning("decode step with %d pages failed (%s); evicting %d", len(rows), exc, len(evicted))
@@ -381,16 +376,12 @@ class Scheduler:
                 continue
             outcome = self.engine.outcome(r.page)
             if isinstance(outcome, BaseException):
-                r.job.fail(_domain_error(outcome, self.config.retry_after_s))
+                r.job.fail(domain_error(outcome, self.config.retry_after_s))
                 continue
             self._on_page(outcome)
             r.job.record(r.index, outcome)
 
     # --- failure and shutdown -----------------------------------------------------------------------
-
-    def _release_memory(self, exc: BaseException) -> None:
-        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def _fail_in_flight(self, exc: BaseException) -> None:
         if self._batch is not None:
@@ -408,30 +399,3 @@ class Scheduler:
             f"the service is shutting down{detail}; retry on another replica or shortly",
             headers={"Retry-After": str(self.config.retry_after_s)},
         )
-
-
-def _domain_error(exc: BaseException, retry_after_s: int) -> BaseException:
-    """Out of memory becomes a 503 the client may retry; everything else travels as it is."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return OutOfMemory(
-            "the device ran out of memory on this page even when it ran alone; retry with a smaller mode "
-            "or a lower RTPRUNE_MAX_BATCH_TOKENS",
-            headers={"Retry-After": str(retry_after_s)},
-        )
-    return exc
-
-
-def return_memory_to_os() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS stays at its peak after a
-    large document); elsewhere a no-op."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def default_batch_tokens(engine: OCREngine) -> int:
-    """A KV budget for the device: a share of the memory free after warm-up on CUDA, a fixed one on CPU."""
-    device = engine.device
-    if device.type != "cuda":
-        return CPU_BATCH_TOKENS
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(8192, int(free * GPU_KV_SHARE / engine.model.kv_bytes_per_token()))
