@@ -91,7 +91,7 @@ def run_loadtest(
                 "--port",
                 str(port),
                 "--queue-size",
-                str(max(16, 2 * users)),
+                str(max(128, 4 * users)),  # at least the largest document (max_pdf_pages), and room for every user
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -92,6 +92,11 @@ class ServiceSettings(BaseSettings):
     def _check(self) -> ServiceSettings:
         if self.api_key is not None and not self.api_key.get_secret_value():
             self.api_key = None  # an empty RTPRUNE_API_KEY means no key, not a key that is empty
+        if self.queue_size < self.max_pdf_pages:
+            raise ValueError(
+                f"queue_size ({self.queue_size} pages) must be at least max_pdf_pages ({self.max_pdf_pages}): "
+                "a document is queued whole, so a larger one could never run; raise RTPRUNE_QUEUE_SIZE"
+            )
         return self
 
     def scheduler_config(self):

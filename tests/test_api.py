@@ -64,7 +64,7 @@ class GatedEngine:
 
 
 def settings(**overrides) -> ServiceSettings:
-    base = {"model": "tiny", "log_json": False, "queue_size": 4, "request_timeout_s": 60}
+    base = {"model": "tiny", "log_json": False, "queue_size": 4, "max_pdf_pages": 4, "request_timeout_s": 60}
     return ServiceSettings(**{**base, **overrides})
 
 
@@ -281,7 +281,7 @@ def test_missing_file_is_422(service):
 
 def test_queue_full_is_503_with_retry_after_at_once(tiny_engine):
     engine = GatedEngine(tiny_engine)
-    with client_for(engine, queue_size=1) as (client, app):
+    with client_for(engine, queue_size=1, max_pdf_pages=1) as (client, app):
         engine.gate.clear()
         engine.started.clear()
         results = {}

@@ -185,3 +185,8 @@ def test_the_loadtest_extra_is_complete():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["load"]
     assert any(e.startswith("httpx") for e in extras) and any(e.startswith("locust") for e in extras)
     assert httpx  # the module loadtest imports is importable
+
+
+def test_a_queue_smaller_than_the_largest_document_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="raise RTPRUNE_QUEUE_SIZE"):
+        ServiceSettings(queue_size=10, max_pdf_pages=50)

@@ -74,27 +74,31 @@ def test_a_document_that_does_not_fit_the_page_budget_is_refused_whole():
 
 def test_http_page_budget_and_full_queue_use_the_retry_after_setting(tiny_engine):
     engine = GatedEngine(tiny_engine)
-    settings = ServiceSettings(model="tiny", log_json=False, queue_size=3, retry_after_s=7, warmup=False)
+    settings = ServiceSettings(
+        model="tiny", log_json=False, queue_size=4, max_pdf_pages=4, retry_after_s=7, warmup=False
+    )
     app = create_app(settings, load_engine=lambda: engine)
-    with live_server(app) as base:
-        engine.gate.clear()
-        files = {"file": ("p.png", png(text_page()), "image/png")}
-        fast = {"mode": "tiny", "max_new_tokens": "2"}
-        held = threading.Thread(
+    fast = {"mode": "tiny", "max_new_tokens": "2"}
+
+    def post_in_background(files) -> threading.Thread:
+        thread = threading.Thread(
             target=httpx.post, args=(f"{base}/v1/ocr",), kwargs={"files": files, "data": fast, "timeout": 60}
         )
-        held.start()
+        thread.start()
+        return thread
+
+    with live_server(app) as base:
+        engine.gate.clear()
+        held = post_in_background({"file": ("p.png", png(text_page()), "image/png")})
         wait_until(lambda: engine.started.is_set(), what="the first page to be admitted")
-        pdf = {"file": ("d.pdf", text_pdf(4, lines=3), "application/pdf")}
+        waiting = post_in_background({"file": ("d.pdf", text_pdf(2, lines=3), "application/pdf")})
+        wait_until(lambda: app.state.scheduler.queued_pages == 2, what="two pages waiting")
+        pdf = {"file": ("d.pdf", text_pdf(3, lines=3), "application/pdf")}
         too_big = httpx.post(f"{base}/v1/ocr", files=pdf, data={"mode": "tiny"}, timeout=30)
         assert too_big.status_code == 503 and too_big.headers["retry-after"] == "7"
-        assert "3 page slots" in too_big.json()["error"]["message"]
+        assert "only 2 of 4 page slots" in too_big.json()["error"]["message"]
         # fill the queue, then an upload is refused before its body is read
-        fill = {"file": ("d.pdf", text_pdf(3, lines=3), "application/pdf")}
-        filler = threading.Thread(
-            target=httpx.post, args=(f"{base}/v1/ocr",), kwargs={"files": fill, "data": fast, "timeout": 60}
-        )
-        filler.start()
+        filler = post_in_background({"file": ("d.pdf", text_pdf(2, lines=3), "application/pdf")})
         wait_until(lambda: app.state.scheduler.queue_full(), what="a full queue")
         port = int(base.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
@@ -105,8 +109,8 @@ def test_http_page_budget_and_full_queue_use_the_retry_after_setting(tiny_engine
             answer = conn.recv(4096).decode()
         assert answer.startswith("HTTP/1.1 503") and "retry-after: 7" in answer.lower()
         engine.gate.set()
-        held.join(60)
-        filler.join(60)
+        for thread in (held, waiting, filler):
+            thread.join(60)
 
 
 # --- continuous batching -------------------------------------------------------------------------------
