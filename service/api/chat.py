@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import get_scheduler, get_settings
-from service.api.ocr import ERROR_RESPONSES, open_upload, wait_for
+from service.api.ocr import ERROR_RESPONSES, open_upload, request_job, wait_for
 from service.engine import OcrOptions, PageResult
 from service.engine.sequence import TABLE_CELL_IDS
 from service.errors import InvalidParameter, PayloadTooLarge
@@ -172,7 +172,7 @@ async def chat_completions(
         raise InvalidParameter(str(exc)) from None
     document = await open_upload(await image_bytes(url, settings), settings, page_range=(1, 1))
     accepted_at = time.monotonic()
-    job = Job(document, options, accepted_at + settings.request_timeout_s, request.state.request_id, accepted_at)
+    job = request_job(request, document, options, settings, accepted_at)
     reply = Reply(body.model or settings.model, engine.model.tokenizer, body.skip_special_tokens)
     if body.stream:
         tokens: asyncio.Queue = asyncio.Queue()

@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from service.api.deps import get_scheduler, get_settings
-from service.api.ocr import ERROR_RESPONSES, OcrForm, build_response, open_upload
-from service.engine import RANDOM_WEIGHTS_WARNING, OcrOptions, resolve_options
+from service.api.ocr import ERROR_RESPONSES, OcrForm, build_response, checked_options, read_upload
+from service.engine import OcrOptions
 from service.errors import InvalidParameter, NotFinished, NotFound, Overloaded, TooManyJobs
 from service.jobs import JobRecord, JobRunner, JobStore, stored_page
 from service.scheduler import Scheduler
@@ -69,7 +69,7 @@ def find(store: JobStore, job_id: str, request: Request) -> JobRecord:
 
 
 def status_of(record: JobRecord, store: JobStore) -> JobStatus:
-    done = store.pages(record.id)
+    done = store.done_at(record.id)
     return JobStatus(
         id=record.id,
         state=record.state,
@@ -78,7 +78,7 @@ def status_of(record: JobRecord, store: JobStore) -> JobStatus:
         created=record.created,
         updated=record.updated,
         error=record.error,
-        pages=[PageProgress(page=n, done_at=done[p][1] if p in done else None) for p, n in enumerate(record.numbers)],
+        pages=[PageProgress(page=n, done_at=done.get(p)) for p, n in enumerate(record.numbers)],
     )
 
 
@@ -90,20 +90,10 @@ async def create_job(
     runner: Annotated[JobRunner, Depends(get_runner)],
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ) -> JSONResponse:
-    engine = scheduler.ensure_ready()
-    fields = form.model_dump(exclude={"file", "pages", "webhook_url"}, exclude_unset=True)
-    options, _ = resolve_options(OcrOptions(**fields), set(fields), random_weights=engine.random_weights)
-    try:
-        options.validate_for_run(engine.version)
-        page_range = form.page_range()
-    except ValueError as exc:
-        raise InvalidParameter(str(exc)) from None
+    options, _, page_range = checked_options(form, scheduler.ensure_ready())
     if form.webhook_url and not settings.allow_webhooks:
         raise InvalidParameter("webhooks are off on this server (RTPRUNE_ALLOW_WEBHOOKS)")
-    if len((await request.form()).getlist("file")) > 1:
-        raise InvalidParameter("send one `file` part per request; this one has several")
-    data = await form.file.read()
-    document = await open_upload(data, settings, page_range)  # every limit, before anything is stored
+    data, document = await read_upload(request, form, settings, page_range)  # every limit, before storing
     owner, store = owner_of(request), runner.store
     if store.count(owner) >= settings.jobs_per_key:
         raise TooManyJobs(f"this key holds {settings.jobs_per_key} jobs; wait for some to expire or delete them")
@@ -141,7 +131,7 @@ async def job_result(
         OcrOptions(**record.options),
         record.numbers,
         results,
-        [RANDOM_WEIGHTS_WARNING.format(name=settings.model)] if random_weights else [],
+        [],
         (record.updated - record.created) * 1e3,
     )
 
@@ -164,7 +154,7 @@ async def events(runner: JobRunner, record: JobRecord, request: Request) -> Asyn
     queue = runner.subscribe(record.id)  # first, so nothing between the snapshot and now is missed
     try:
         sent: set[int] = set()
-        for position, (_, done_at) in sorted(runner.store.pages(record.id).items()):
+        for position, done_at in sorted(runner.store.done_at(record.id).items()):
             sent.add(position)
             yield sse("page", {"page": record.numbers[position], "done_at": done_at})
         state = runner.store.get(record.id).state

@@ -21,11 +21,11 @@ from starlette.types import Scope
 
 from service.api.chat import RtpruneChatOptions, image_bytes
 from service.api.deps import get_scheduler, get_settings
-from service.api.ocr import ERROR_RESPONSES, open_upload, wait_for
+from service.api.ocr import ERROR_RESPONSES, open_upload, request_job, wait_for
 from service.engine import RANDOM_WEIGHTS_WARNING, OcrOptions, resolve_options
 from service.errors import InvalidParameter
 from service.inputs import PDF_DPI
-from service.scheduler import Job, Scheduler
+from service.scheduler import Scheduler
 from service.settings import ServiceSettings
 
 
@@ -114,7 +114,7 @@ async def mistral_ocr(
         if missing:
             raise InvalidParameter(f"pages {missing} are outside the document's {len(document)} pages (0-based)")
         document.numbers = [document.numbers[p] for p in sorted(set(body.pages))]
-    job = Job(document, options, accepted_at + settings.request_timeout_s, request.state.request_id, accepted_at)
+    job = request_job(request, document, options, settings, accepted_at)
     scheduler.submit(job)
     results = await wait_for(request, job)
     pages = [

@@ -39,7 +39,8 @@ class OcrForm(OcrOptions):
     )
 
     def options(self) -> OcrOptions:
-        return OcrOptions(**self.model_dump(exclude={"file", "pages"}, exclude_unset=True))
+        """The engine options the caller set (the form's other fields, of subclasses too, left out)."""
+        return OcrOptions(**self.model_dump(include=set(OcrOptions.model_fields), exclude_unset=True))
 
     def page_range(self) -> tuple[int, int | None] | None:
         if self.pages is None:
@@ -104,41 +105,48 @@ async def ocr(
 ) -> OcrResponse:
     accepted_at = time.monotonic()
     engine = scheduler.ensure_ready()
-    options, notes = resolve_options(form.options(), form.model_fields_set, random_weights=engine.random_weights)
-    try:
-        options.validate_for_run(engine.version)
-        page_range = form.page_range()
-    except ValueError as exc:
-        raise InvalidParameter(str(exc)) from None
-    document = await read_document(request, form, settings, page_range)
-    job = Job(
-        document,
-        options,
-        deadline=accepted_at + settings.request_timeout_s,
-        request_id=request.state.request_id,
-        accepted_at=accepted_at,
-    )
+    options, notes, page_range = checked_options(form, engine)
+    _, document = await read_upload(request, form, settings, page_range)
+    job = request_job(request, document, options, settings, accepted_at)
     scheduler.submit(job)
     results = await wait_for(request, job)
-    warnings = [RANDOM_WEIGHTS_WARNING.format(name=engine.name)] if engine.random_weights else []
     return build_response(
         settings.model,
         engine.random_weights,
         options,
         document.numbers,
         results,
-        warnings + notes,
+        notes,
         (time.monotonic() - accepted_at) * 1e3,
     )
 
 
-async def read_document(
+def checked_options(form: OcrForm, engine) -> tuple[OcrOptions, list[str], tuple[int, int | None] | None]:
+    """The form's options with the model's defaults, notes on options without effect, and the page range;
+    InvalidParameter (422) for what only the model can refuse."""
+    options, notes = resolve_options(form.options(), form.model_fields_set, random_weights=engine.random_weights)
+    try:
+        options.validate_for_run(engine.version)
+        return options, notes, form.page_range()
+    except ValueError as exc:
+        raise InvalidParameter(str(exc)) from None
+
+
+async def read_upload(
     request: Request, form: OcrForm, settings: ServiceSettings, page_range: tuple[int, int | None] | None
-) -> Document:
-    """The upload as a Document, every limit checked before any PDF page is rendered."""
+) -> tuple[bytes, Document]:
+    """The upload's bytes and Document, every limit checked before any PDF page is rendered."""
     if len((await request.form()).getlist("file")) > 1:  # parsed once by FastAPI; this is its cache
         raise InvalidParameter("send one `file` part per request; this one has several")
-    return await open_upload(await form.file.read(), settings, page_range)
+    data = await form.file.read()
+    return data, await open_upload(data, settings, page_range)
+
+
+def request_job(
+    request: Request, document: Document, options: OcrOptions, settings: ServiceSettings, accepted_at: float
+) -> Job:
+    """A scheduler job for a request that waits for its answer: the request's deadline and id."""
+    return Job(document, options, accepted_at + settings.request_timeout_s, request.state.request_id, accepted_at)
 
 
 async def open_upload(
@@ -161,11 +169,13 @@ def build_response(
     options: OcrOptions,
     numbers: list[int],
     results: list[PageResult],
-    warnings: list[str],
+    notes: list[str],
     wall_ms: float,
 ) -> OcrResponse:
+    """The /v1/ocr answer: pages, their markdown joined, request statistics and every warning."""
     pages = [PageOut(page=number, **r.model_dump()) for number, r in zip(numbers, results, strict=True)]
-    warnings = warnings + [
+    warnings = [RANDOM_WEIGHTS_WARNING.format(name=model)] if random_weights else []
+    warnings += notes + [
         f"page {p.page} stopped at max_new_tokens ({options.max_new_tokens}) or the position limit"
         for p in pages
         if p.stats.finish_reason == "length"

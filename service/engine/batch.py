@@ -42,7 +42,6 @@ class RunningBatch:
         self.rows: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._last: torch.Tensor | None = None  # (rows,) last chosen token per row, on the device
-        self.steps = 0
 
     # --- bookkeeping, all on the host -------------------------------------------------------
 
@@ -129,7 +128,6 @@ class RunningBatch:
         except BaseException:
             self._crop(width)  # layers that already appended this step's column give it back
             raise
-        self.steps += 1
         self._last = chosen
         return self._advance(list(self.rows), tokens, finite, span=(started, time.perf_counter()))
 

@@ -34,14 +34,11 @@ from .options import OcrOptions
 from .postprocess import Box, decode_text, parse_boxes, to_markdown
 from .preprocess import V1_MODES, V2_MODES, Mode, PreparedImage, preprocess
 from .prompts import encode_prompt
+from .sequence import never
 from .stats import PageStats, RetentionRequested, StageTimer, shared_stage
 from .token_map import TokenMap, build_token_map, preview_data_url
 
 log = logging.getLogger(__name__)
-
-
-def _never() -> bool:
-    return False
 
 
 @dataclass
@@ -51,7 +48,7 @@ class PageTask:
     image: Image.Image | None  # None once the page is prepared (unless its token map needs it)
     options: OcrOptions
     timer: StageTimer
-    should_stop: Callable[[], bool] = _never
+    should_stop: Callable[[], bool] = never
     on_token: Callable[[int, int], None] | None = None  # (position, token id) as each token is chosen
 
 
@@ -150,7 +147,7 @@ class OCREngine:
         timer: StageTimer | None = None,
     ) -> PageResult:
         """OCR one page. ``should_stop`` is polled between decode steps (cancellation)."""
-        task = PageTask(image, options or OcrOptions(), timer or StageTimer(self.model.device), should_stop or _never)
+        task = PageTask(image, options or OcrOptions(), timer or StageTimer(self.model.device), should_stop or never)
         result = self.run_batch([task])[0]
         if isinstance(result, BaseException):
             raise result

@@ -18,7 +18,7 @@ import torch
 from .assemble import PromptInputs
 from .batch import RunningBatch
 from .model import OcrModel
-from .sequence import EOS_ID, TABLE_CELL_IDS, Cancelled, Generation, NGramGuard, Sequence
+from .sequence import EOS_ID, TABLE_CELL_IDS, Cancelled, Generation, NGramGuard, Sequence, never
 from .stats import StageTimer
 
 __all__ = [
@@ -76,7 +76,7 @@ def generate(
     should_stop: Callable[[], bool] | None = None,
 ) -> Generation:
     """Greedy decoding of one prompt until eos, ``max_new_tokens`` or the model's positions run out."""
-    seq = Sequence(prompt, max_new_tokens, guard, timer, should_stop or (lambda: False))
+    seq = Sequence(prompt, max_new_tokens, guard, timer, should_stop or never)
     generate_batch(model, [seq])
     if isinstance(seq.outcome, BaseException):
         raise seq.outcome

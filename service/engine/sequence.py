@@ -59,7 +59,8 @@ class Generation:
     finish_reason: Literal["eos", "length"]
 
 
-def _never() -> bool:
+def never() -> bool:
+    """The stop rule of a page nobody cancels."""
     return False
 
 
@@ -72,7 +73,7 @@ class Sequence:
     budget: int
     guard: NGramGuard
     timer: StageTimer
-    should_stop: Callable[[], bool] = _never
+    should_stop: Callable[[], bool] = never
     on_token: Callable[[int, int], None] | None = None  # (position in the output, token id), e.g. streaming
     tokens: list[int] = field(default_factory=list)
     outcome: Generation | BaseException | None = None

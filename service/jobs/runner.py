@@ -93,7 +93,7 @@ class JobRunner:
         record = self.store.get(job_id)
         if record is None or record.state in TERMINAL:
             return
-        done = self.store.pages(job_id)
+        done = self.store.done_at(job_id)
         remaining = [p for p in range(len(record.numbers)) if p not in done]
         try:
             if remaining:

@@ -96,6 +96,12 @@ class JobStore:
             rows = self._db.execute("SELECT position, result, done_at FROM pages WHERE job_id = ?", (job_id,))
             return {position: (result, done_at) for position, result, done_at in rows.fetchall()}
 
+    def done_at(self, job_id: str) -> dict[int, float]:
+        """position -> done_at of the finished pages, without reading their results (progress polls)."""
+        with self._lock:
+            rows = self._db.execute("SELECT position, done_at FROM pages WHERE job_id = ?", (job_id,))
+            return dict(rows.fetchall())
+
     def unfinished(self) -> list[str]:
         with self._lock:
             rows = self._db.execute("SELECT id FROM jobs WHERE state IN (?, ?) ORDER BY created", UNFINISHED)
