@@ -118,6 +118,33 @@ class RecordingEngine:
         return RecordingBatch(self.engine.model)
 
 
+class GatedEngine:
+    """The real tiny engine behind a gate: each run waits until the test opens it (or fails on demand)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.fail_next: BaseException | None = None
+        self.gate.set()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def warmup(self) -> None:
+        self.engine.warmup()
+
+    def prepare(self, tasks):
+        self.started.set()
+        while not self.gate.wait(0.01):
+            if all(task.should_stop() for task in tasks):
+                break
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        return self.engine.prepare(tasks)
+
+
 def started_scheduler(engine, **config):
     """A scheduler over ``engine`` (no warm-up), already ready."""
     import time

@@ -16,7 +16,7 @@ from PIL import Image
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.conftest import live_server, text_page
+from tests.conftest import GatedEngine, live_server, text_page
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -34,33 +34,6 @@ def pdf_bytes(n_pages: int) -> bytes:
 
 PAGE = png_bytes(text_page((600, 800)))
 FAST = {"mode": "tiny", "max_new_tokens": "4"}
-
-
-class GatedEngine:
-    """The real tiny engine behind a gate: each run waits until the test opens it (or fails on demand)."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.gate = threading.Event()
-        self.started = threading.Event()
-        self.fail_next: BaseException | None = None
-        self.gate.set()
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def warmup(self) -> None:
-        self.engine.warmup()
-
-    def prepare(self, tasks):
-        self.started.set()
-        while not self.gate.wait(0.01):
-            if all(task.should_stop() for task in tasks):
-                break
-        if self.fail_next is not None:
-            exc, self.fail_next = self.fail_next, None
-            raise exc
-        return self.engine.prepare(tasks)
 
 
 def settings(**overrides) -> ServiceSettings:

@@ -20,7 +20,15 @@ from service.errors import NotReady, OutOfMemory, Overloaded
 from service.inputs import Document, open_document
 from service.scheduler import Job, PageQueue
 from service.settings import ServiceSettings
-from tests.conftest import RecordingEngine, image_job, live_server, started_scheduler, text_page, text_pdf
+from tests.conftest import (
+    GatedEngine,
+    RecordingEngine,
+    image_job,
+    live_server,
+    started_scheduler,
+    text_page,
+    text_pdf,
+)
 
 LONG = OcrOptions(mode="tiny", max_new_tokens=400, ngram_size=0)
 SHORT = [
@@ -431,22 +439,6 @@ def test_info_describes_the_batching(tiny_engine):
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
-
-
-class GatedEngine(RecordingEngine):
-    """The real engine; preparing pages waits until the test opens the gate."""
-
-    def __init__(self, engine) -> None:
-        super().__init__(engine, [])
-        self.gate, self.started = threading.Event(), threading.Event()
-        self.gate.set()
-
-    def prepare(self, tasks):
-        self.started.set()
-        while not self.gate.wait(0.01):
-            if all(task.should_stop() for task in tasks):
-                break
-        return self.engine.prepare(tasks)
 
 
 def png(image) -> bytes:

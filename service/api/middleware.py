@@ -165,14 +165,7 @@ class AdmissionMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths and self.full():
-            response = error_json(
-                503,
-                "overloaded",
-                "the queue is full; retry shortly",
-                scope.get("state", {}).get("request_id"),
-                headers={"Retry-After": str(self.retry_after_s)},
-            )
-            await response(scope, receive, send)
+            await overloaded(scope, "the queue is full; retry shortly", self.retry_after_s)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -192,17 +185,17 @@ class ConcurrencyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:
-            response = error_json(
-                503,
-                "overloaded",
-                f"{self.limit} requests are in flight; retry shortly",
-                scope.get("state", {}).get("request_id"),
-                headers={"Retry-After": str(self.retry_after_s)},
-            )
-            await response(scope, receive, send)
+            message = f"{self.limit} requests are in flight; retry shortly"
+            await overloaded(scope, message, self.retry_after_s)(scope, receive, send)
             return
         self.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+
+
+def overloaded(scope: Scope, message: str, retry_after_s: int):
+    """The 503 a middleware answers under load, with Retry-After from the settings."""
+    request_id = scope.get("state", {}).get("request_id")
+    return error_json(503, "overloaded", message, request_id, headers={"Retry-After": str(retry_after_s)})
