@@ -202,3 +202,19 @@ def test_a_client_that_leaves_a_stream_cancels_the_work(tiny_engine):
         while scheduler.running_pages:
             assert time.monotonic() < deadline, "the stream's page kept decoding after the client left"
             time.sleep(0.05)
+
+
+def test_streamed_deltas_add_up_to_the_whole_text_across_multi_byte_characters(tiny_engine):
+    from service.api.chat import Reply
+
+    tokenizer = tiny_engine.model.tokenizer
+    text = "Grüße — 数学 ✓ <td>x</td> naïve"
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    reply = Reply("tiny", tokenizer, skip_special_tokens=False)
+    sent, shown = [], 0
+    for i in range(1, len(tokens) + 1):
+        delta, shown = reply.delta(tokens[:i], shown)
+        sent.append(delta)
+        assert "\ufffd" not in delta
+    assert "".join(sent) == tokenizer.decode(tokens) == text
+    assert shown == len(tokens)

@@ -197,7 +197,17 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def text(self, tokens: list[int]) -> str:
+        """Text of tokens not sent yet: the byte-level tokenizer decodes piece by piece, so each step
+        decodes only what is new (decoding the whole output each step would cost O(n²) on long pages)."""
         return self.tokenizer.decode(tokens, skip_special_tokens=self.skip)
+
+    def delta(self, generated: list[int], shown: int) -> tuple[str, int]:
+        """The text the tokens after ``shown`` add, and the new ``shown``; nothing while the last token
+        ends inside a multi-byte character (its text would end in U+FFFD)."""
+        text = self.text(generated[shown:])
+        if text and not text.endswith("\ufffd"):
+            return text, len(generated)
+        return "", shown
 
     @staticmethod
     def usage(page: PageResult) -> dict:
@@ -238,7 +248,7 @@ class Reply:
         A client that leaves cancels the work (the generator is closed and the job cancelled)."""
         future = asyncio.wrap_future(job.future)
         generated: list[int] = []
-        shown = ""
+        shown = 0  # tokens whose text has been sent
         try:
             yield self.chunk({"role": "assistant", "content": ""})
             while not (future.done() and tokens.empty()):
@@ -250,19 +260,17 @@ class Reply:
                     continue
                 if position == len(generated):  # a recomputed page (after eviction) repeats its tokens
                     generated.append(token)
-                    text = self.text(generated)
-                    if len(text) > len(shown) and not text.endswith("\ufffd"):
-                        yield self.chunk({"content": text[len(shown) :]})
-                        shown = text
+                    delta, shown = self.delta(generated, shown)
+                    if delta:
+                        yield self.chunk({"content": delta})
             try:
                 page = future.result()[0]
             except Exception as exc:  # the status line is sent: say it in the stream
                 error = {"code": getattr(exc, "code", "internal_error"), "message": str(exc)}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
-            text = self.text(generated)
-            if len(text) > len(shown):
-                yield self.chunk({"content": text[len(shown) :]})
+            if delta := self.text(generated[shown:]):
+                yield self.chunk({"content": delta})
             extra = {"usage": self.usage(page), "rtprune": page.stats.model_dump(mode="json")} if usage else {}
             yield self.chunk({}, FINISH[page.stats.finish_reason], **extra)
             yield "data: [DONE]\n\n"
