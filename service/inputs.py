@@ -62,6 +62,11 @@ class Document:
             return self._images[index]
         return render_pdf_page(self._pdf, self.numbers[index] - 1)
 
+    def select(self, positions: list[int]) -> Document:
+        """The same upload restricted to some of its pages (0-based positions, in the order given)."""
+        images = [self._images[p] for p in positions] if self._pdf is None else []
+        return Document([self.numbers[p] for p in positions], images, self._pdf)
+
     def pages(self) -> list[Image.Image]:
         """Every page at once (the CLI and the evaluation harness; the service renders lazily)."""
         return [self.page(i) for i in range(len(self))]

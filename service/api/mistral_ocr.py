@@ -113,7 +113,7 @@ async def mistral_ocr(
         missing = [p for p in body.pages if p >= len(document)]
         if missing:
             raise InvalidParameter(f"pages {missing} are outside the document's {len(document)} pages (0-based)")
-        document.numbers = [document.numbers[p] for p in sorted(set(body.pages))]
+        document = document.select(sorted(set(body.pages)))
     job = request_job(request, document, options, settings, accepted_at)
     scheduler.submit(job)
     results = await wait_for(request, job)

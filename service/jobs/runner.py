@@ -122,8 +122,7 @@ class JobRunner:
 
     async def _run_pages(self, job_id: str, options: dict, numbers: list[int], remaining: list[int]) -> None:
         data = self.store.upload_path(job_id).read_bytes()
-        document = await self.open_upload(data, (numbers[0], numbers[-1]))
-        document.numbers = [numbers[p] for p in remaining]
+        document = (await self.open_upload(data, (numbers[0], numbers[-1]))).select(remaining)
         loop = asyncio.get_running_loop()
 
         def on_page(index: int, result: PageResult) -> None:  # the scheduler's thread
