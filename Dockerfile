@@ -3,6 +3,7 @@
 #   docker build -t rtprune-ocr:0.1.0 .                                    # GPU image
 #   docker build -t rtprune-ocr:0.1.0-cpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 #   docker run --gpus all -p 8000:8000 -v hf-cache:/cache rtprune-ocr:0.1.0
+#   docker build -t rtprune-ocr:0.1.0-ray --build-arg EXTRAS=load,ray .   # + Ray Serve (--replicas N, KubeRay)
 #
 # torch is the version the project is tested with (TORCH_VERSION). The GPU image installs the
 # default Linux wheel, which brings its CUDA 12 libraries as pip packages: the host needs an
@@ -22,6 +23,7 @@ RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 FROM ${BASE_IMAGE} AS runtime
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=
+ARG EXTRAS=load
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/cache/huggingface \
@@ -29,11 +31,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RTPRUNE_HOST=0.0.0.0 \
     RTPRUNE_PORT=8000
 COPY --from=build /wheels /wheels
-# torch first (the tested version, from the chosen index), then the service with its load-test extra
+# torch first (the tested version, from the chosen index), then the service with its extras (load test; ray)
 # (DL3013: the wheel is this project, built above; its dependencies are bounded in pyproject.toml)
 # hadolint ignore=DL3013
 RUN python -m pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}" \
-    && python -m pip install --no-cache-dir "$(find /wheels -name 'rtprune_ocr-*.whl')[load]" \
+    && python -m pip install --no-cache-dir "$(find /wheels -name 'rtprune_ocr-*.whl')[${EXTRAS}]" \
     && rm -rf /wheels \
     && useradd --create-home --uid 10001 app \
     && mkdir -p /cache /jobs \

@@ -183,7 +183,6 @@ def readable(exc: ValidationError) -> str:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from service.server import serve
     from service.settings import ServiceSettings
 
     overrides = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields}  # flags beat env
@@ -192,7 +191,19 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"error: invalid settings: {readable(exc)}", file=sys.stderr)
         return 2
-    serve(settings)
+    if settings.replicas is None:
+        from service.server import serve
+
+        serve(settings)
+        return 0
+    try:
+        from service.ray_serve import run
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray" and not (exc.name or "").startswith("ray."):
+            raise
+        print('error: --replicas runs on Ray Serve: pip install "rtprune-ocr[ray]"', file=sys.stderr)
+        return 2
+    run(settings)
     return 0
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.engine.stats import STAGES, PageStats
+
+if TYPE_CHECKING:
+    from service.scheduler import Scheduler
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -35,6 +40,17 @@ class Metrics:
         self.decode_steps = Counter("rtprune_decode_steps", "decode steps of the running batch", registry=r)
         self.steps_per_second = Gauge("rtprune_decode_steps_per_second", "decode steps/s over 5 s", registry=r)
         self.ready = Gauge("rtprune_ready", "1 when the model is loaded and warm", registry=r)
+
+    def watch(self, scheduler: Scheduler) -> None:
+        """The gauges read the scheduler when scraped, so every exporter of this registry (the app's
+        ``/metrics``, a Ray replica's own metrics port) shows the values of that moment."""
+        self.queue_depth.set_function(lambda: scheduler.queued_pages)
+        self.in_flight.set_function(lambda: scheduler.running_requests)
+        self.running_pages.set_function(lambda: scheduler.running_pages)
+        self.batch_tokens.set_function(lambda: scheduler.batch_tokens)
+        self.batch_tokens_limit.set_function(lambda: scheduler.batch_tokens_limit or 0)
+        self.steps_per_second.set_function(scheduler.steps_per_s)
+        self.ready.set_function(lambda: 1 if scheduler.state == "ready" else 0)
 
     def observe_page(self, stats: PageStats) -> None:
         self.pages.inc()

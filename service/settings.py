@@ -84,6 +84,22 @@ class ServiceSettings(BaseSettings):
         None, ge=1, description="torch CPU threads; default: the CPUs this process may use (cgroup quota included)"
     )
     log_json: bool = Field(True, description="structured JSON log lines")
+    # Scale-out on Ray Serve (pip install "rtprune-ocr[ray]"); unset replicas = one process, no Ray.
+    replicas: int | None = Field(
+        None, ge=1, description="serve N replicas on Ray Serve, one model each (joins RAY_ADDRESS or starts Ray)"
+    )
+    max_replicas: int | None = Field(
+        None, ge=1, description="with replicas: Ray's autoscaler may add replicas up to this many under load"
+    )
+    replica_gpus: float | None = Field(
+        None, ge=0, description="GPUs per replica; default 1 when the Ray cluster has GPUs, else 0"
+    )
+    replica_cpus: float | None = Field(
+        None, gt=0, description="CPUs per replica; default: threads, else 1 with GPUs, else the CPUs split evenly"
+    )
+    replica_metrics_port: int | None = Field(
+        9400, ge=1, le=65535, description="each replica also serves /metrics on this port + its rank on the node"
+    )
 
     def apply_threads(self) -> int:
         return apply_threads(self.threads)
@@ -92,6 +108,8 @@ class ServiceSettings(BaseSettings):
     def _check(self) -> ServiceSettings:
         if self.api_key is not None and not self.api_key.get_secret_value():
             self.api_key = None  # an empty RTPRUNE_API_KEY means no key, not a key that is empty
+        if self.max_replicas is not None and self.max_replicas < (self.replicas or 1):
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be at least replicas ({self.replicas or 1})")
         if self.queue_size < self.max_pdf_pages:
             raise ValueError(
                 f"queue_size ({self.queue_size} pages) must be at least max_pdf_pages ({self.max_pdf_pages}): "

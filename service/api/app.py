@@ -67,6 +67,7 @@ def create_app(
             on_fatal=on_fatal,
         )
         app.state.scheduler = scheduler
+        metrics.watch(scheduler)
         scheduler.start()  # loads in the scheduler's thread; /readyz says 503 until it is warm
         app.state.jobs = job_runner(settings, scheduler)
         resume = asyncio.create_task(app.state.jobs.start())  # unfinished jobs go on once the model is ready

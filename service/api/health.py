@@ -42,16 +42,7 @@ async def readyz(
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(
-    scheduler: Annotated[Scheduler, Depends(get_scheduler)], registry: Annotated[Metrics, Depends(get_metrics)]
-) -> Response:
-    registry.queue_depth.set(scheduler.queued_pages)
-    registry.in_flight.set(scheduler.running_requests)
-    registry.running_pages.set(scheduler.running_pages)
-    registry.batch_tokens.set(scheduler.batch_tokens)
-    registry.batch_tokens_limit.set(scheduler.batch_tokens_limit or 0)
-    registry.steps_per_second.set(scheduler.steps_per_s())
-    registry.ready.set(1 if scheduler.state == "ready" else 0)
+async def metrics(registry: Annotated[Metrics, Depends(get_metrics)]) -> Response:
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
 
 

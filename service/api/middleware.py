@@ -199,3 +199,23 @@ def overloaded(scope: Scope, message: str, retry_after_s: int):
     """The 503 a middleware answers under load, with Retry-After from the settings."""
     request_id = scope.get("state", {}).get("request_id")
     return error_json(503, "overloaded", message, request_id, headers={"Retry-After": str(retry_after_s)})
+
+
+class ResponseHeadersMiddleware:
+    """Add fixed headers to every HTTP response (a Ray replica names itself in ``X-Replica-Id``)."""
+
+    def __init__(self, app: ASGIApp, headers: dict[str, str]) -> None:
+        self.app = app
+        self.headers = [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).extend(self.headers)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
