@@ -62,7 +62,11 @@ class OCRReplica:
     def __serve_build_asgi_app__(self):
         context = serve.get_replica_context()
         app = create_app(self.settings)
-        app.add_middleware(ResponseHeadersMiddleware, headers={"X-Replica-Id": context.replica_tag})
+        app.add_middleware(
+            ResponseHeadersMiddleware,
+            headers={"X-Replica-Id": context.replica_tag},
+            drop=frozenset({"x-request-id"}),  # Ray's proxy sends it (the same id: it put it in the request)
+        )
         if self.settings.replica_metrics_port is not None:
             serve_metrics(app.state.metrics.registry, self.settings.replica_metrics_port + context.rank.local_rank)
         return app

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -24,7 +25,7 @@ from ray.serve.schema import ServeDeploySchema
 from service.api.app import create_app
 from service.ray_serve import DEPLOYMENT_NAME, deployment_options, wait_until_loaded
 from service.settings import ServiceSettings
-from tests.conftest import free_port, serve_process, text_page
+from tests.conftest import free_port, serve_process, text_page, text_pdf
 from tests.test_api import png_bytes, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +183,47 @@ def test_each_replica_serves_its_own_metrics_port(cluster):
     assert served >= 8  # the pages of the tests above, counted by the replicas that ran them
 
 
+def replica_pid(log: Path, replica_id: str, timeout: float = 15) -> int:
+    """The process of a replica, from the log lines Ray forwards: ``(ServeReplica:... pid=N) ... <id> ...``."""
+    pattern = re.compile(rf"\(ServeReplica:rtprune-ocr:OCR pid=(\d+)\).* rtprune-ocr_OCR {re.escape(replica_id)} ")
+    deadline = time.monotonic() + timeout
+    while not (found := pattern.search(log.read_text(errors="replace"))):
+        assert time.monotonic() < deadline, f"no log line of replica {replica_id}"
+        time.sleep(0.2)
+    return int(found.group(1))
+
+
+def test_a_job_is_answered_by_every_replica_and_outlives_the_one_running_it(cluster):
+    """Replicas on a host share the job store: any of them answers a job's status, events and result;
+    when the replica running it is killed, a live one adopts it and finishes the pages not stored yet."""
+    base = cluster["base"]
+    slow = {"mode": "tiny", "max_new_tokens": "300", "ngram_size": "0"}
+    created = httpx.post(f"{base}/v1/jobs", files={"file": ("d.pdf", text_pdf(2, lines=3))}, data=slow, timeout=60)
+    assert created.status_code == 202, created.text
+    job_id, owner = created.json()["id"], created.headers["x-replica-id"]
+    answered_by: dict[str, dict] = {}
+    deadline = time.monotonic() + 60
+    while True:  # wait for the first page, asking both replicas
+        status = httpx.get(f"{base}/v1/jobs/{job_id}", timeout=30)
+        answered_by[status.headers["x-replica-id"]] = status.json()
+        if status.json()["pages_done"] >= 1 and len(answered_by) == 2:
+            break
+        assert time.monotonic() < deadline and status.json()["pages_done"] < 2, answered_by
+        time.sleep(0.1)
+    first_page_at = status.json()["pages"][0]["done_at"]
+    os.kill(replica_pid(cluster["log"], owner), signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while (final := httpx.get(f"{base}/v1/jobs/{job_id}", timeout=30).json())["state"] != "done":
+        assert final["state"] in ("queued", "running") and time.monotonic() < deadline, final
+        time.sleep(0.2)
+    assert final["pages"][0]["done_at"] == first_page_at  # the page finished before the kill was kept
+    with httpx.stream("GET", f"{base}/v1/jobs/{job_id}/events", timeout=30) as events:
+        lines = [line for line in events.iter_lines() if line.startswith("event: ")]
+    assert lines == ["event: page", "event: page", "event: end"]
+    result = httpx.get(f"{base}/v1/jobs/{job_id}/result", timeout=30).json()
+    assert [page["page"] for page in result["pages"]] == [1, 2]
+
+
 def replica_pids() -> list[int]:
     """Processes Ray titled ``ray::ServeReplica:rtprune-ocr:OCR`` (what `ps` shows an operator)."""
     pids = []
@@ -201,8 +243,7 @@ def test_killing_a_replica_loses_only_its_own_requests_and_ray_replaces_it(clust
     queue. One replica's process is killed with SIGKILL: its two clients see their stream cut (no
     final ``[DONE]``); the other four finish, and Ray starts a new replica."""
     base = cluster["base"]
-    before = {ocr(base).headers["x-replica-id"] for _ in range(4)}
-    assert len(before) == 2
+    before = serving_replicas(base)  # after the test above, Ray may still be replacing a replica
     outcomes: dict[int, dict] = {}
 
     def stream(index: int) -> None:
@@ -246,11 +287,17 @@ def test_killing_a_replica_loses_only_its_own_requests_and_ray_replaces_it(clust
     queued = [o for o in outcomes.values() if o not in on_survivor and o not in on_killed]
     assert len(on_killed) == 2 and not any(o["done"] for o in on_killed)  # cut, never a silent partial success
     assert all(o["done"] for o in on_survivor + queued), outcomes  # no other accepted request is lost
-    deadline = time.monotonic() + 90
-    while len(seen := {ocr(base).headers["x-replica-id"] for _ in range(6)}) < 2 or seen & before == seen:
-        assert time.monotonic() < deadline, "Ray did not bring a second replica back"
-        time.sleep(1)
+    assert serving_replicas(base) - before  # Ray started a new replica in place of the killed one
     assert cluster["process"].poll() is None  # the service itself kept running
+
+
+def serving_replicas(base: str, timeout: float = 90) -> set[str]:
+    """The ids of two replicas answering requests, once Ray has two running."""
+    deadline = time.monotonic() + timeout
+    while len(seen := {ocr(base).headers["x-replica-id"] for _ in range(6)}) < 2:
+        assert time.monotonic() < deadline, f"only {seen} answered for {timeout} s"
+        time.sleep(1)
+    return seen
 
 
 def image_part() -> dict:

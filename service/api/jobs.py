@@ -152,18 +152,25 @@ async def job_events(job_id: str, request: Request, runner: Annotated[JobRunner,
 
 async def events(runner: JobRunner, record: JobRecord, request: Request) -> AsyncIterator[str]:
     queue = runner.subscribe(record.id)  # first, so nothing between the snapshot and now is missed
+    sent: set[int] = set()
+
+    def stored_pages() -> list[str]:  # pages finished by any process sharing the store
+        done = sorted((p, at) for p, at in runner.store.done_at(record.id).items() if p not in sent)
+        sent.update(p for p, _ in done)
+        return [sse("page", {"page": record.numbers[p], "done_at": at}) for p, at in done]
+
     try:
-        sent: set[int] = set()
-        for position, done_at in sorted(runner.store.done_at(record.id).items()):
-            sent.add(position)
-            yield sse("page", {"page": record.numbers[position], "done_at": done_at})
+        for event in stored_pages():
+            yield event
         state = runner.store.get(record.id).state
         while state in ("queued", "running"):
             try:
                 event, data = await asyncio.wait_for(queue.get(), 1.0)
-            except TimeoutError:
+            except TimeoutError:  # this process may not be the one running the job: look at the store
                 if await request.is_disconnected():
                     return
+                for event in stored_pages():
+                    yield event
                 state = runner.store.get(record.id).state
                 continue
             if event == "page" and data["position"] not in sent:
@@ -171,6 +178,8 @@ async def events(runner: JobRunner, record: JobRecord, request: Request) -> Asyn
                 yield sse("page", {"page": record.numbers[data["position"]], "done_at": data["done_at"]})
             elif event == "state":
                 state = data["state"]
+        for event in stored_pages():  # the last pages, when the end was seen in the store
+            yield event
         final = runner.store.get(record.id)
         yield sse("end", {"state": final.state, "error": final.error, "at": time.time()})
     finally:

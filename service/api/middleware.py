@@ -202,11 +202,13 @@ def overloaded(scope: Scope, message: str, retry_after_s: int):
 
 
 class ResponseHeadersMiddleware:
-    """Add fixed headers to every HTTP response (a Ray replica names itself in ``X-Replica-Id``)."""
+    """Add fixed headers to every HTTP response and drop some (a Ray replica names itself in
+    ``X-Replica-Id`` and leaves ``X-Request-ID`` to Ray's proxy, which adds the same id again)."""
 
-    def __init__(self, app: ASGIApp, headers: dict[str, str]) -> None:
+    def __init__(self, app: ASGIApp, headers: dict[str, str], drop: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.headers = [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+        self.drop = {name.lower().encode() for name in drop}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -215,7 +217,8 @@ class ResponseHeadersMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message.setdefault("headers", []).extend(self.headers)
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in self.drop]
+                message["headers"] = kept + self.headers
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

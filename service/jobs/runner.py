@@ -5,6 +5,10 @@ other request's pages, round-robin); each finished page is written to the store 
 announced to the job's event listeners. A full queue is waited out (a job is durable, not a
 request that must be answered now). On shutdown the runner stops without touching the stored
 state, so the next start picks the job up from its next page.
+
+Processes sharing a store (Ray Serve replicas) each run the jobs whose lease they hold: a new job
+on the replica that took the upload, an orphaned one (its process died) on whichever live runner
+adopts it first. Cancellation and progress go through the store, so any replica can answer them.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from service.errors import NotReady, Overloaded
 from service.inputs import Document
 from service.scheduler import Job, Scheduler
 
-from .store import JobStore
+from .store import JobStore, runner_name
 
 log = logging.getLogger(__name__)
 TERMINAL = ("done", "failed", "cancelled")
+LEASE_S = 15.0  # a job whose runner stopped renewing this long ago (another host) is adopted
 
 
 class JobRunner:
@@ -45,15 +50,23 @@ class JobRunner:
         self._listeners: dict[str, set[asyncio.Queue]] = {}
         self._stopping = False
         self._sweeper: asyncio.Task | None = None
+        self.name = runner_name()
 
     async def start(self) -> None:
-        """Resume unfinished jobs once the model is ready, and sweep expired ones from now on."""
+        """Once the model is ready: resume or adopt unfinished jobs, and sweep expired ones, from now on."""
         self._sweeper = asyncio.create_task(self._sweep_forever())
         while self.scheduler.state == "loading":
             await asyncio.sleep(0.1)
+        while True:
+            self.store.renew(self.name, LEASE_S)
+            self.adopt_orphans()
+            await asyncio.sleep(LEASE_S / 3)
+
+    def adopt_orphans(self) -> None:
         for job_id in self.store.unfinished():
-            log.info("resuming job %s", job_id)
-            self.run(job_id)
+            if job_id not in self._tasks and self.store.claim(job_id, self.name, LEASE_S):
+                log.info("resuming job %s", job_id)
+                self._tasks[job_id] = asyncio.create_task(self._run(job_id))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -65,7 +78,9 @@ class JobRunner:
                 await task
 
     def run(self, job_id: str) -> None:
-        self._tasks[job_id] = asyncio.create_task(self._run(job_id))
+        """Run a job just created here, unless another runner sharing the store adopted it already."""
+        if self.store.claim(job_id, self.name, LEASE_S):
+            self._tasks[job_id] = asyncio.create_task(self._run(job_id))
 
     def cancel(self, job_id: str) -> None:
         self.store.set_state(job_id, "cancelled")
@@ -110,6 +125,7 @@ class JobRunner:
         finally:
             self._live.pop(job_id, None)
             self._tasks.pop(job_id, None)
+            self.store.release(job_id, self.name)  # on shutdown too: another runner may take it at once
         current = self.store.get(job_id)
         if current is None:  # expired and deleted while it ran
             return
@@ -142,7 +158,12 @@ class JobRunner:
                 break
             except (Overloaded, NotReady):  # durable: wait for room instead of failing
                 await asyncio.sleep(self.retry_after_s)
-        await asyncio.wrap_future(job.future)
+        finished = asyncio.wrap_future(job.future)
+        while not (await asyncio.wait({finished}, timeout=1.0))[0]:
+            current = self.store.get(job_id)  # a cancel or expiry may come through another process
+            if current is None or current.state == "cancelled":
+                job.cancel.set()
+        await finished
 
     def _page_done(self, job_id: str, position: int, result: PageResult) -> None:
         stored = {"result": result.model_dump(mode="json"), "spans": result._spans, "size": result.page_size}

@@ -3,11 +3,17 @@ files for the uploaded bytes, both under ``RTPRUNE_JOBS_DIR``.
 
 A page is stored the moment it finishes, so a restart — even ``kill -9`` — loses no finished
 page: unfinished jobs resume from the pages not stored yet.
+
+Several processes may share one store (Ray Serve replicas on a host, or on a shared volume): a job
+is run by the one process holding its lease, renewed while it runs. A lease whose holder died —
+its time ran out, or its process is gone from this host — is taken over by any live process.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -20,6 +26,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
     options TEXT NOT NULL, numbers TEXT NOT NULL, bytes INTEGER NOT NULL, error TEXT, webhook TEXT
 );
+CREATE TABLE IF NOT EXISTS leases (job_id TEXT PRIMARY KEY, runner TEXT NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS pages (
     job_id TEXT NOT NULL, position INTEGER NOT NULL, result TEXT NOT NULL, done_at REAL NOT NULL,
     PRIMARY KEY (job_id, position)
@@ -52,6 +59,7 @@ class JobStore:
         self._db = sqlite3.connect(directory / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=10000")  # other processes sharing the store write too
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
 
@@ -121,11 +129,60 @@ class JobStore:
             ids = [i for (i,) in self._db.execute("SELECT id FROM jobs WHERE updated < ?", (cutoff,)).fetchall()]
             for job_id in ids:
                 self._db.execute("DELETE FROM pages WHERE job_id = ?", (job_id,))
+                self._db.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
                 self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         for job_id in ids:
             self.upload_path(job_id).unlink(missing_ok=True)
         return ids
 
+    # --- leases: which process runs a job ------------------------------------------------------
+
+    def claim(self, job_id: str, runner: str, ttl_s: float) -> bool:
+        """Take the job's lease for ``runner`` unless a live process holds it; True when taken."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # the write lock: one claimant at a time, across processes
+            try:
+                row = self._db.execute("SELECT runner, expires FROM leases WHERE job_id = ?", (job_id,)).fetchone()
+                free = row is None or row[0] == runner or row[1] < now or not holder_alive(row[0])
+                if free:
+                    self._db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (job_id, runner, now + ttl_s))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return free
+
+    def renew(self, runner: str, ttl_s: float) -> None:
+        with self._lock:
+            self._db.execute("UPDATE leases SET expires = ? WHERE runner = ?", (time.time() + ttl_s, runner))
+
+    def release(self, job_id: str, runner: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM leases WHERE job_id = ? AND runner = ?", (job_id, runner))
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def runner_name() -> str:
+    """A lease holder's name: host and process id (so a crash on this host frees its leases at once),
+    plus a random part (a process id is reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def holder_alive(runner: str) -> bool:
+    """False only when the holder ran on this host and its process is gone; elsewhere its lease's
+    time decides."""
+    host, _, rest = runner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user: alive
+        return True
+    return True
