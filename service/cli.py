@@ -31,6 +31,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--vllm-url", help="decode on this vLLM server (serving the same checkpoint with --enable-prompt-embeds)"
+    )
 
 
 def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_ocr(args: argparse.Namespace) -> int:
-    from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine, OcrOptions, resolve_options
+    from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine, OcrOptions
     from service.engine.engine import PageTask
     from service.engine.stats import StageTimer
     from service.inputs import UploadError, open_document
@@ -148,8 +151,12 @@ def run_ocr(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     apply_threads(args.threads)
-    engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype)
-    options, notes = resolve_options(options, set(chosen), random_weights=engine.random_weights)
+    engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype, vllm_url=args.vllm_url)
+    try:
+        options, notes = engine.resolve_options(options, set(chosen))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for note in ([RANDOM_WEIGHTS_WARNING.format(name=engine.name)] if engine.random_weights else []) + notes:
         print(f"warning: {note}", file=sys.stderr)
     tasks = [PageTask(page, options, StageTimer(engine.device)) for page in document.pages()]
@@ -223,7 +230,7 @@ def run_eval(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype)
+    engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype, vllm_url=args.vllm_url)
     if engine.random_weights:
         print("warning: " + RANDOM_WEIGHTS_WARNING.format(name=engine.name), file=sys.stderr)
     evaluation = Evaluation(

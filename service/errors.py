@@ -51,6 +51,14 @@ class OutOfMemory(ServiceError):
     status, code = 503, "out_of_memory"
 
 
+class DecoderUnavailable(ServiceError):
+    status, code = 503, "decoder_unavailable"
+
+
+class DecoderError(ServiceError):
+    status, code = 502, "decoder_error"
+
+
 class ClientGone(ServiceError):
     status, code = 499, "client_closed_request"
 

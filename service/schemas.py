@@ -79,6 +79,9 @@ class InfoResponse(BaseModel):
     defaults: dict[str, object]
     limits: Limits
     batching: Batching
+    decoder: Literal["transformers", "vllm"] = Field(
+        "transformers", description="where pages decode: this process, or a vLLM server (compact positions only)"
+    )
 
 
 def aggregate(pages: list[PageResult], wall_ms: float) -> AggregateStats:

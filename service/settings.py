@@ -28,6 +28,15 @@ class ServiceSettings(BaseSettings):
     device: str | None = Field(None, description="cuda, cuda:N or cpu; default cuda when available")
     dtype: Literal["bf16", "fp16", "fp32"] | None = Field(None, description="default bf16 on CUDA, fp32 on CPU")
     cache_dir: Path | None = Field(None, description="where presets are written (default ~/.cache/rtprune-ocr)")
+    decoder: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="transformers: decode in this process; vllm: vision and pruning here, decoding on the "
+        "vLLM server at vllm_url (compact positions only)",
+    )
+    vllm_url: str | None = Field(None, description="base URL of the vLLM server, with decoder=vllm")
+    vllm_timeout_s: float = Field(
+        120.0, gt=0, description="longest wait for the vLLM server's next token (its queue included); then 503"
+    )
     host: str = Field("0.0.0.0", description="interface to listen on")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
     api_key: SecretStr | None = Field(None, description="when set, /v1/* requires the X-API-Key header")
@@ -108,6 +117,8 @@ class ServiceSettings(BaseSettings):
     def _check(self) -> ServiceSettings:
         if self.api_key is not None and not self.api_key.get_secret_value():
             self.api_key = None  # an empty RTPRUNE_API_KEY means no key, not a key that is empty
+        if self.decoder == "vllm" and not self.vllm_url:
+            raise ValueError("decoder=vllm needs the vLLM server's URL: set RTPRUNE_VLLM_URL (--vllm-url)")
         if self.max_replicas is not None and self.max_replicas < (self.replicas or 1):
             raise ValueError(f"max_replicas ({self.max_replicas}) must be at least replicas ({self.replicas or 1})")
         if self.queue_size < self.max_pdf_pages:

@@ -31,7 +31,12 @@ from service.settings import ServiceSettings
 
 def default_loader(settings: ServiceSettings) -> Callable[[], OCREngine]:
     return lambda: OCREngine.load(
-        settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        cache_dir=settings.cache_dir,
+        vllm_url=settings.vllm_url if settings.decoder == "vllm" else None,
+        vllm_timeout_s=settings.vllm_timeout_s,
     )
 
 

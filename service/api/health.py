@@ -70,4 +70,5 @@ async def info(
             max_batch_tokens=scheduler.batch_tokens_limit,
             **settings.model_dump(include={"max_batch_size", "max_prefill_tokens", "batch_wait_ms"}),
         ),
+        decoder=settings.decoder,
     )

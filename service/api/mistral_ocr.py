@@ -22,7 +22,7 @@ from starlette.types import Scope
 from service.api.chat import RtpruneChatOptions, image_bytes
 from service.api.deps import get_scheduler, get_settings
 from service.api.ocr import ERROR_RESPONSES, open_upload, request_job, wait_for
-from service.engine import RANDOM_WEIGHTS_WARNING, OcrOptions, resolve_options
+from service.engine import RANDOM_WEIGHTS_WARNING, OcrOptions
 from service.errors import InvalidParameter
 from service.inputs import PDF_DPI
 from service.scheduler import Scheduler
@@ -103,9 +103,9 @@ async def mistral_ocr(
     try:
         options = OcrOptions(**(body.rtprune or RtpruneChatOptions()).model_dump(), **chosen)
         options.validate_for_run(engine.version)
+        options, notes = engine.resolve_options(options, set(chosen))
     except ValueError as exc:
         raise InvalidParameter(str(exc)) from None
-    options, notes = resolve_options(options, set(chosen), random_weights=engine.random_weights)
     url = body.document.document_url if isinstance(body.document, DocumentUrl) else body.document.image_url
     data = await image_bytes(url, settings)
     document = await open_upload(data, settings)

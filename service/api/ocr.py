@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import get_scheduler, get_settings
-from service.engine import RANDOM_WEIGHTS_WARNING, Cancelled, OcrOptions, PageResult, PromptTooLong, resolve_options
+from service.engine import RANDOM_WEIGHTS_WARNING, Cancelled, OcrOptions, PageResult, PromptTooLong
 from service.errors import ClientGone, DeadlineExceeded, ErrorResponse, InternalError, InvalidParameter, ServiceError
 from service.inputs import Document, UploadError, open_document
 from service.scheduler import Job, Scheduler
@@ -124,8 +124,8 @@ async def ocr(
 def checked_options(form: OcrForm, engine) -> tuple[OcrOptions, list[str], tuple[int, int | None] | None]:
     """The form's options with the model's defaults, notes on options without effect, and the page range;
     InvalidParameter (422) for what only the model can refuse."""
-    options, notes = resolve_options(form.options(), form.model_fields_set, random_weights=engine.random_weights)
     try:
+        options, notes = engine.resolve_options(form.options(), form.model_fields_set)
         options.validate_for_run(engine.version)
         return options, notes, form.page_range()
     except ValueError as exc:

@@ -30,13 +30,14 @@ from .generate import Sequence, generate_batch, prompt_problem
 from .layout import visual_token_count
 from .loading import DEFAULT_MODEL, load_model
 from .model import OcrModel, VisualBlock
-from .options import OcrOptions
+from .options import OcrOptions, resolve_options
 from .postprocess import Box, decode_text, parse_boxes, to_markdown
 from .preprocess import V1_MODES, V2_MODES, Mode, PreparedImage, preprocess
 from .prompts import encode_prompt
 from .sequence import never
 from .stats import PageStats, RetentionRequested, StageTimer, shared_stage
 from .token_map import TokenMap, build_token_map, preview_data_url
+from .vllm_decoder import VllmServer
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,9 @@ def _without_pixels(block: VisualBlock) -> VisualBlock:
 class OCREngine:
     """A loaded DeepSeek-OCR with RTPrune; create once per process with :meth:`load`."""
 
-    def __init__(self, model: OcrModel) -> None:
+    def __init__(self, model: OcrModel, decoder: VllmServer | None = None) -> None:
         self.model = model
+        self.decoder = decoder  # None: the model's own decoder, in this process
 
     @classmethod
     def load(
@@ -110,7 +112,11 @@ class OCREngine:
         device: str | None = None,
         dtype: str | None = None,
         cache_dir: Path | None = None,
+        vllm_url: str | None = None,
+        vllm_timeout_s: float = 120.0,
     ) -> OCREngine:
+        """Load the model; with ``vllm_url`` its pages decode on that vLLM server (which must serve the
+        same checkpoint), and the local decoder layers are freed."""
         loaded = load_model(model, device=device, dtype=dtype, cache_dir=cache_dir)
         log.info(
             "loaded %s (DeepSeek-OCR %s) on %s in %s%s",
@@ -120,7 +126,21 @@ class OCREngine:
             str(loaded.dtype).removeprefix("torch."),
             " with RANDOM weights" if loaded.random_weights else "",
         )
-        return cls(OcrModel(loaded))
+        if vllm_url is None:
+            return cls(OcrModel(loaded))
+        decoder = VllmServer(vllm_url, timeout_s=vllm_timeout_s)
+        decoder.connect()
+        ocr_model = OcrModel(loaded)
+        ocr_model.release_decoder_layers()
+        return cls(ocr_model, decoder)
+
+    @property
+    def decoder_name(self) -> str:
+        return "vllm" if self.decoder is not None else "transformers"
+
+    def resolve_options(self, options: OcrOptions, chosen: set[str]) -> tuple[OcrOptions, list[str]]:
+        """The caller's options with this engine's defaults (see :func:`.options.resolve_options`)."""
+        return resolve_options(options, chosen, random_weights=self.random_weights, decoder=self.decoder_name)
 
     @property
     def name(self) -> str:
@@ -163,7 +183,8 @@ class OCREngine:
         between decode steps.)
         """
         prepared = self.prepare(tasks)
-        generate_batch(self.model, [page.sequence for page in prepared if isinstance(page, PreparedPage)])
+        sequences = [page.sequence for page in prepared if isinstance(page, PreparedPage)]
+        generate_batch(self.model, sequences, self.new_batch())
         return [page if isinstance(page, BaseException) else self.outcome(page) for page in prepared]
 
     def outcome(self, page: PreparedPage) -> PageResult | BaseException:
@@ -173,8 +194,8 @@ class OCREngine:
         return self.finish(page)
 
     def new_batch(self) -> RunningBatch:
-        """An empty running batch on this model; pages join it after :meth:`prepare`."""
-        return RunningBatch(self.model)
+        """An empty running batch on this model (or on the vLLM server); pages join it after :meth:`prepare`."""
+        return self.decoder.new_batch(self.model) if self.decoder is not None else RunningBatch(self.model)
 
     @torch.inference_mode()
     def prepare(self, tasks: list[PageTask]) -> list[PreparedPage | BaseException]:
@@ -235,6 +256,9 @@ class OCREngine:
                 options.positions,
             )
         problem = prompt_problem(self.model, prompt)
+        limit = self.decoder.max_model_len if self.decoder is not None else None
+        if not problem and limit is not None and prompt.next_position >= limit:
+            problem = f"the prompt takes {prompt.next_position} of the vLLM server's {limit} positions (max-model-len)"
         if problem:
             raise PromptTooLong(problem)
         sequence = Sequence(
@@ -308,10 +332,8 @@ class OCREngine:
 
     def warmup(self) -> None:
         """One small forward through every stage, so the first request does not pay for lazy init."""
-        self.run(
-            Image.new("RGB", (64, 64), "white"),
-            OcrOptions(mode=Mode.gundam if self.model.version == "v2" else Mode.tiny, max_new_tokens=2),
-        )
+        options = OcrOptions(mode=Mode.gundam if self.model.version == "v2" else Mode.tiny, max_new_tokens=2)
+        self.run(Image.new("RGB", (64, 64), "white"), self.resolve_options(options, {"max_new_tokens"})[0])
 
     @property
     def device(self) -> torch.device:

@@ -35,9 +35,10 @@ __all__ = [
 
 
 @torch.inference_mode()
-def generate_batch(model: OcrModel, sequences: list[Sequence]) -> None:
-    """Generate for every sequence; each one's ``outcome`` is set to a Generation or an exception."""
-    batch = RunningBatch(model)
+def generate_batch(model: OcrModel, sequences: list[Sequence], batch: RunningBatch | None = None) -> None:
+    """Generate for every sequence; each one's ``outcome`` is set to a Generation or an exception.
+    ``batch``: where they decode (default: the model's own decoder; the engine may pass a vLLM batch)."""
+    batch = batch if batch is not None else RunningBatch(model)
     live = []
     for seq in sequences:
         problem = prompt_problem(model, seq.prompt)

@@ -98,6 +98,13 @@ class OcrModel:
         self.decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
+    def release_decoder_layers(self) -> None:
+        """Free the decoder stack when another process decodes (a vLLM server): the walk here needs only
+        the vision side and the token embeddings, and the layers are most of the model's memory."""
+        self.model.model.language_model.layers = torch.nn.ModuleList()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over hidden states, in float32, with undecodable ids masked out."""
         logits = self.model.lm_head(hidden).float()

@@ -67,11 +67,20 @@ class OcrOptions(BaseModel):
 RANDOM_MAX_NEW_TOKENS = 32  # random weights never write end-of-text: without a cap every page runs to 8192
 
 
-def resolve_options(options: OcrOptions, chosen: set[str], *, random_weights: bool) -> tuple[OcrOptions, list[str]]:
-    """Defaults that depend on the model, and a note for every chosen option that has no effect.
+def resolve_options(
+    options: OcrOptions, chosen: set[str], *, random_weights: bool, decoder: str = "transformers"
+) -> tuple[OcrOptions, list[str]]:
+    """Defaults that depend on the model and the decoder, and a note for every chosen option that has no
+    effect; ValueError for what the decoder cannot do.
 
     ``chosen`` are the fields the caller set explicitly (pydantic's ``model_fields_set``)."""
     notes = []
+    if decoder == "vllm":
+        from .vllm_decoder import check_options
+
+        if "positions" not in chosen:  # vLLM numbers positions contiguously: compact is all it can decode
+            options = options.model_copy(update={"positions": Positions.compact})
+        check_options(options.positions, options.guard())
     if random_weights and "max_new_tokens" not in chosen:
         options = options.model_copy(update={"max_new_tokens": RANDOM_MAX_NEW_TOKENS})
         notes.append(

