@@ -25,14 +25,16 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_ready(base: str, process: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
-    """Poll ``base``/readyz until it answers 200; fail early if ``process`` (the server) exits."""
+def wait_ready(
+    base: str, process: subprocess.Popen | None = None, timeout: float = 120.0, path: str = "/readyz"
+) -> None:
+    """Poll ``base`` + ``path`` until it answers 200; fail early if ``process`` (the server) exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the server exited with code {process.returncode} before it was ready")
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{base}{path}", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass

@@ -108,7 +108,7 @@ def test_harness_on_tiny_writes_results_and_resumes(tiny_engine, tmp_path):
 
     # resume: a second run reads every result from the cache and does not call the model
     class NoModel:
-        name, random_weights = tiny_engine.name, True
+        name, random_weights, decoder_name = tiny_engine.name, True, tiny_engine.decoder_name
 
         def run(self, *args, **kwargs):
             raise AssertionError("the cached results should have been reused")

@@ -261,3 +261,34 @@ def test_loading_with_a_vllm_url_frees_the_decoder_and_still_reads_pages(stand_i
 def test_decoder_vllm_needs_a_url():
     with pytest.raises(ValueError, match="RTPRUNE_VLLM_URL"):
         ServiceSettings(decoder="vllm")
+
+
+def test_the_documented_vllm_flags_are_the_ones_the_live_test_runs():
+    """README, compose and the live test start vLLM the same way (prompt embeds, no vision tower, guard)."""
+    from pathlib import Path
+
+    import yaml
+
+    from tests.test_vllm_live import SERVE_FLAGS
+
+    root = Path(__file__).resolve().parents[1]
+    readme = root.joinpath("README.md").read_text()
+    command = readme[readme.index("vllm serve deepseek-ai/DeepSeek-OCR") :].split("rtprune-ocr serve")[0]
+    compose = yaml.safe_load(root.joinpath("docker/docker-compose.yml").read_text())["services"]
+    for flag in SERVE_FLAGS:
+        assert flag in command.replace("'", ""), flag
+        assert flag in compose["vllm"]["command"], flag
+    assert compose["rtprune-ocr-vllm"]["environment"]["RTPRUNE_VLLM_URL"] == "http://vllm:8000"
+
+
+def test_chat_streams_the_tokens_vllm_delivers_as_they_come(vllm_service):
+    url = "data:image/png;base64," + base64.b64encode(PAGE).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Free OCR."}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 12, "rtprune": {"mode": "tiny"}}
+    with TestClient(vllm_service()) as client:
+        wait_ready(client)
+        whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices")]
+    assert "".join(deltas) == whole and sum(1 for d in deltas if d) > 1  # several deltas, one text

@@ -92,8 +92,9 @@ class ChatRequest(BaseModel):
     rtprune: RtpruneChatOptions | None = None
 
 
-def chat_options(body: ChatRequest) -> tuple[OcrOptions, str]:
-    """Our options and the image URL from a chat body; InvalidParameter for anything we cannot honour."""
+def chat_options(body: ChatRequest) -> tuple[OcrOptions, set[str], str]:
+    """Our options, the fields the caller chose, and the image URL from a chat body; InvalidParameter for
+    anything we cannot honour."""
     if body.temperature not in (None, 0, 0.0) or body.top_p not in (None, 1, 1.0):
         raise InvalidParameter("decoding is greedy: temperature must be 0 (and top_p 1); sampling is not supported")
     content = body.messages[0].content
@@ -105,16 +106,13 @@ def chat_options(body: ChatRequest) -> tuple[OcrOptions, str]:
     xargs = body.vllm_xargs or VllmXargs()
     if xargs.whitelist_token_ids is not None and set(xargs.whitelist_token_ids) != TABLE_CELL_IDS:
         raise InvalidParameter(f"vllm_xargs.whitelist_token_ids: only {sorted(TABLE_CELL_IDS)} is supported")
-    knobs = (body.rtprune or RtpruneChatOptions()).model_dump()
+    knobs = (body.rtprune or RtpruneChatOptions()).model_dump(exclude_unset=True)  # unset: the engine's defaults
     prompt = None if not text else text if "<image>" in text else f"<image>\n{text}"
-    options = OcrOptions(
-        **knobs,
-        prompt=prompt,
-        max_new_tokens=body.max_completion_tokens or body.max_tokens or 8192,
-        ngram_size=xargs.ngram_size,
-        ngram_window=max(xargs.window_size, xargs.ngram_size),
-    )
-    return options, images[0]
+    chosen = {**knobs, "prompt": prompt, "ngram_size": xargs.ngram_size}
+    chosen["ngram_window"] = max(xargs.window_size, xargs.ngram_size)
+    if body.max_completion_tokens or body.max_tokens:
+        chosen["max_new_tokens"] = body.max_completion_tokens or body.max_tokens
+    return OcrOptions(**chosen), set(chosen), images[0]
 
 
 async def image_bytes(url: str, settings: ServiceSettings) -> bytes:
@@ -166,7 +164,8 @@ async def chat_completions(
 ):
     engine = scheduler.ensure_ready()
     try:
-        options, url = chat_options(body)
+        options, chosen, url = chat_options(body)
+        options, _ = engine.resolve_options(options, chosen)  # e.g. compact positions on the vLLM decoder
         options.validate_for_run(engine.version)
     except ValueError as exc:
         raise InvalidParameter(str(exc)) from None

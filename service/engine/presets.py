@@ -133,15 +133,23 @@ def write_tiny_checkpoint(out_dir: Path) -> None:
     raw = tiny_config()
     model = UnlimitedOcrForConditionalGeneration(translate_v1_config(raw))
     seed_random_weights(model, TINY_SEED)
+    save_v1_checkpoint(model, raw, out_dir, seed=TINY_SEED)
+
+
+def save_v1_checkpoint(model: torch.nn.Module, raw: dict[str, Any], out_dir: Path, seed: int = 0) -> None:
+    """Save a v1 model (random or not) as deepseek-ai/DeepSeek-OCR ships: its original key names, one
+    shard with an index, its config.json and tokenizer, so any loader of the real checkpoint (ours, vLLM)
+    reads it. ``random-full`` saved this way lets a vLLM server decode the benchmark model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     # save_pretrained reverts transformers' conversion mapping: the file gets v1's original key names.
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True)  # one file: the default shard size is 50 GB
     state = load_file(out_dir / "model.safetensors")
     # v1 also ships CLIP's patch conv, unused at inference (the SAM features replace it).
-    width, patch = _TINY_CLIP["width"], _TINY_CLIP["patch_size"]
-    generator = torch.Generator().manual_seed(TINY_SEED + 1)
-    state["model.vision_model.embeddings.patch_embedding.weight"] = (
-        torch.randn(width, 3, patch, patch, generator=generator) * 0.02
-    )
+    clip = raw["vision_config"]["width"]["clip-l-14-224"]
+    width, patch = clip["width"], clip["patch_size"]
+    generator = torch.Generator().manual_seed(seed + 1)
+    conv = torch.randn(width, 3, patch, patch, generator=generator) * 0.02
+    state["model.vision_model.embeddings.patch_embedding.weight"] = conv.to(next(iter(state.values())).dtype)
     for leftover in out_dir.iterdir():
         leftover.unlink()
     save_file(state, out_dir / SHARD_NAME, metadata={"format": "pt"})

@@ -170,7 +170,7 @@ class VllmServer:
             events.put((key, VllmUnavailable(f"cannot reach the vLLM server at {self.url}: {exc}"), None, 0.0))
         except (VllmUnavailable, VllmRefused) as exc:
             events.put((key, exc, None, time.perf_counter()))
-        except (ValueError, KeyError, IndexError) as exc:  # a body we cannot read
+        except Exception as exc:  # a body we cannot read, or anything else: the page must hear of it, not hang
             events.put((key, VllmRefused(f"unreadable answer from the vLLM server: {exc!r}"), None, 0.0))
 
     def close(self) -> None:
