@@ -105,6 +105,14 @@ class JobRunner:
     # --- one job ------------------------------------------------------------------------------------
 
     async def _run(self, job_id: str) -> None:
+        """Run a job this runner holds the lease of; the lease goes once its final state is stored (or
+        at shutdown, so another runner may take the job at once)."""
+        try:
+            await self._run_held(job_id)
+        finally:
+            self.store.release(job_id, self.name)
+
+    async def _run_held(self, job_id: str) -> None:
         record = self.store.get(job_id)
         if record is None or record.state in TERMINAL:
             return
@@ -125,7 +133,6 @@ class JobRunner:
         finally:
             self._live.pop(job_id, None)
             self._tasks.pop(job_id, None)
-            self.store.release(job_id, self.name)  # on shutdown too: another runner may take it at once
         current = self.store.get(job_id)
         if current is None:  # expired and deleted while it ran
             return
