@@ -66,7 +66,11 @@ class RtpruneChatOptions(BaseModel):
     mode: str = "gundam"
     pruner: str = "rtprune"
     retention: float | Literal["auto"] = "auto"
-    positions: Literal["original", "compact"] = "original"
+    positions: Literal["original", "compact"] = Field(
+        "original",
+        description="original: kept tokens keep their unpruned positions (the authors' scheme, default); "
+        "compact: 0..L-1 (the only scheme, and the default, on the vLLM decoder)",
+    )
     max_crops: int = Field(6, ge=2, le=9)
 
 

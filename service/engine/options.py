@@ -39,7 +39,11 @@ class OcrOptions(BaseModel):
         description="share of grid tokens kept, in (0, 1], or auto (RTPrune's per-image ratio)",
         examples=["auto", 0.8425],
     )
-    positions: Positions = Positions.original
+    positions: Positions = Field(
+        Positions.original,
+        description="original: kept tokens keep their unpruned positions (the authors' scheme, default); "
+        "compact: 0..L-1 (the only scheme, and the default, on the vLLM decoder)",
+    )
     max_new_tokens: int = Field(8192, ge=1, le=8192)
     ngram_size: int = Field(30, ge=0, le=512, description="no-repeat n-gram size; 0 disables the guard")
     ngram_window: int = Field(90, ge=0, le=8192, description="generated tokens the guard looks back over")
