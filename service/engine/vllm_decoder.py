@@ -154,8 +154,9 @@ class VllmServer:
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line.removeprefix("data: "))
-                    if "error" in chunk:
-                        raise answer_error(int(chunk["error"].get("code") or 500), json.dumps(chunk["error"]))
+                    if "error" in chunk:  # an error after the stream began; its code is a status when it is a number
+                        code = chunk["error"].get("code")
+                        raise answer_error(code if isinstance(code, int) else 500, json.dumps(chunk["error"]))
                     choice = chunk["choices"][0]
                     finished = choice.get("finish_reason") is not None
                     events.put((key, choice.get("token_ids") or [], choice.get("finish_reason"), time.perf_counter()))
