@@ -16,7 +16,6 @@ Needs the ``ray`` extra; the single-process service never imports this module.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import signal
@@ -29,6 +28,7 @@ from ray.serve.config import HTTPOptions
 
 from service.api.app import create_app
 from service.api.middleware import ResponseHeadersMiddleware
+from service.scheduler import Scheduler
 from service.settings import ServiceSettings, apply_threads
 
 log = logging.getLogger("rtprune_ocr.ray")
@@ -39,13 +39,12 @@ DEPLOYMENT_NAME = "OCR"
 HEALTH_CHECK_PERIOD_S = 5.0
 
 
-async def wait_until_loaded(scheduler: Any, poll_s: float = 0.2) -> None:
+async def wait_until_loaded(scheduler: Scheduler) -> None:
     """Return once the model is loaded and warm; raise if loading failed or the replica is stopping.
 
     Ray runs this as the replica's first health check, before it routes a single request to it,
     and then every ``HEALTH_CHECK_PERIOD_S``: a replica that raises is restarted by Ray."""
-    while scheduler.state == "loading":
-        await asyncio.sleep(poll_s)
+    await scheduler.loaded()
     if scheduler.state != "ready":
         raise RuntimeError(f"model not ready ({scheduler.state}): {scheduler.error or 'no detail'}")
 

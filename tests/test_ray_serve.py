@@ -24,6 +24,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from service.api.app import create_app
 from service.ray_serve import DEPLOYMENT_NAME, deployment_options, wait_until_loaded
+from service.scheduler import Scheduler
 from service.settings import ServiceSettings
 from tests.conftest import free_port, serve_process, text_page, text_pdf
 from tests.test_api import png_bytes, wait_ready
@@ -86,13 +87,14 @@ def test_the_shipped_serve_config_and_rayservice_manifest_pass_rays_own_schema()
 
 
 def test_a_replica_is_healthy_only_once_its_model_is_warm():
-    class Scheduler:
+    class LoadingScheduler:  # the scheduler's state, without a model behind it
         state, error = "loading", None
+        loaded = Scheduler.loaded
 
     async def scenario() -> None:
-        scheduler = Scheduler()
-        waiting = asyncio.create_task(wait_until_loaded(scheduler, poll_s=0.01))
-        await asyncio.sleep(0.05)
+        scheduler = LoadingScheduler()
+        waiting = asyncio.create_task(wait_until_loaded(scheduler))
+        await asyncio.sleep(0.3)
         assert not waiting.done()  # Ray routes nothing to a replica whose first health check has not returned
         scheduler.state = "ready"
         await waiting

@@ -55,8 +55,7 @@ class JobRunner:
     async def start(self) -> None:
         """Once the model is ready: resume or adopt unfinished jobs, and sweep expired ones, from now on."""
         self._sweeper = asyncio.create_task(self._sweep_forever())
-        while self.scheduler.state == "loading":
-            await asyncio.sleep(0.1)
+        await self.scheduler.loaded()
         while True:
             self.store.renew(self.name, LEASE_S)
             self.adopt_orphans()

@@ -25,6 +25,7 @@ alone fails its request (503 for out-of-memory).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
@@ -119,6 +120,12 @@ class Scheduler:
             detail = f" (loading failed: {self.error})" if self.state == "failed" else f" ({self.state})"
             raise NotReady(f"the model is not ready{detail}", headers={"Retry-After": str(self.config.retry_after_s)})
         return self.engine
+
+    async def loaded(self, poll_s: float = 0.1) -> None:
+        """Return once loading has ended, whether the model is ready or failed (for asyncio callers:
+        the job runner before it resumes jobs, a Ray replica's first health check)."""
+        while self.state == "loading":
+            await asyncio.sleep(poll_s)
 
     def queue_full(self) -> bool:
         """True when no page slot is free: the front door refuses before reading an upload."""
