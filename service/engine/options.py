@@ -13,6 +13,7 @@ from .assemble import Positions
 from .preprocess import V1_MODES, V2_MODES, Mode
 from .prompts import Task, build_prompt
 from .sequence import NGramGuard
+from .vllm_decoder import check_options
 
 PrunerName = Literal["rtprune", "none", "random", "norm", "divprune"]
 assert set(PrunerName.__args__) == set(PRUNERS), "keep PrunerName in step with pruning.PRUNERS"
@@ -80,8 +81,6 @@ def resolve_options(
     ``chosen`` are the fields the caller set explicitly (pydantic's ``model_fields_set``)."""
     notes = []
     if decoder == "vllm":
-        from .vllm_decoder import check_options
-
         if "positions" not in chosen:  # vLLM numbers positions contiguously: compact is all it can decode
             options = options.model_copy(update={"positions": Positions.compact})
         check_options(options.positions, options.guard())

@@ -200,10 +200,6 @@ class VllmBatch:
         self._first_at: dict[int, float] = {}
 
     @property
-    def width(self) -> int:
-        return max((seq.prompt.length + len(seq.tokens) for seq in self.rows), default=0)
-
-    @property
     def tokens_in_use(self) -> int:
         """Tokens vLLM holds for these pages (its paged KV cache has no padding)."""
         return sum(seq.prompt.length + len(seq.tokens) for seq in self.rows)
@@ -218,14 +214,9 @@ class VllmBatch:
         refused = []
         for seq in joiners:
             seq.budget = min(seq.budget, positions - seq.prompt.next_position)
+            assert seq.budget >= 1, "the engine checks that a prompt leaves room to generate (vLLM's length too)"
             if seq.prompt.next_position != seq.prompt.length:  # gapped (original) positions: vLLM would renumber
                 seq.outcome = ValueError("vLLM decodes compact positions only; this prompt has original positions")
-            elif seq.budget < 1:
-                seq.outcome = ValueError(
-                    f"the prompt takes {seq.prompt.length} of the vLLM server's {positions} positions; "
-                    "nothing can be generated"
-                )
-            if seq.outcome is not None:
                 refused.append(seq)
                 continue
             key = id(seq)
