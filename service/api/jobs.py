@@ -160,26 +160,20 @@ async def events(runner: JobRunner, record: JobRecord, request: Request) -> Asyn
         return [sse("page", {"page": record.numbers[p], "done_at": at}) for p, at in done]
 
     try:
-        for event in stored_pages():
-            yield event
         state = runner.store.get(record.id).state
-        while state in ("queued", "running"):
-            try:
-                event, data = await asyncio.wait_for(queue.get(), 1.0)
+        while True:
+            for event in stored_pages():
+                yield event
+            if state not in ("queued", "running"):
+                break
+            try:  # this process's runner announces pages and the end; the store has them all
+                kind, data = await asyncio.wait_for(queue.get(), 1.0)
+                if kind == "state":
+                    state = data["state"]
             except TimeoutError:  # this process may not be the one running the job: look at the store
                 if await request.is_disconnected():
                     return
-                for event in stored_pages():
-                    yield event
                 state = runner.store.get(record.id).state
-                continue
-            if event == "page" and data["position"] not in sent:
-                sent.add(data["position"])
-                yield sse("page", {"page": record.numbers[data["position"]], "done_at": data["done_at"]})
-            elif event == "state":
-                state = data["state"]
-        for event in stored_pages():  # the last pages, when the end was seen in the store
-            yield event
         final = runner.store.get(record.id)
         yield sse("end", {"state": final.state, "error": final.error, "at": time.time()})
     finally:

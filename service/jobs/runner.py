@@ -174,7 +174,7 @@ class JobRunner:
     def _page_done(self, job_id: str, position: int, result: PageResult) -> None:
         stored = {"result": result.model_dump(mode="json"), "spans": result._spans, "size": result.page_size}
         done_at = self.store.save_page(job_id, position, json.dumps(stored))
-        self._announce(job_id, "page", {"position": position, "done_at": done_at, "markdown": result.markdown})
+        self._announce(job_id, "page", {"position": position, "done_at": done_at})  # listeners read the store
 
     async def _sweep_forever(self, every_s: float = 60.0) -> None:
         while True:
