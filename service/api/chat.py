@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import get_scheduler, get_settings
 from service.api.ocr import ERROR_RESPONSES, open_upload, request_job, wait_for
 from service.engine import OcrOptions, PageResult
+from service.engine.options import POSITIONS_HELP
 from service.engine.sequence import TABLE_CELL_IDS
 from service.errors import InvalidParameter, PayloadTooLarge
 from service.scheduler import Job, Scheduler
@@ -68,8 +69,7 @@ class RtpruneChatOptions(BaseModel):
     retention: float | Literal["auto"] = "auto"
     positions: Literal["original", "compact"] = Field(
         "original",
-        description="original: kept tokens keep their unpruned positions (the authors' scheme, default); "
-        "compact: 0..L-1 (the only scheme, and the default, on the vLLM decoder)",
+        description=POSITIONS_HELP,
     )
     max_crops: int = Field(6, ge=2, le=9)
 

@@ -15,6 +15,10 @@ from .prompts import Task, build_prompt
 from .sequence import NGramGuard
 from .vllm_decoder import check_options
 
+POSITIONS_HELP = (
+    "original: kept tokens keep their unpruned positions (the authors' scheme, default); "
+    "compact: 0..L-1 (the only scheme, and the default, on the vLLM decoder)"
+)
 PrunerName = Literal["rtprune", "none", "random", "norm", "divprune"]
 assert set(PrunerName.__args__) == set(PRUNERS), "keep PrunerName in step with pruning.PRUNERS"
 
@@ -42,8 +46,7 @@ class OcrOptions(BaseModel):
     )
     positions: Positions = Field(
         Positions.original,
-        description="original: kept tokens keep their unpruned positions (the authors' scheme, default); "
-        "compact: 0..L-1 (the only scheme, and the default, on the vLLM decoder)",
+        description=POSITIONS_HELP,
     )
     max_new_tokens: int = Field(8192, ge=1, le=8192)
     ngram_size: int = Field(30, ge=0, le=512, description="no-repeat n-gram size; 0 disables the guard")
