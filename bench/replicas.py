@@ -27,21 +27,13 @@ import httpx
 
 from bench.batching import page_png, percentile
 from bench.common import write_json
-from service.loadtest import wait_ready
+from service.loadtest import free_port, wait_ready
 
 SETUPS = {  # name -> extra serve flags; every setup gets the machine's CPUs in all
     "plain": [],
     "ray-1": ["--replicas", "1"],
     "ray-2": ["--replicas", "2"],
 }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:

@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     ocr.add_argument(
         "--retention", type=_retention, default=None, help="share of grid tokens kept, in (0, 1], or auto (default)"
     )
-    ocr.add_argument("--positions", default=None, choices=["original", "compact"], help="default original")
+    ocr.add_argument(
+        "--positions", default=None, choices=["original", "compact"], help="default original (compact with --vllm-url)"
+    )
     ocr.add_argument(
         "--max-new-tokens", type=int, default=None, help="default 8192 (32 on the random presets, which never stop)"
     )

@@ -19,7 +19,8 @@ import httpx
 LOCUSTFILE = Path(__file__).resolve().parents[1] / "docker" / "locustfile.py"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now (for a server started next)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -77,7 +78,7 @@ def run_loadtest(
     out.mkdir(parents=True, exist_ok=True)
     server = None
     if host is None:
-        port = _free_port()
+        port = free_port()
         host = f"http://127.0.0.1:{port}"
         log = (out / "server.log").open("w")
         server = subprocess.Popen(

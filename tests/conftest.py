@@ -36,12 +36,13 @@ def v1_block_masks(rows: int, cols: int, with_separator: bool = True) -> tuple[t
 
 # --- engine fixtures ---------------------------------------------------------------------------
 
-import socket  # noqa: E402
 import threading  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
 import pytest  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+
+from service.loadtest import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -65,12 +66,6 @@ def text_page(size: tuple[int, int] = (1100, 800), lines: int = 20) -> Image.Ima
     for i in range(lines):
         draw.text((40, step * (i + 1)), f"Line {i}: the quick brown fox jumps over the lazy dog.", fill="black")
     return image
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager
