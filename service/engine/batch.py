@@ -162,9 +162,7 @@ class RunningBatch:
             elif token == EOS_ID:
                 seq.outcome = Generation(seq.tokens, "eos")
             else:
-                seq.tokens.append(token)
-                if seq.on_token is not None:
-                    seq.on_token(len(seq.tokens) - 1, token)
+                seq.add(token)
                 if len(seq.tokens) >= seq.budget:
                     seq.outcome = Generation(seq.tokens, "length")
             if seq.outcome is not None:

@@ -77,3 +77,9 @@ class Sequence:
     on_token: Callable[[int, int], None] | None = None  # (position in the output, token id), e.g. streaming
     tokens: list[int] = field(default_factory=list)
     outcome: Generation | BaseException | None = None
+
+    def add(self, token: int) -> None:
+        """Record one generated token and tell ``on_token`` (whichever decoder chose it)."""
+        self.tokens.append(token)
+        if self.on_token is not None:
+            self.on_token(len(self.tokens) - 1, token)

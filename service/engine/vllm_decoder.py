@@ -258,9 +258,7 @@ class VllmBatch:
         if reason == "stop" and ids and ids[-1] == EOS_ID:
             ids = ids[:-1]  # vLLM returns the end-of-text token; our sequences never hold it
         for token in ids[: max(0, seq.budget - len(seq.tokens))]:
-            seq.tokens.append(token)
-            if seq.on_token is not None:
-                seq.on_token(len(seq.tokens) - 1, token)
+            seq.add(token)
         if reason is not None:
             seq.timer.add_interval("decode", self._first_at[key], at)
             seq.outcome = Generation(seq.tokens, "length" if reason == "length" else "eos")
