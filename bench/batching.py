@@ -20,6 +20,8 @@ import io
 import random
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -55,26 +57,36 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
-async def open_loop(engine: OCREngine, settings: ServiceSettings, arrivals: list[tuple[float, int]], form: dict):
+@asynccontextmanager
+async def served(
+    engine: OCREngine, settings: ServiceSettings, timeout_s: float = 1200
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The service on ``engine``, in this process (lifespan, scheduler and all), and a client for it
+    once it is ready: the served path without a network hop."""
     app = create_app(settings, load_engine=lambda: engine)
-    png = page_png()
-    results: list[tuple[int, float, int]] = []  # (new tokens, latency ms, status)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=1200) as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=timeout_s) as client:
             while (await client.get("/readyz")).status_code != 200:
                 await asyncio.sleep(0.02)
-            start = time.perf_counter()
+            yield client
 
-            async def one(at: float, tokens: int) -> None:
-                await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
-                sent = time.perf_counter()
-                data = {**form, "max_new_tokens": str(tokens)}
-                response = await client.post("/v1/ocr", files={"file": ("p.png", png)}, data=data)
-                results.append((tokens, (time.perf_counter() - sent) * 1e3, response.status_code))
 
-            await asyncio.gather(*[one(at, tokens) for at, tokens in arrivals])
-            wall = time.perf_counter() - start
+async def open_loop(engine: OCREngine, settings: ServiceSettings, arrivals: list[tuple[float, int]], form: dict):
+    png = page_png()
+    results: list[tuple[int, float, int]] = []  # (new tokens, latency ms, status)
+    async with served(engine, settings) as client:
+        start = time.perf_counter()
+
+        async def one(at: float, tokens: int) -> None:
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+            sent = time.perf_counter()
+            data = {**form, "max_new_tokens": str(tokens)}
+            response = await client.post("/v1/ocr", files={"file": ("p.png", png)}, data=data)
+            results.append((tokens, (time.perf_counter() - sent) * 1e3, response.status_code))
+
+        await asyncio.gather(*[one(at, tokens) for at, tokens in arrivals])
+        wall = time.perf_counter() - start
     ok = [r for r in results if r[2] == 200]
     short_tokens = min(t for _, t in arrivals)
     short = [ms for tokens, ms, _ in ok if tokens == short_tokens]

@@ -26,12 +26,8 @@ import asyncio
 import time
 from pathlib import Path
 
-import httpx
-from asgi_lifespan import LifespanManager
-
-from bench.batching import page_png, percentile
+from bench.batching import page_png, percentile, served
 from bench.common import machine_label, write_json
-from service.api.app import create_app
 from service.engine import OCREngine
 from service.engine.vllm_decoder import VllmServer
 from service.settings import ServiceSettings
@@ -48,28 +44,23 @@ async def closed_loop(engine: OCREngine, decoder: str, concurrency: int, pages: 
         queue_size=max(256, concurrency),
         request_timeout_s=3600,
     )
-    app = create_app(settings, load_engine=lambda: engine)
     png = page_png()
     latencies: list[float] = []
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=3600) as client:
-            while (await client.get("/readyz")).status_code != 200:
-                await asyncio.sleep(0.02)
-            remaining = pages
-            started = time.perf_counter()
+    async with served(engine, settings, timeout_s=3600) as client:
+        remaining = pages
+        started = time.perf_counter()
 
-            async def user() -> None:
-                nonlocal remaining
-                while remaining > 0:
-                    remaining -= 1
-                    sent = time.perf_counter()
-                    response = await client.post("/v1/ocr", files={"file": ("p.png", png)}, data=form)
-                    response.raise_for_status()
-                    latencies.append(time.perf_counter() - sent)
+        async def user() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                sent = time.perf_counter()
+                response = await client.post("/v1/ocr", files={"file": ("p.png", png)}, data=form)
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - sent)
 
-            await asyncio.gather(*[user() for _ in range(concurrency)])
-            wall = time.perf_counter() - started
+        await asyncio.gather(*[user() for _ in range(concurrency)])
+        wall = time.perf_counter() - started
     return {
         "decoder": decoder,
         "concurrency": concurrency,
