@@ -29,7 +29,7 @@ from pathlib import Path
 from bench.batching import page_png, percentile, served
 from bench.common import machine_label, write_json
 from service.engine import OCREngine
-from service.engine.vllm_decoder import VllmServer
+from service.engine.decode.vllm_decoder import VllmServer
 from service.settings import ServiceSettings
 
 
@@ -75,7 +75,7 @@ async def closed_loop(engine: OCREngine, decoder: str, concurrency: int, pages: 
 
 def write_checkpoint(out: Path, device: str, dtype: str) -> None:
     """The full-size random-weight model in the official layout, for a vLLM server to load."""
-    from service.engine.presets import reference_config, save_v1_checkpoint
+    from service.engine.weights.presets import reference_config, save_v1_checkpoint
 
     engine = OCREngine.load("random-full", device=device, dtype=dtype)
     raw = reference_config()

@@ -36,7 +36,8 @@ from bench.pages import document_page
 from pruning import build_pruner
 from service.engine import OCREngine
 from service.engine.assemble import assemble_prompt
-from service.engine.generate import NGramGuard, generate
+from service.engine.decode.generate import generate
+from service.engine.decode.sequence import NGramGuard
 from service.engine.preprocess import preprocess
 from service.engine.prompts import build_prompt, encode_prompt
 from service.engine.stats import StageTimer

@@ -101,7 +101,7 @@ class RecordingEngine:
         return getattr(self.engine, name)
 
     def new_batch(self):
-        from service.engine.batch import RunningBatch
+        from service.engine.decode.batch import RunningBatch
 
         log = self.rows_per_step
 

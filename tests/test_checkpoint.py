@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from service.engine.config_v1 import translate_v1_config
-from service.engine.loading import ModelLoadError, load_model
-from service.engine.presets import SHARD_NAME, reference_config, tiny_checkpoint_dir
+from service.engine.weights.config_v1 import translate_v1_config
+from service.engine.weights.loading import ModelLoadError, load_model
+from service.engine.weights.presets import SHARD_NAME, reference_config, tiny_checkpoint_dir
 
 INDEX = Path(__file__).parent / "data" / "deepseek-ocr-v1.index.json"
 
@@ -87,7 +87,7 @@ def test_every_real_checkpoint_key_maps_to_a_parameter_of_the_right_shape():
 
 
 def _tiny_raw():
-    from service.engine.presets import tiny_config
+    from service.engine.weights.presets import tiny_config
 
     return tiny_config()
 

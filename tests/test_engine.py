@@ -10,7 +10,8 @@ import torch
 
 from service.engine import Cancelled, OcrOptions
 from service.engine.assemble import assemble_prompt
-from service.engine.generate import NGramGuard, generate
+from service.engine.decode.generate import generate
+from service.engine.decode.sequence import NGramGuard
 from service.engine.layout import visual_token_count
 from service.engine.postprocess import decode_text, parse_boxes, to_markdown
 from service.engine.preprocess import preprocess
@@ -249,7 +250,7 @@ def test_cli_json_prints_one_page_object(tmp_path, preset_cache, capsys, monkeyp
     from service import cli
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(preset_cache.parent))
-    monkeypatch.setattr("service.engine.presets.default_cache_dir", lambda: preset_cache)
+    monkeypatch.setattr("service.engine.weights.presets.default_cache_dir", lambda: preset_cache)
     path = tmp_path / "page.png"
     text_page((500, 400)).save(path)
     code = cli.main(

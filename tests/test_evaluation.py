@@ -120,7 +120,7 @@ def test_harness_on_tiny_writes_results_and_resumes(tiny_engine, tmp_path):
 def test_eval_cli_end_to_end(tmp_path, preset_cache, monkeypatch, capsys):
     from service import cli
 
-    monkeypatch.setattr("service.engine.presets.default_cache_dir", lambda: preset_cache)
+    monkeypatch.setattr("service.engine.weights.presets.default_cache_dir", lambda: preset_cache)
     assert cli.main(["synth", "--out", str(tmp_path / "data"), "--n", "2"]) == 0
     code = cli.main(
         [

@@ -75,7 +75,7 @@ def test_a_near_miss_preset_name_gets_a_suggestion():
     )
     # the image does not exist: the options and the file are checked before any model is loaded
     assert result.returncode == 2 and "x.png" in result.stderr
-    from service.engine.loading import ModelLoadError, load_model
+    from service.engine.weights.loading import ModelLoadError, load_model
 
     with pytest.raises(ModelLoadError, match="did you mean 'tiny'"):
         load_model("tinyy", device="cpu")

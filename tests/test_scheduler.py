@@ -13,7 +13,7 @@ import torch
 
 from service.api.app import create_app
 from service.engine import Cancelled, OcrOptions
-from service.engine.batch import RunningBatch
+from service.engine.decode.batch import RunningBatch
 from service.engine.engine import PageTask
 from service.engine.stats import StageTimer
 from service.errors import NotReady, OutOfMemory, Overloaded

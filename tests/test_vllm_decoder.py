@@ -27,10 +27,10 @@ from starlette.concurrency import run_in_threadpool
 from service.api.app import create_app
 from service.engine import OCREngine, OcrOptions
 from service.engine.assemble import PromptInputs
-from service.engine.generate import NGramGuard, generate
-from service.engine.sequence import EOS_ID
+from service.engine.decode.generate import generate
+from service.engine.decode.sequence import EOS_ID, NGramGuard
+from service.engine.decode.vllm_decoder import VllmServer
 from service.engine.stats import StageTimer
-from service.engine.vllm_decoder import VllmServer
 from service.settings import ServiceSettings
 from tests.conftest import live_server, text_page
 from tests.test_api import png_bytes, wait_ready

@@ -14,10 +14,10 @@ import subprocess
 import pytest
 
 from service.engine import OCREngine, OcrOptions
+from service.engine.decode.vllm_decoder import VllmServer
 from service.engine.engine import PageTask
-from service.engine.presets import tiny_checkpoint_dir
 from service.engine.stats import StageTimer
-from service.engine.vllm_decoder import VllmServer
+from service.engine.weights.presets import tiny_checkpoint_dir
 from service.loadtest import wait_ready
 from tests.conftest import free_port, text_page
 

@@ -27,8 +27,8 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import get_scheduler, get_settings
 from service.api.ocr import ERROR_RESPONSES, open_upload, request_job, wait_for
 from service.engine import OcrOptions, PageResult
+from service.engine.decode.sequence import TABLE_CELL_IDS
 from service.engine.options import POSITIONS_HELP
-from service.engine.sequence import TABLE_CELL_IDS
 from service.errors import InvalidParameter, PayloadTooLarge
 from service.scheduler import Job, Scheduler
 from service.settings import ServiceSettings

@@ -17,8 +17,8 @@ _LAZY = {
     "PageResult": ".engine",
     "PromptTooLong": ".engine",
     "resolve_options": ".options",
-    "Cancelled": ".sequence",
-    "ModelLoadError": ".loading",
+    "Cancelled": ".decode.sequence",
+    "ModelLoadError": ".weights.loading",
 }
 
 __all__ = ["DEFAULT_MODEL", "RANDOM_WEIGHTS_WARNING", *_LAZY]

@@ -25,19 +25,20 @@ from pydantic import BaseModel, Field, PrivateAttr
 from pruning import PruneResult, build_pruner
 
 from .assemble import Positions, assemble_prompt
-from .batch import RunningBatch
-from .generate import Sequence, generate_batch, prompt_problem
+from .decode.batch import RunningBatch
+from .decode.generate import generate_batch, prompt_problem
+from .decode.sequence import Sequence, never
+from .decode.vllm_decoder import VllmServer
 from .layout import visual_token_count
-from .loading import DEFAULT_MODEL, load_model
 from .model import OcrModel, VisualBlock
+from .names import DEFAULT_MODEL
 from .options import OcrOptions, resolve_options
 from .postprocess import Box, decode_text, parse_boxes, to_markdown
 from .preprocess import V1_MODES, V2_MODES, Mode, PreparedImage, preprocess
 from .prompts import encode_prompt
-from .sequence import never
 from .stats import PageStats, RetentionRequested, StageTimer, shared_stage
 from .token_map import TokenMap, build_token_map, preview_data_url
-from .vllm_decoder import VllmServer
+from .weights.loading import load_model
 
 log = logging.getLogger(__name__)
 

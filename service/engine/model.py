@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from .layout import block_masks
-from .loading import LoadedModel
 from .preprocess import PreparedImage
+from .weights.loading import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from pruning import PRUNERS
 
 from .assemble import Positions
+from .decode.sequence import NGramGuard
+from .decode.vllm_decoder import check_options
 from .preprocess import V1_MODES, V2_MODES, Mode
 from .prompts import Task, build_prompt
-from .sequence import NGramGuard
-from .vllm_decoder import check_options
 
 POSITIONS_HELP = (
     "original: kept tokens keep their unpruned positions (the authors' scheme, default); "

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from service.engine import Cancelled, OCREngine, PageResult
-from service.engine.batch import RunningBatch
+from service.engine.decode.batch import RunningBatch
 from service.engine.engine import PageTask, PreparedPage
 from service.engine.layout import visual_tokens_for_size
 from service.engine.stats import StageTimer

@@ -10,7 +10,7 @@ import ctypes
 import torch
 
 from service.engine import OCREngine
-from service.engine.vllm_decoder import VllmRefused, VllmUnavailable
+from service.engine.decode.vllm_decoder import VllmRefused, VllmUnavailable
 from service.errors import DecoderError, DecoderUnavailable, OutOfMemory
 
 CPU_BATCH_TOKENS = 32_768  # default KV budget on CPU (~4 GB of fp32 KV on the full-size model)

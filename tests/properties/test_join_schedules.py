@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.engine import OcrOptions
-from service.engine.batch import NonFiniteLogits, RunningBatch
+from service.engine.decode.batch import NonFiniteLogits, RunningBatch
 from service.engine.engine import PageTask
 from service.engine.stats import StageTimer
 from tests.conftest import text_page

@@ -27,7 +27,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config_v1 import translate_v1_config
-from .names import RANDOM_PRESETS  # noqa: F401 - re-exported
 from .tiny_tokenizer import write_tokenizer_files
 
 REFERENCE_DIR = Path(__file__).parent / "checkpoint_v1"

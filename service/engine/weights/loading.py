@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from ..names import DEFAULT_MODEL, RANDOM_PRESETS, near_presets
 from .config_v1 import is_v1_config, translate_v1_config
-from .names import DEFAULT_MODEL, RANDOM_PRESETS, RANDOM_WEIGHTS_WARNING, near_presets  # noqa: F401 - re-exported
 from .presets import reference_config, seed_random_weights, tiny_checkpoint_dir
 
 log = logging.getLogger(__name__)

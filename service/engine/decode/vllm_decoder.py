@@ -36,8 +36,8 @@ from typing import Any
 import httpx
 import torch
 
-from .assemble import Positions
-from .model import OcrModel
+from ..assemble import Positions
+from ..model import OcrModel
 from .sequence import EOS_ID, Generation, NGramGuard, Sequence
 
 log = logging.getLogger(__name__)

@@ -15,23 +15,11 @@ from collections.abc import Callable
 
 import torch
 
-from .assemble import PromptInputs
+from ..assemble import PromptInputs
+from ..model import OcrModel
+from ..stats import StageTimer
 from .batch import RunningBatch
-from .model import OcrModel
-from .sequence import EOS_ID, TABLE_CELL_IDS, Cancelled, Generation, NGramGuard, Sequence, never
-from .stats import StageTimer
-
-__all__ = [
-    "EOS_ID",
-    "TABLE_CELL_IDS",
-    "Cancelled",
-    "Generation",
-    "NGramGuard",
-    "Sequence",
-    "generate",
-    "generate_batch",
-    "prompt_problem",
-]
+from .sequence import Cancelled, Generation, NGramGuard, Sequence, never
 
 
 @torch.inference_mode()

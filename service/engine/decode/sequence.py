@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .assemble import PromptInputs
-from .stats import StageTimer
+from ..assemble import PromptInputs
+from ..stats import StageTimer
 
 TABLE_CELL_IDS = frozenset({128821, 128822})  # <td>, </td>: tables legitimately repeat them
 EOS_ID = 1

@@ -25,9 +25,9 @@ import time
 import torch
 from transformers import DynamicCache
 
-from .model import OcrModel
+from ..model import OcrModel
+from ..stats import shared_stage
 from .sequence import EOS_ID, Generation, Sequence
-from .stats import shared_stage
 
 
 class NonFiniteLogits(RuntimeError):
