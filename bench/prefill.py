@@ -39,11 +39,17 @@ from service.engine.assemble import assemble_prompt
 from service.engine.decode.generate import generate
 from service.engine.decode.sequence import NGramGuard
 from service.engine.preprocess import preprocess
-from service.engine.prompts import build_prompt, encode_prompt
+from service.engine.prompts import build_prompt, tokenize_prompt
 from service.engine.stats import StageTimer
 
 PAPER_POINT = (0.8425, 1.23)  # retention, LLM prefill speedup reported for Large mode
 RETENTIONS = [1.0, 0.9, 0.8425, 0.7, 0.5, "auto"]
+
+
+def _prompt(tokenizer, task: str, n_visual: int) -> tuple[torch.Tensor, int]:
+    """Input ids of a task's prompt around ``n_visual`` image placeholders, and where they start."""
+    prompt = tokenize_prompt(tokenizer, build_prompt(task))
+    return torch.tensor(prompt.ids(n_visual)), prompt.image_start
 
 
 def settings_for(quick: bool) -> list[tuple[str, float | str]]:
@@ -66,7 +72,7 @@ def prefill_once(engine: OCREngine, block, pruner, device) -> dict[str, float]:
     with timer.stage("prune"):
         pruned = pruner(block.features, block.protected, block.newline, block.global_view)
     with timer.stage("assemble"):
-        ids, start = encode_prompt(model.tokenizer, build_prompt("markdown"), block.n_tokens)
+        ids, start = _prompt(model.tokenizer, "markdown", block.n_tokens)
         prompt = assemble_prompt(model.embed(ids), start, block.n_tokens, pruned.features, pruned.kept_indices)
     from transformers import DynamicCache
 
@@ -94,7 +100,7 @@ def prefill_once(engine: OCREngine, block, pruner, device) -> dict[str, float]:
 def decode_speed(engine: OCREngine, block, pruner, n_tokens: int) -> float:
     model = engine.model
     pruned = pruner(block.features, block.protected, block.newline, block.global_view)
-    ids, start = encode_prompt(model.tokenizer, build_prompt("markdown"), block.n_tokens)
+    ids, start = _prompt(model.tokenizer, "markdown", block.n_tokens)
     prompt = assemble_prompt(model.embed(ids), start, block.n_tokens, pruned.features, pruned.kept_indices)
     timer = StageTimer(model.device)
     generation = generate(model, prompt, max_new_tokens=n_tokens, guard=NGramGuard(0, 0), timer=timer)

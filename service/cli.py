@@ -24,16 +24,49 @@ def _retention(value: str) -> float | str:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from service.engine.names import DEFAULT_MODEL, RANDOM_PRESETS
+
     parser.add_argument(
         "--model",
-        default="deepseek-ai/DeepSeek-OCR",
-        help="hub id, local checkpoint directory, or a random preset: tiny, tiny-v2, random-full",
+        default=DEFAULT_MODEL,
+        help=f"hub id, local checkpoint directory, or a random preset: {', '.join(RANDOM_PRESETS)}",
     )
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument(
         "--vllm-url", help="decode on this vLLM server (serving the same checkpoint with --enable-prompt-embeds)"
     )
+
+
+def _add_option_arguments(parser: argparse.ArgumentParser, names: Sequence[str], **defaults) -> None:
+    """One flag per field of the options model (the doors' own declaration), its choices and default
+    shown; unset flags stay out of the chosen fields, as an unset form field does. ``defaults`` are the
+    command's own defaults where they differ from a page's (e.g. eval's mode)."""
+    from service.engine.options import OcrOptions
+
+    for name in names:
+        field = OcrOptions.model_fields[name]
+        default = defaults.get(name, field.default)
+        options: dict = {"dest": name, "default": defaults.get(name)}
+        choices = _literal_choices(field.annotation) or _enum_choices(field.annotation)
+        if name == "retention":
+            options["type"], options["metavar"] = _retention, "{0..1,auto}"
+        elif choices:  # shown, and checked by the options model: the error reads as every door's
+            options["metavar"] = "{" + ",".join(str(c) for c in choices) + "}"
+        else:
+            options["type"], options["metavar"] = (int, "INT") if field.annotation is int else (str, "TEXT")
+        shown = "unset" if default is None else getattr(default, "value", default)
+        description = (field.description or name).replace("%", "%%")
+        parser.add_argument(f"--{name.replace('_', '-')}", help=f"{description} [default: {shown}]", **options)
+
+
+def _enum_choices(annotation) -> tuple | None:
+    """The values of an enum-typed field (mode, task, positions), else None."""
+    import enum
+
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return tuple(m.value for m in annotation)
+    return None
 
 
 def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,30 +104,22 @@ def _metavar(annotation) -> str:
     return {int: "INT", float: "NUMBER", Path: "PATH"}.get(kind, "TEXT")
 
 
+OCR_FLAGS = (
+    "mode", "task", "ref", "prompt", "pruner", "retention", "positions", "max_crops",
+    "max_new_tokens", "ngram_size", "ngram_window",
+)  # every page option but the web page's token map
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtprune-ocr", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
-    shown = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
-    ocr = commands.add_parser("ocr", help="OCR an image or a PDF and print markdown (or --json)", **shown)
+    ocr = commands.add_parser("ocr", help="OCR an image or a PDF and print markdown (or --json)")
     ocr.add_argument("image", help="path to an image (PNG, JPEG, WebP, TIFF, BMP, GIF) or a PDF")
     _add_model_arguments(ocr)
-    ocr.add_argument("--mode", default="gundam", choices=["tiny", "small", "base", "large", "gundam"])
-    ocr.add_argument("--task", default="markdown", choices=["markdown", "ocr", "free", "figure", "describe", "locate"])
-    ocr.add_argument("--ref", help="what to locate, for --task locate")
-    ocr.add_argument("--prompt", help="raw prompt with one <image> placeholder (overrides --task)")
-    ocr.add_argument("--pruner", default="rtprune", choices=["rtprune", "none", "random", "norm", "divprune"])
-    ocr.add_argument(
-        "--retention", type=_retention, default=None, help="share of grid tokens kept, in (0, 1], or auto (default)"
-    )
-    ocr.add_argument(
-        "--positions", default=None, choices=["original", "compact"], help="default original (compact with --vllm-url)"
-    )
-    ocr.add_argument(
-        "--max-new-tokens", type=int, default=None, help="default 8192 (32 on the random presets, which never stop)"
-    )
-    ocr.add_argument("--page", type=int, default=None, help="one page of a PDF (1-based); default every page")
+    _add_option_arguments(ocr, OCR_FLAGS)
+    ocr.add_argument("--page", type=int, default=None, help="one page of a PDF (1-based) [default: every page]")
     ocr.add_argument("--json", action="store_true", help="print one JSON object per page: markdown, text, boxes, stats")
     ocr.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)"
@@ -110,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of images with same-stem .md ground truth, or OmniDocBench's JSON",
     )
     _add_model_arguments(evaluate)
-    evaluate.add_argument("--mode", default="large", choices=["tiny", "small", "base", "large", "gundam"])
+    _add_option_arguments(evaluate, ["mode"], mode="large")
     evaluate.add_argument("--pruners", default="rtprune,norm,random,divprune")
     evaluate.add_argument("--retention", default="1.0,0.9,0.8425,0.7,auto")
     evaluate.add_argument("--limit", type=int, help="first N pages only")
@@ -133,17 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_ocr(args: argparse.Namespace) -> int:
-    from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine, OcrOptions
+    from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine
     from service.engine.engine import PageTask
+    from service.engine.options import resolve_options
     from service.engine.stats import StageTimer
     from service.inputs import UploadError, open_document
     from service.schemas import PAGE_SEPARATOR
     from service.settings import apply_threads
 
-    chosen = {k: v for k, v in vars(args).items() if k in OcrOptions.model_fields and v is not None}
+    chosen = {name: getattr(args, name) for name in OCR_FLAGS if getattr(args, name) is not None}
     try:
-        options = OcrOptions(**chosen)
-        options.validate_for_run()
+        resolve_options(chosen)  # the checks that need no model, before the model loads
         with open(args.image, "rb") as handle:
             document = open_document(handle.read(), page_range=(args.page, args.page) if args.page else None)
     except ValidationError as exc:
@@ -155,7 +180,7 @@ def run_ocr(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype, vllm_url=args.vllm_url)
     try:
-        options, notes = engine.resolve_options(options, set(chosen))
+        options, notes = engine.resolve_options(chosen)  # the doors' one call: this model's defaults and checks
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -219,6 +244,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from pruning import PRUNERS
     from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine
+    from service.engine.options import resolve_options
     from service.evaluation.dataset import load_pages
     from service.evaluation.harness import Evaluation, parse_retentions, plot_summary, print_summary, settings_grid
 
@@ -228,7 +254,11 @@ def run_eval(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"unknown pruners {sorted(unknown)}; choose from {', '.join(PRUNERS)}")
         retentions = parse_retentions(args.retention)
+        resolve_options({"mode": args.mode})  # before the model loads
         pages = load_pages(args.data, args.limit)
+    except ValidationError as exc:
+        print(f"error: {readable(exc)}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,12 +14,18 @@ scheduler that renders its pages take turns.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import threading
+import urllib.error
+import urllib.request
 import warnings
 from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
+
+from service.errors import InvalidParameter, PayloadTooLarge
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
 PDF_DPI = 144
@@ -229,3 +235,42 @@ def _measure_pdf(
             raise UploadError(422, "corrupt_file", f"the PDF could not be read: {exc}") from None
         finally:
             pdf.close()
+
+
+# --- URLs: the JSON doors (chat, Mistral) name their image by URL ------------------------------------
+
+
+def bytes_of_url(url: str, *, max_bytes: int, allow_fetch: bool, timeout_s: float) -> bytes:
+    """The bytes a data URL holds, or an http(s) URL serves when fetching is allowed (size limit,
+    timeout). Runs in a worker thread (a fetch blocks). InvalidParameter (422) or PayloadTooLarge (413)
+    for anything else."""
+    if url.startswith("data:"):
+        return _data_url_bytes(url, max_bytes)
+    if url.startswith(("http://", "https://")):
+        if not allow_fetch:
+            raise InvalidParameter("image_url: fetching http(s) URLs is off on this server; send a data URL")
+        return _fetch(url, max_bytes, timeout_s)
+    raise InvalidParameter("image_url must be a data URL (or http(s) where the server allows fetching)")
+
+
+def _data_url_bytes(url: str, max_bytes: int) -> bytes:
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        raise InvalidParameter("image_url: a data URL must be base64 (data:image/png;base64,...)")
+    if len(payload) * 3 // 4 > max_bytes:
+        raise PayloadTooLarge(f"the image exceeds the {max_bytes:,}-byte upload limit")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidParameter("image_url: the data URL is not valid base64") from None
+
+
+def _fetch(url: str, limit: int, timeout_s: float) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            data = response.read(limit + 1)
+    except (urllib.error.URLError, TimeoutError, ValueError) as exc:
+        raise InvalidParameter(f"image_url could not be fetched: {exc}") from None
+    if len(data) > limit:
+        raise PayloadTooLarge(f"the image exceeds the {limit:,}-byte upload limit")
+    return data

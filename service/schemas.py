@@ -93,7 +93,7 @@ def aggregate(pages: list[PageResult], wall_ms: float) -> AggregateStats:
     out = sum(p.stats.output_tokens for p in pages)
     stages = {
         stage: round(union_ms([span for p in pages for span in p._spans.get(stage, [])]), 3)
-        for stage in ("preprocess", "vision", "prune", "prefill", "decode")
+        for stage in ("preprocess", "vision", "prune", "assemble", "prefill", "decode")
     }
     latency = LatencyMs(queue=pages[0].stats.latency_ms.queue if pages else 0.0, **stages, total=round(wall_ms, 3))
     return AggregateStats(

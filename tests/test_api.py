@@ -16,7 +16,7 @@ from PIL import Image
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.conftest import GatedEngine, live_server, text_page
+from tests.helpers import GatedEngine, live_server, text_page
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -109,7 +109,8 @@ def test_response_has_every_field(service):
     assert stats["grid_tokens"] == 64 and stats["grid_tokens_kept"] == 32 and stats["retention"] == 0.5
     assert stats["visual_share"] == pytest.approx(stats["visual_tokens_kept"] / 73, abs=1e-5)
     assert stats["retention_requested"]["value"] == 0.5 and stats["output_tokens"] == 4
-    assert set(stats["latency_ms"]) == {"queue", "preprocess", "vision", "prune", "prefill", "decode", "total"}
+    stages = {"queue", "preprocess", "vision", "prune", "assemble", "prefill", "decode"}
+    assert set(stats["latency_ms"]) == {*stages, "total"}
     assert stats["decode_tokens_per_s"] > 0
     assert body["stats"]["pages"] == 1 and body["stats"]["visual_tokens"] == 73
     assert response.headers["x-request-id"]

@@ -15,7 +15,7 @@ from service.engine import Cancelled, OcrOptions
 from service.engine.engine import PageTask
 from service.engine.stats import StageTimer
 from service.settings import ServiceSettings
-from tests.conftest import RecordingEngine, image_job, started_scheduler, text_page
+from tests.helpers import RecordingEngine, image_request, started_scheduler, text_page
 
 MIXED = [  # modes, pruners, retentions, positions, budgets and guards all differ
     (text_page((600, 800)), OcrOptions(mode="tiny", pruner="rtprune", retention="auto", max_new_tokens=5)),
@@ -83,8 +83,8 @@ def test_scheduler_batches_concurrent_jobs_and_keeps_deadlines_per_request(tiny_
     steps: list[int] = []
     scheduler = started_scheduler(RecordingEngine(tiny_engine, steps), max_batch_size=4, batch_wait_ms=300)
     try:
-        doomed = image_job(text_page(), OcrOptions(mode="tiny", max_new_tokens=8192, ngram_size=0), timeout=1.0)
-        jobs = [doomed] + [image_job(image, options) for image, options in MIXED[:3]]
+        doomed = image_request(text_page(), OcrOptions(mode="tiny", max_new_tokens=8192, ngram_size=0), timeout=1.0)
+        jobs = [doomed] + [image_request(image, options) for image, options in MIXED[:3]]
         for job in jobs:
             scheduler.submit(job)
         start = time.monotonic()
@@ -139,7 +139,7 @@ def test_batch_size_one_turns_batching_off(tiny_engine):
     steps: list[int] = []
     scheduler = started_scheduler(RecordingEngine(tiny_engine, steps), max_batch_size=1, batch_wait_ms=300)
     try:
-        jobs = [image_job(image, options) for image, options in MIXED[:3]]
+        jobs = [image_request(image, options) for image, options in MIXED[:3]]
         for job in jobs:
             scheduler.submit(job)
         for job in jobs:

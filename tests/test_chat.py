@@ -11,7 +11,7 @@ import pytest
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.conftest import live_server, text_page
+from tests.helpers import live_server, text_page
 
 PAGE = text_page((600, 800))
 
@@ -139,7 +139,7 @@ def test_the_api_key_works_as_an_openai_bearer_token(tiny_engine):
 
 
 def test_a_litellm_shaped_ocr_request_gets_pages_with_markdown(server):
-    from tests.conftest import text_pdf
+    from tests.helpers import text_pdf
 
     pdf = text_pdf(3, lines=3)
     url = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
@@ -210,7 +210,7 @@ def test_streamed_deltas_add_up_to_the_whole_text_across_multi_byte_characters(t
     tokenizer = tiny_engine.model.tokenizer
     text = "Grüße — 数学 ✓ <td>x</td> naïve"
     tokens = tokenizer.encode(text, add_special_tokens=False)
-    reply = Reply("tiny", tokenizer, skip_special_tokens=False)
+    reply = Reply("tiny", tiny_engine.detokenizer(skip_special_tokens=False), strip_special=None)
     sent, shown = [], 0
     for i in range(1, len(tokens) + 1):
         delta, shown = reply.delta(tokens[:i], shown)

@@ -8,7 +8,8 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import free_port, serve_process, text_page
+from service.loadtest import free_port
+from tests.helpers import serve_process, text_page
 
 
 def serve_command(*args: str) -> list[str]:

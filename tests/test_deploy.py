@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.loadtest import free_port
 from service.settings import ServiceSettings
-from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"

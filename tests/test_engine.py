@@ -15,18 +15,24 @@ from service.engine.decode.sequence import NGramGuard
 from service.engine.layout import visual_token_count
 from service.engine.postprocess import decode_text, parse_boxes, to_markdown
 from service.engine.preprocess import preprocess
-from service.engine.prompts import build_prompt, encode_prompt
+from service.engine.prompts import build_prompt, tokenize_prompt
 from service.engine.stats import StageTimer
-from tests.conftest import text_page
+from tests.helpers import text_page
 
 NO_GUARD = {"ngram_size": 0, "ngram_window": 0}
+
+
+def _prompt(tokenizer, task: str, n_visual: int) -> tuple[torch.Tensor, int]:
+    """Input ids of a task's prompt around ``n_visual`` image placeholders, and where they start."""
+    prompt = tokenize_prompt(tokenizer, build_prompt(task))
+    return torch.tensor(prompt.ids(n_visual)), prompt.image_start
 
 
 def unpruned_prompt(engine, mode: str = "tiny"):
     """Prefill inputs of a text page with its whole visual block, for generate() tests."""
     model = engine.model
     block = model.encode([preprocess(text_page(), mode)])[0]
-    ids, start = encode_prompt(model.tokenizer, build_prompt("free"), block.n_tokens)
+    ids, start = _prompt(model.tokenizer, "free", block.n_tokens)
     return assemble_prompt(
         model.embed(ids), start, block.n_tokens, block.features, torch.arange(block.n_tokens), "original"
     )
@@ -37,7 +43,7 @@ def transformers_generate(engine, image, mode: str, max_new_tokens: int) -> list
     model = engine.model
     page = preprocess(image, mode, version=model.version)
     n_visual = visual_token_count(page, model.version)
-    input_ids, _ = encode_prompt(model.tokenizer, build_prompt("markdown"), n_visual)
+    input_ids, _ = _prompt(model.tokenizer, "markdown", n_visual)
     kwargs = {"pixel_values": page.global_view[None]}
     if page.tiles is not None:
         kwargs.update(pixel_values_local=page.tiles, num_local_patches=[page.num_tiles])
@@ -125,7 +131,7 @@ def test_cached_decoding_equals_full_recompute(tiny_engine, positions):
     model = tiny_engine.model
     block = model.encode([preprocess(text_page(), "large")])[0]
     pruned = RTPrune(0.6)(block.features, block.protected, block.newline)
-    ids, start = encode_prompt(model.tokenizer, build_prompt("free"), block.n_tokens)
+    ids, start = _prompt(model.tokenizer, "free", block.n_tokens)
     prompt = assemble_prompt(model.embed(ids), start, block.n_tokens, pruned.features, pruned.kept_indices, positions)
     if positions == "original":
         assert prompt.next_position == ids.shape[0] > prompt.length  # continues from the unpruned length
@@ -143,17 +149,16 @@ def test_pruned_prompt_lengths_and_stats(tiny_engine):
     assert stats.visual_tokens == 421
     # 400 grid tokens -> 200 kept; 20 newlines + separator are protected (some may collapse)
     assert 200 < stats.visual_tokens_kept <= 221
-    n_text = len(encode_prompt(tiny_engine.model.tokenizer, build_prompt("markdown"), 0)[0])
+    n_text = tokenize_prompt(tiny_engine.model.tokenizer, build_prompt("markdown")).length(0)
     assert stats.prompt_tokens == n_text + stats.visual_tokens_kept
     assert (stats.grid_tokens, stats.grid_tokens_kept, stats.retention) == (400, 200, 0.5)
     assert stats.visual_share == pytest.approx(stats.visual_tokens_kept / 421, abs=1e-6)
     assert stats.retention_requested.value == 0.5 and stats.retention_requested.dynamic is None
     assert stats.output_tokens == 3 and stats.finish_reason == "length"
     latency = stats.latency_ms
-    assert all(getattr(latency, s) > 0 for s in ("preprocess", "vision", "prune", "prefill", "decode"))
-    assert latency.total == pytest.approx(
-        sum(getattr(latency, s) for s in ("queue", "preprocess", "vision", "prune", "prefill", "decode")), abs=0.01
-    )
+    work = ("preprocess", "vision", "prune", "assemble", "prefill", "decode")
+    assert all(getattr(latency, s) > 0 for s in work)
+    assert latency.total == pytest.approx(sum(getattr(latency, s) for s in ("queue", *work)), abs=0.01)
     assert stats.decode_tokens_per_s > 0
 
 

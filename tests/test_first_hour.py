@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.conftest import serve_process, text_pdf
+from tests.helpers import serve_process, text_pdf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def test_multi_page_stats_count_shared_batch_work_once(client):
     wall_ms = (time.perf_counter() - start) * 1e3
     body = response.json()
     total = body["stats"]["latency_ms"]
-    stages = ("preprocess", "vision", "prune", "prefill", "decode")
+    stages = ("preprocess", "vision", "prune", "assemble", "prefill", "decode")
     assert total["total"] <= wall_ms
     assert total["queue"] + sum(total[s] for s in stages) <= wall_ms  # nothing counted twice
     page_decode = sum(p["stats"]["latency_ms"]["decode"] for p in body["pages"])

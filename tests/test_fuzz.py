@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.conftest import live_server, text_page, text_pdf
+from tests.helpers import live_server, text_page, text_pdf
 
 SCHEMA_CASES = int(os.environ.get("RTPRUNE_FUZZ_SCHEMA_CASES", "300"))
 MUTATION_CASES = int(os.environ.get("RTPRUNE_FUZZ_CASES", "150"))

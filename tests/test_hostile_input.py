@@ -18,7 +18,7 @@ from PIL import Image
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.conftest import live_server, serve_process, text_page, text_pdf
+from tests.helpers import live_server, serve_process, text_page, text_pdf
 
 
 def encoded(fmt: str, **kwargs) -> bytes:

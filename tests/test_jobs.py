@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.conftest import serve_process, text_pdf
+from tests.helpers import serve_process, text_pdf
 
 FAST = {"mode": "tiny", "max_new_tokens": "5"}
 PDF = text_pdf(3, lines=3)

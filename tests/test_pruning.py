@@ -18,7 +18,7 @@ from pruning import (
     text_density_ratio,
     transport_plan,
 )
-from tests.conftest import v1_block_masks
+from tests.helpers import v1_block_masks
 
 
 def reference_ot_merge(x_keep, x_rem, dustbin=0.2, iters=100, beta=0.1):

@@ -23,10 +23,11 @@ pytest.importorskip("ray.serve", reason='the ray extra is not installed: pip ins
 from ray.serve.schema import ServeDeploySchema
 
 from service.api.app import create_app
+from service.loadtest import free_port
 from service.ray_serve import DEPLOYMENT_NAME, deployment_options, wait_until_loaded
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
-from tests.conftest import free_port, serve_process, text_page, text_pdf
+from tests.helpers import serve_process, text_page, text_pdf
 from tests.test_api import png_bytes, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]

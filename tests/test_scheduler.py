@@ -16,14 +16,14 @@ from service.engine import Cancelled, OcrOptions
 from service.engine.decode.batch import RunningBatch
 from service.engine.engine import PageTask
 from service.engine.stats import StageTimer
-from service.errors import NotReady, OutOfMemory, Overloaded
+from service.errors import NotReady, OutOfMemory, Overloaded, to_service_error
 from service.inputs import Document, open_document
-from service.scheduler import Job, PageQueue
+from service.scheduler import PageQueue, PageRequest
 from service.settings import ServiceSettings
-from tests.conftest import (
+from tests.helpers import (
     GatedEngine,
     RecordingEngine,
-    image_job,
+    image_request,
     live_server,
     started_scheduler,
     text_page,
@@ -46,8 +46,8 @@ def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> Non
         time.sleep(0.005)
 
 
-def pdf_job(n_pages: int, options: OcrOptions, timeout: float = 120.0) -> Job:
-    return Job(open_document(text_pdf(n_pages, lines=4)), options, deadline=time.monotonic() + timeout)
+def pdf_request(n_pages: int, options: OcrOptions, timeout: float = 120.0) -> PageRequest:
+    return PageRequest(open_document(text_pdf(n_pages, lines=4)), options, deadline=time.monotonic() + timeout)
 
 
 # --- the fair page queue ---------------------------------------------------------------------------
@@ -55,9 +55,9 @@ def pdf_job(n_pages: int, options: OcrOptions, timeout: float = 120.0) -> Job:
 
 def test_pages_are_served_round_robin_by_request():
     queue = PageQueue(capacity=100)
-    big = Job(Document(list(range(1, 51))), OcrOptions(), deadline=time.monotonic() + 60)
-    small = Job(Document([1]), OcrOptions(), deadline=time.monotonic() + 60)
-    other = Job(Document([1, 2]), OcrOptions(), deadline=time.monotonic() + 60)
+    big = PageRequest(Document(list(range(1, 51))), OcrOptions(), deadline=time.monotonic() + 60)
+    small = PageRequest(Document([1]), OcrOptions(), deadline=time.monotonic() + 60)
+    other = PageRequest(Document([1, 2]), OcrOptions(), deadline=time.monotonic() + 60)
     for job in (big, small, other):
         queue.put(job, retry_after_s=1)
     assert queue.pages == 53
@@ -73,9 +73,9 @@ def test_pages_are_served_round_robin_by_request():
 
 def test_a_document_that_does_not_fit_the_page_budget_is_refused_whole():
     queue = PageQueue(capacity=5)
-    queue.put(Job(Document([1, 2, 3]), OcrOptions(), deadline=time.monotonic() + 60), retry_after_s=7)
+    queue.put(PageRequest(Document([1, 2, 3]), OcrOptions(), deadline=time.monotonic() + 60), retry_after_s=7)
     with pytest.raises(Overloaded) as refused:
-        queue.put(Job(Document([1, 2, 3]), OcrOptions(), deadline=time.monotonic() + 60), retry_after_s=7)
+        queue.put(PageRequest(Document([1, 2, 3]), OcrOptions(), deadline=time.monotonic() + 60), retry_after_s=7)
     assert refused.value.headers == {"Retry-After": "7"} and "only 2 of 5 page slots" in refused.value.message
     assert queue.pages == 3  # nothing of the refused document was queued
 
@@ -129,11 +129,11 @@ def test_a_short_page_joins_a_running_long_one(tiny_engine, batching):
     steps: list[int] = []
     scheduler = started_scheduler(RecordingEngine(tiny_engine, steps), batching=batching, batch_wait_ms=0)
     try:
-        long_job = image_job(text_page(), LONG)
+        long_job = image_request(text_page(), LONG)
         scheduler.submit(long_job)
         wait_until(lambda: len(steps) >= 5, what="the long page to be decoding")
         image, options = SHORT[0]
-        short_job = image_job(image, options)
+        short_job = image_request(image, options)
         scheduler.submit(short_job)
         short = short_job.future.result(timeout=120)[0]
         assert short.text == tiny_engine.run(image, options).text  # joined mid-decode, same text as alone
@@ -155,7 +155,7 @@ def test_the_kv_budget_bounds_pages_running_together(tiny_engine):
     scheduler = started_scheduler(RecordingEngine(tiny_engine, steps), max_batch_tokens=budget, batch_wait_ms=200)
     try:
         items = [SHORT[0], SHORT[2], SHORT[0], SHORT[2]]
-        jobs = [image_job(image, options) for image, options in items]
+        jobs = [image_request(image, options) for image, options in items]
         for job in jobs:
             scheduler.submit(job)
         for job, (image, options) in zip(jobs, items, strict=True):
@@ -173,7 +173,7 @@ def test_prefill_tokens_per_step_are_capped(tiny_engine):
     original = tiny_engine.prepare
     try:
         tiny_engine.prepare = lambda tasks: (prepared.append(len(tasks)), original(tasks))[1]
-        job = pdf_job(4, OcrOptions(mode="tiny", max_new_tokens=8, ngram_size=0))
+        job = pdf_request(4, OcrOptions(mode="tiny", max_new_tokens=8, ngram_size=0))
         scheduler.submit(job)
         assert len(job.future.result(timeout=120)) == 4
         assert prepared == [1, 1, 1, 1] and max(steps) > 1  # one page per step, yet they decoded together
@@ -209,7 +209,7 @@ def test_out_of_memory_is_retried_with_fewer_pages(tiny_engine):
     faulty = FaultyEngine(tiny_engine, max_rows=2)
     scheduler = started_scheduler(faulty, batch_wait_ms=300)
     try:
-        jobs = [image_job(image, options) for image, options in SHORT]
+        jobs = [image_request(image, options) for image, options in SHORT]
         for job in jobs:
             scheduler.submit(job)
         for job, (image, options) in zip(jobs, SHORT, strict=True):
@@ -222,13 +222,14 @@ def test_out_of_memory_is_retried_with_fewer_pages(tiny_engine):
 def test_a_page_that_runs_out_of_memory_alone_fails_its_request_only(tiny_engine):
     scheduler = started_scheduler(FaultyEngine(tiny_engine, max_rows=8, poison=13), batch_wait_ms=300)
     try:
-        poisoned = image_job(text_page(), OcrOptions(mode="tiny", max_new_tokens=13))
-        jobs = [image_job(image, options) for image, options in SHORT[:3]]
+        poisoned = image_request(text_page(), OcrOptions(mode="tiny", max_new_tokens=13))
+        jobs = [image_request(image, options) for image, options in SHORT[:3]]
         for job in [jobs[0], poisoned, *jobs[1:]]:
             scheduler.submit(job)
-        with pytest.raises(OutOfMemory) as failed:
+        with pytest.raises(torch.OutOfMemoryError) as failed:
             poisoned.future.result(timeout=120)
-        assert failed.value.status == 503 and failed.value.headers["Retry-After"]
+        answer = to_service_error(failed.value, retry_after_s=2)  # what every door answers for it
+        assert isinstance(answer, OutOfMemory) and answer.status == 503 and answer.headers["Retry-After"]
         for job, (image, options) in zip(jobs, SHORT, strict=False):
             assert job.future.result(timeout=120)[0].text == tiny_engine.run(image, options).text
     finally:
@@ -248,8 +249,8 @@ def test_a_prefill_that_fails_is_retried_in_halves_until_the_bad_page_fails_alon
 
     scheduler = started_scheduler(BadPrefill(tiny_engine, []), batch_wait_ms=300)
     try:
-        bad = image_job(text_page(), OcrOptions(mode="tiny", max_new_tokens=13))
-        jobs = [image_job(image, options) for image, options in SHORT]
+        bad = image_request(text_page(), OcrOptions(mode="tiny", max_new_tokens=13))
+        jobs = [image_request(image, options) for image, options in SHORT]
         for job in [*jobs[:2], bad, *jobs[2:]]:
             scheduler.submit(job)
         with pytest.raises(RuntimeError, match="corrupt page"):
@@ -303,7 +304,7 @@ def test_a_cancelled_request_frees_its_queued_pages_at_once(tiny_engine):
     scheduler = started_scheduler(engine, batch_wait_ms=0, max_batch_size=1)
     try:
         engine.gate.clear()
-        job = pdf_job(5, OcrOptions(mode="tiny", max_new_tokens=2))
+        job = pdf_request(5, OcrOptions(mode="tiny", max_new_tokens=2))
         scheduler.submit(job)
         wait_until(lambda: engine.started.is_set(), what="the first page")
         assert scheduler.queued_pages == 4
@@ -322,9 +323,9 @@ def test_a_cancelled_request_frees_its_queued_pages_at_once(tiny_engine):
 def test_shutdown_finishes_running_pages_and_refuses_the_rest(tiny_engine):
     steps: list[int] = []
     scheduler = started_scheduler(RecordingEngine(tiny_engine, steps), max_batch_size=1, batch_wait_ms=0)
-    running = image_job(*SHORT[0])
-    waiting = image_job(*SHORT[2])
-    scheduler.submit(image_job(text_page(), OcrOptions(mode="tiny", max_new_tokens=30, ngram_size=0)))
+    running = image_request(*SHORT[0])
+    waiting = image_request(*SHORT[2])
+    scheduler.submit(image_request(text_page(), OcrOptions(mode="tiny", max_new_tokens=30, ngram_size=0)))
     scheduler.submit(running)
     scheduler.submit(waiting)
     wait_until(lambda: scheduler.queued_pages == 1, what="one page running and one waiting")
@@ -334,14 +335,14 @@ def test_shutdown_finishes_running_pages_and_refuses_the_rest(tiny_engine):
         waiting.future.result(timeout=1)  # at once
     assert running.future.result(timeout=60)[0].text == tiny_engine.run(*SHORT[0]).text
     with pytest.raises(NotReady):
-        scheduler.submit(image_job(*SHORT[1]))
+        scheduler.submit(image_request(*SHORT[1]))
     scheduler.stop(timeout=10)
     assert scheduler.state == "stopped" and time.monotonic() - started < 30
 
 
 def test_shutdown_grace_ends_a_page_that_would_run_for_ever(tiny_engine):
     scheduler = started_scheduler(tiny_engine, batch_wait_ms=0)
-    job = image_job(text_page(), OcrOptions(mode="tiny", max_new_tokens=8192, ngram_size=0))
+    job = image_request(text_page(), OcrOptions(mode="tiny", max_new_tokens=8192, ngram_size=0))
     scheduler.submit(job)
     wait_until(lambda: scheduler.batch_tokens > 0, what="decoding")
     started = time.monotonic()

@@ -25,14 +25,14 @@ from fastapi.testclient import TestClient
 from starlette.concurrency import run_in_threadpool
 
 from service.api.app import create_app
-from service.engine import OCREngine, OcrOptions
+from service.engine import OCREngine
 from service.engine.assemble import PromptInputs
 from service.engine.decode.generate import generate
 from service.engine.decode.sequence import EOS_ID, NGramGuard
 from service.engine.decode.vllm_decoder import VllmServer
 from service.engine.stats import StageTimer
 from service.settings import ServiceSettings
-from tests.conftest import live_server, text_page
+from tests.helpers import live_server, text_page
 from tests.test_api import png_bytes, wait_ready
 
 PAGE = png_bytes(text_page((700, 900)))
@@ -174,7 +174,7 @@ def test_what_vllm_cannot_do_is_a_clear_422_and_compact_is_the_default(vllm_serv
         unigram = ocr(client, ngram_size="1", ngram_window="10")
         assert unigram.status_code == 422 and "ngram_size=1" in unigram.json()["error"]["message"]
         assert client.get("/v1/info").json()["decoder"] == "vllm"
-    options, _ = engine.resolve_options(OcrOptions(max_new_tokens=5), {"max_new_tokens"})
+    options, _ = engine.resolve_options({"max_new_tokens": 5})
     assert options.positions == "compact"  # unless asked, pages run in the one scheme vLLM can decode
 
 
@@ -226,7 +226,7 @@ def test_a_page_that_leaves_closes_its_vllm_stream(stand_in, tiny_engine):
     server = VllmServer(stand_in.base)
     server.connect(wait_s=10)
     engine = OCREngine(tiny_engine.model, server)
-    options, _ = engine.resolve_options(OcrOptions(mode="tiny", max_new_tokens=40), {"mode", "max_new_tokens"})
+    options, _ = engine.resolve_options({"mode": "tiny", "max_new_tokens": 40})
     stop = threading.Event()
     started = time.monotonic()
     outcome: list[BaseException] = []
@@ -254,7 +254,7 @@ def test_a_page_that_leaves_closes_its_vllm_stream(stand_in, tiny_engine):
 def test_loading_with_a_vllm_url_frees_the_decoder_and_still_reads_pages(stand_in, preset_cache):
     engine = OCREngine.load("tiny", device="cpu", cache_dir=preset_cache, vllm_url=stand_in.base)
     assert len(engine.model.model.model.language_model.layers) == 0 and engine.decoder_name == "vllm"
-    options, _ = engine.resolve_options(OcrOptions(mode="tiny", max_new_tokens=8), {"mode", "max_new_tokens"})
+    options, _ = engine.resolve_options({"mode": "tiny", "max_new_tokens": 8})
     assert engine.run(text_page(), options).stats.output_tokens == 8
 
 

@@ -18,8 +18,8 @@ from service.engine.decode.vllm_decoder import VllmServer
 from service.engine.engine import PageTask
 from service.engine.stats import StageTimer
 from service.engine.weights.presets import tiny_checkpoint_dir
-from service.loadtest import wait_ready
-from tests.conftest import free_port, text_page
+from service.loadtest import free_port, wait_ready
+from tests.helpers import text_page
 
 VLLM_PYTHON = os.environ.get("RTPRUNE_VLLM_PYTHON")
 pytestmark = pytest.mark.skipif(

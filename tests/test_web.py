@@ -11,7 +11,7 @@ import pytest
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.conftest import live_server, text_page
+from tests.helpers import live_server, text_page
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-output"
 
@@ -170,7 +170,7 @@ def test_keyboard_and_phone_viewport(server, page_file, chromium):
 def test_a_pdf_as_a_job_shows_page_progress_then_every_page(server, tmp_path, chromium):
     from selenium.webdriver.common.by import By
 
-    from tests.conftest import text_pdf
+    from tests.helpers import text_pdf
 
     pdf = tmp_path / "doc.pdf"
     pdf.write_bytes(text_pdf(3, lines=4))

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.api import chat, health, jobs, mistral_ocr, ocr, web
+from service.api.common import open_upload
 from service.api.handlers import install_error_handlers
 from service.api.middleware import (
     AdmissionMiddleware,
@@ -45,7 +46,7 @@ def job_runner(settings: ServiceSettings, scheduler: Scheduler) -> JobRunner:
     return JobRunner(
         JobStore(directory),
         scheduler,
-        lambda data, page_range: ocr.open_upload(data, settings, page_range),
+        lambda data, page_range: open_upload(data, settings, page_range),
         retention_s=settings.job_retention_s,
         retry_after_s=settings.retry_after_s,
     )

@@ -11,26 +11,23 @@ ignored. The page walks the same way as ``/v1/ocr`` (limits, scheduler, errors).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
+from service.api.common import ERROR_RESPONSES, door_options, failure, open_upload, page_request, read_url, wait_for
 from service.api.deps import get_scheduler, get_settings
-from service.api.ocr import ERROR_RESPONSES, open_upload, request_job, wait_for
-from service.engine import OcrOptions, PageResult
+from service.engine import PageResult
 from service.engine.decode.sequence import TABLE_CELL_IDS
-from service.engine.options import POSITIONS_HELP
-from service.errors import InvalidParameter, PayloadTooLarge
-from service.scheduler import Job, Scheduler
+from service.engine.options import PageKnobs
+from service.errors import InvalidParameter
+from service.scheduler import PageRequest, Scheduler
 from service.settings import ServiceSettings
 
 router = APIRouter(tags=["openai"])
@@ -61,19 +58,6 @@ class VllmXargs(BaseModel):
     whitelist_token_ids: list[int] | None = Field(None, description=f"only {sorted(TABLE_CELL_IDS)} is supported")
 
 
-class RtpruneChatOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    mode: str = "gundam"
-    pruner: str = "rtprune"
-    retention: float | Literal["auto"] = "auto"
-    positions: Literal["original", "compact"] = Field(
-        "original",
-        description=POSITIONS_HELP,
-    )
-    max_crops: int = Field(6, ge=2, le=9)
-
-
 class StreamOptions(BaseModel):
     include_usage: bool = True
 
@@ -93,12 +77,12 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     skip_special_tokens: bool = True
     vllm_xargs: VllmXargs | None = None
-    rtprune: RtpruneChatOptions | None = None
+    rtprune: PageKnobs | None = Field(None, description="rtprune-ocr's page knobs (mode, pruner, retention, ...)")
 
 
-def chat_options(body: ChatRequest) -> tuple[OcrOptions, set[str], str]:
-    """Our options, the fields the caller chose, and the image URL from a chat body; InvalidParameter for
-    anything we cannot honour."""
+def chat_options(body: ChatRequest) -> tuple[dict[str, Any], str]:
+    """The options a chat body chose (our field names) and its image URL; InvalidParameter for anything
+    we cannot honour."""
     if body.temperature not in (None, 0, 0.0) or body.top_p not in (None, 1, 1.0):
         raise InvalidParameter("decoding is greedy: temperature must be 0 (and top_p 1); sampling is not supported")
     content = body.messages[0].content
@@ -110,46 +94,13 @@ def chat_options(body: ChatRequest) -> tuple[OcrOptions, set[str], str]:
     xargs = body.vllm_xargs or VllmXargs()
     if xargs.whitelist_token_ids is not None and set(xargs.whitelist_token_ids) != TABLE_CELL_IDS:
         raise InvalidParameter(f"vllm_xargs.whitelist_token_ids: only {sorted(TABLE_CELL_IDS)} is supported")
-    knobs = (body.rtprune or RtpruneChatOptions()).model_dump(exclude_unset=True)  # unset: the engine's defaults
+    knobs = body.rtprune.model_dump(exclude_unset=True) if body.rtprune else {}  # unset: the engine's defaults
     prompt = None if not text else text if "<image>" in text else f"<image>\n{text}"
     chosen = {**knobs, "prompt": prompt, "ngram_size": xargs.ngram_size}
     chosen["ngram_window"] = max(xargs.window_size, xargs.ngram_size)
     if body.max_completion_tokens or body.max_tokens:
         chosen["max_new_tokens"] = body.max_completion_tokens or body.max_tokens
-    return OcrOptions(**chosen), set(chosen), images[0]
-
-
-async def image_bytes(url: str, settings: ServiceSettings) -> bytes:
-    """The image of a data URL, or of an http(s) URL when fetching is allowed (size limit, timeout)."""
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if not header.endswith(";base64"):
-            raise InvalidParameter("image_url: a data URL must be base64 (data:image/png;base64,...)")
-        if len(payload) * 3 // 4 > settings.max_upload_bytes:
-            raise PayloadTooLarge(f"the image exceeds the {settings.max_upload_bytes:,}-byte upload limit")
-        try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidParameter("image_url: the data URL is not valid base64") from None
-    if url.startswith(("http://", "https://")):
-        if not settings.allow_url_fetch:
-            raise InvalidParameter("image_url: fetching http(s) URLs is off on this server; send a data URL")
-        return await run_in_threadpool(fetch, url, settings.max_upload_bytes, settings.fetch_timeout_s)
-    raise InvalidParameter("image_url must be a data URL (or http(s) where the server allows fetching)")
-
-
-def fetch(url: str, limit: int, timeout_s: float) -> bytes:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            data = response.read(limit + 1)
-    except (urllib.error.URLError, TimeoutError, ValueError) as exc:
-        raise InvalidParameter(f"image_url could not be fetched: {exc}") from None
-    if len(data) > limit:
-        raise PayloadTooLarge(f"the image exceeds the {limit:,}-byte upload limit")
-    return data
+    return chosen, images[0]
 
 
 @router.get("/v1/models", summary="The served model (OpenAI-compatible)")
@@ -167,34 +118,38 @@ async def chat_completions(
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ):
     engine = scheduler.ensure_ready()
-    try:
-        options, chosen, url = chat_options(body)
-        options, _ = engine.resolve_options(options, chosen)  # e.g. compact positions on the vLLM decoder
-        options.validate_for_run(engine.version)
-    except ValueError as exc:
-        raise InvalidParameter(str(exc)) from None
-    document = await open_upload(await image_bytes(url, settings), settings, page_range=(1, 1))
+    chosen, url = chat_options(body)
+    options, notes = door_options(engine, chosen)  # e.g. compact positions on the vLLM decoder
+    document = await open_upload(await read_url(url, settings), settings, page_range=(1, 1))
     accepted_at = time.monotonic()
-    job = request_job(request, document, options, settings, accepted_at)
-    reply = Reply(body.model or settings.model, engine.model.tokenizer, body.skip_special_tokens)
+    pages = page_request(request, document, options, settings, accepted_at)
+    skip = body.skip_special_tokens
+    reply = Reply(body.model or settings.model, engine.detokenizer(skip), engine.strip_special if skip else None, notes)
     if body.stream:
         tokens: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        job.on_token = lambda page, position, token: loop.call_soon_threadsafe(tokens.put_nowait, (position, token))
-        scheduler.submit(job)
+        pages.on_token = lambda page, position, token: loop.call_soon_threadsafe(tokens.put_nowait, (position, token))
+        scheduler.submit(pages)
         usage = body.stream_options is None or body.stream_options.include_usage
-        return StreamingResponse(reply.stream(request, job, tokens, usage), media_type="text/event-stream")
-    scheduler.submit(job)
-    return reply.completion((await wait_for(request, job))[0])
+        stream = reply.stream(request, pages, tokens, usage, settings)
+        return StreamingResponse(stream, media_type="text/event-stream")
+    scheduler.submit(pages)
+    return reply.completion((await wait_for(request, pages, settings))[0])
 
 
 class Reply:
     """Shapes chat.completion objects and chunks from a page's result and tokens."""
 
-    def __init__(self, model: str, tokenizer, skip_special_tokens: bool) -> None:
+    def __init__(
+        self,
+        model: str,
+        detokenize: Callable[[list[int]], str],
+        strip_special: Callable[[str], str] | None,
+        warnings: list[str] | None = None,
+    ) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.model, self.tokenizer, self.skip = model, tokenizer, skip_special_tokens
+        self.model, self.detokenize, self.strip_special, self.warnings = model, detokenize, strip_special, warnings
 
     def _base(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
@@ -202,7 +157,7 @@ class Reply:
     def text(self, tokens: list[int]) -> str:
         """Text of tokens not sent yet: the byte-level tokenizer decodes piece by piece, so each step
         decodes only what is new (decoding the whole output each step would cost O(n²) on long pages)."""
-        return self.tokenizer.decode(tokens, skip_special_tokens=self.skip)
+        return self.detokenize(tokens)
 
     def delta(self, generated: list[int], shown: int) -> tuple[str, int]:
         """The text the tokens after ``shown`` add, and the new ``shown``; nothing while the last token
@@ -221,14 +176,8 @@ class Reply:
             "total_tokens": s.prompt_tokens + s.output_tokens,
         }
 
-    def strip_special(self, text: str) -> str:
-        """The raw text (special tokens kept) as decoding with ``skip_special_tokens`` would give it."""
-        for special in self.tokenizer.all_special_tokens:
-            text = text.replace(special, "")
-        return text
-
     def completion(self, page: PageResult) -> dict:
-        content = self.strip_special(page.text) if self.skip else page.text
+        content = self.strip_special(page.text) if self.strip_special else page.text
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": content},
@@ -239,6 +188,7 @@ class Reply:
             "choices": [choice],
             "usage": self.usage(page),
             "rtprune": page.stats.model_dump(mode="json"),
+            "warnings": self.warnings or [],
         }
 
     def chunk(self, delta: dict, finish: str | None = None, **extra) -> str:
@@ -246,10 +196,13 @@ class Reply:
         body = {**self._base("chat.completion.chunk"), "choices": [choice]}
         return f"data: {json.dumps({**body, **extra}, ensure_ascii=False)}\n\n"
 
-    async def stream(self, request: Request, job: Job, tokens: asyncio.Queue, usage: bool) -> AsyncIterator[str]:
+    async def stream(
+        self, request: Request, pages: PageRequest, tokens: asyncio.Queue, usage: bool, settings: ServiceSettings
+    ) -> AsyncIterator[str]:
         """Server-sent events: a role chunk, text deltas as tokens are decoded, a final chunk, [DONE].
-        A client that leaves cancels the work (the generator is closed and the job cancelled)."""
-        future = asyncio.wrap_future(job.future)
+        A client that leaves cancels the work (the generator is closed and the page cancelled). A failure
+        after the status line is an ``error`` event with the code and message a plain request gets."""
+        future = asyncio.wrap_future(pages.future)
         generated: list[int] = []
         shown = 0  # tokens whose text has been sent
         try:
@@ -258,7 +211,7 @@ class Reply:
                 try:
                     position, token = await asyncio.wait_for(tokens.get(), timeout=0.1)
                 except TimeoutError:
-                    if time.monotonic() > job.deadline or await request.is_disconnected():
+                    if time.monotonic() > pages.deadline or await request.is_disconnected():
                         return
                     continue
                 if position == len(generated):  # a recomputed page (after eviction) repeats its tokens
@@ -269,14 +222,16 @@ class Reply:
             try:
                 page = future.result()[0]
             except Exception as exc:  # the status line is sent: say it in the stream
-                error = {"code": getattr(exc, "code", "internal_error"), "message": str(exc)}
-                yield f"data: {json.dumps({'error': error})}\n\n"
+                error = failure(exc, pages, settings)
+                body = {"code": error.code, "message": error.message, "request_id": pages.request_id}
+                yield f"data: {json.dumps({'error': body})}\n\n"
                 return
             if delta := self.text(generated[shown:]):
                 yield self.chunk({"content": delta})
             extra = {"usage": self.usage(page), "rtprune": page.stats.model_dump(mode="json")} if usage else {}
+            extra["warnings"] = self.warnings or []
             yield self.chunk({}, FINISH[page.stats.finish_reason], **extra)
             yield "data: [DONE]\n\n"
         finally:
-            job.cancel.set()
+            pages.cancel.set()
             future.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import ErrorInfo, ErrorResponse, ServiceError
+from service.errors import ErrorInfo, ErrorResponse, ServiceError, validation_message
 from service.inputs import UploadError
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     details = [
         {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
     ]
-    first = details[0] if details else {"loc": [], "msg": "invalid request"}
-    where = ".".join(str(part) for part in first["loc"] if part not in ("body", "query", "header"))
-    return error_response(
-        request, 422, "invalid_parameter", f"{where}: {first['msg']}" if where else first["msg"], details=details
-    )
+    return error_response(request, 422, "invalid_parameter", validation_message(details), details=details)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -18,8 +18,8 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from service.api.common import ERROR_RESPONSES, OcrForm, build_response, door_options, read_upload
 from service.api.deps import get_scheduler, get_settings
-from service.api.ocr import ERROR_RESPONSES, OcrForm, build_response, checked_options, read_upload
 from service.engine import OcrOptions
 from service.errors import InvalidParameter, NotFinished, NotFound, Overloaded, TooManyJobs
 from service.jobs import JobRecord, JobRunner, JobStore, stored_page
@@ -49,6 +49,7 @@ class JobStatus(BaseModel):
     updated: float
     error: str | None
     pages: list[PageProgress]
+    warnings: list[str] = Field(default_factory=list, description="on creation: notes on the chosen options")
 
 
 def get_runner(request: Request) -> JobRunner:
@@ -90,10 +91,10 @@ async def create_job(
     runner: Annotated[JobRunner, Depends(get_runner)],
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ) -> JSONResponse:
-    options, _, page_range = checked_options(form, scheduler.ensure_ready())
+    options, notes = door_options(scheduler.ensure_ready(), form.chosen())
     if form.webhook_url and not settings.allow_webhooks:
         raise InvalidParameter("webhooks are off on this server (RTPRUNE_ALLOW_WEBHOOKS)")
-    data, document = await read_upload(request, form, settings, page_range)  # every limit, before storing
+    data, document = await read_upload(request, form, settings, form.page_range())  # every limit, before storing
     owner, store = owner_of(request), runner.store
     if store.count(owner) >= settings.jobs_per_key:
         raise TooManyJobs(f"this key holds {settings.jobs_per_key} jobs; wait for some to expire or delete them")
@@ -101,7 +102,7 @@ async def create_job(
         raise Overloaded("job storage is full; retry later", headers={"Retry-After": str(settings.retry_after_s)})
     record = store.create(owner, options.model_dump(mode="json"), document.numbers, data, form.webhook_url)
     runner.run(record.id)
-    body = status_of(record, store).model_dump(mode="json")
+    body = status_of(record, store).model_copy(update={"warnings": notes}).model_dump(mode="json")
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
 
 

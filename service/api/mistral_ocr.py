@@ -10,7 +10,7 @@ statistics (in an extra ``rtprune`` field here).
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.routing import APIRoute
@@ -19,10 +19,17 @@ from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import Scope
 
-from service.api.chat import RtpruneChatOptions, image_bytes
+from service.api.common import (
+    ERROR_RESPONSES,
+    door_options,
+    open_upload,
+    page_request,
+    random_weights_warnings,
+    read_url,
+    wait_for,
+)
 from service.api.deps import get_scheduler, get_settings
-from service.api.ocr import ERROR_RESPONSES, open_upload, request_job, wait_for
-from service.engine import RANDOM_WEIGHTS_WARNING, OcrOptions
+from service.engine.options import PageKnobs
 from service.errors import InvalidParameter
 from service.inputs import PDF_DPI
 from service.scheduler import Scheduler
@@ -62,7 +69,7 @@ class MistralOcrRequest(BaseModel):
     pages: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="0-based pages; default all")
     include_image_base64: bool | None = Field(None, description="figures are not extracted: images stay empty")
     max_new_tokens: int | None = Field(None, ge=1, le=8192, description="rtprune-ocr: most tokens a page")
-    rtprune: RtpruneChatOptions | None = None
+    rtprune: PageKnobs | None = Field(None, description="rtprune-ocr's page knobs (mode, pruner, retention, ...)")
 
 
 class Dimensions(BaseModel):
@@ -99,35 +106,37 @@ async def mistral_ocr(
 ) -> MistralOcrResponse:
     accepted_at = time.monotonic()
     engine = scheduler.ensure_ready()
-    chosen = {"max_new_tokens": body.max_new_tokens} if body.max_new_tokens else {}
-    try:
-        options = OcrOptions(**(body.rtprune or RtpruneChatOptions()).model_dump(), **chosen)
-        options.validate_for_run(engine.version)
-        options, notes = engine.resolve_options(options, set(chosen))
-    except ValueError as exc:
-        raise InvalidParameter(str(exc)) from None
+    options, notes = door_options(engine, mistral_options(body))
     url = body.document.document_url if isinstance(body.document, DocumentUrl) else body.document.image_url
-    data = await image_bytes(url, settings)
+    data = await read_url(url, settings)
     document = await open_upload(data, settings)
     if body.pages is not None:
         missing = [p for p in body.pages if p >= len(document)]
         if missing:
             raise InvalidParameter(f"pages {missing} are outside the document's {len(document)} pages (0-based)")
         document = document.select(sorted(set(body.pages)))
-    job = request_job(request, document, options, settings, accepted_at)
-    scheduler.submit(job)
-    results = await wait_for(request, job)
+    request_pages = page_request(request, document, options, settings, accepted_at)
+    scheduler.submit(request_pages)
+    results = await wait_for(request, request_pages, settings)
     pages = [
         MistralPage(index=number - 1, markdown=result.markdown, dimensions=_dimensions(result))
         for number, result in zip(document.numbers, results, strict=True)
     ]
-    warnings = [RANDOM_WEIGHTS_WARNING.format(name=engine.name)] if engine.random_weights else []
+    warnings = random_weights_warnings(engine, settings.model)
     return MistralOcrResponse(
         pages=pages,
         model=body.model or settings.model,
         usage_info=UsageInfo(pages_processed=len(pages), doc_size_bytes=len(data)),
         rtprune={"pages": [r.stats.model_dump(mode="json") for r in results], "warnings": warnings + notes},
     )
+
+
+def mistral_options(body: MistralOcrRequest) -> dict[str, Any]:
+    """The options a Mistral OCR body chose, in our field names."""
+    chosen = body.rtprune.model_dump(exclude_unset=True) if body.rtprune else {}
+    if body.max_new_tokens:
+        chosen["max_new_tokens"] = body.max_new_tokens
+    return chosen
 
 
 def _dimensions(result) -> Dimensions:

@@ -11,14 +11,10 @@ Two position schemes, both exact under the KV cache:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 
-
-class Positions(StrEnum):
-    original = "original"
-    compact = "compact"
+from .names import Positions
 
 
 @dataclass(frozen=True)

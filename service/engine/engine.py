@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -24,18 +25,19 @@ from pydantic import BaseModel, Field, PrivateAttr
 
 from pruning import PruneResult, build_pruner
 
-from .assemble import Positions, assemble_prompt
+from .assemble import assemble_prompt
 from .decode.batch import RunningBatch
+from .decode.contract import DecodeBatch
 from .decode.generate import generate_batch, prompt_problem
 from .decode.sequence import Sequence, never
-from .decode.vllm_decoder import VllmServer
+from .decode.vllm_decoder import VllmServer, check_options
 from .layout import visual_token_count
 from .model import OcrModel, VisualBlock
-from .names import DEFAULT_MODEL
+from .names import DEFAULT_MODEL, MODES_BY_VERSION, Positions
 from .options import OcrOptions, resolve_options
 from .postprocess import Box, decode_text, parse_boxes, to_markdown
-from .preprocess import V1_MODES, V2_MODES, Mode, PreparedImage, preprocess
-from .prompts import encode_prompt
+from .preprocess import PreparedImage, preprocess
+from .prompts import PromptIds, tokenize_prompt
 from .stats import PageStats, RetentionRequested, StageTimer, shared_stage
 from .token_map import TokenMap, build_token_map, preview_data_url
 from .weights.loading import load_model
@@ -52,6 +54,7 @@ class PageTask:
     timer: StageTimer
     should_stop: Callable[[], bool] = never
     on_token: Callable[[int, int], None] | None = None  # (position, token id) as each token is chosen
+    prompt: PromptIds | None = None  # the prompt's text tokens, once :meth:`OCREngine.prepare` has them
 
 
 class PromptTooLong(ValueError):
@@ -139,9 +142,31 @@ class OCREngine:
     def decoder_name(self) -> str:
         return "vllm" if self.decoder is not None else "transformers"
 
-    def resolve_options(self, options: OcrOptions, chosen: set[str]) -> tuple[OcrOptions, list[str]]:
-        """The caller's options with this engine's defaults (see :func:`.options.resolve_options`)."""
-        return resolve_options(options, chosen, random_weights=self.random_weights, decoder=self.decoder_name)
+    def resolve_options(self, chosen: dict[str, Any]) -> tuple[OcrOptions, list[str]]:
+        """The options a page runs with on this engine, from the fields a caller set, and notes on the
+        chosen ones without effect; ValueError for anything this model or decoder cannot run (see
+        :func:`.options.resolve_options`: every front door and the CLI make this one call)."""
+        return resolve_options(
+            chosen,
+            version=self.version,
+            random_weights=self.random_weights,
+            decoder=self.decoder_name,
+            check_decoder=self._check_decoder_options if self.decoder is not None else None,
+        )
+
+    @staticmethod
+    def _check_decoder_options(options: OcrOptions) -> None:
+        check_options(options.positions, options.guard())
+
+    def detokenizer(self, skip_special_tokens: bool) -> Callable[[list[int]], str]:
+        """Token ids -> text, as a streaming front door shows them (the tokenizer stays in the engine)."""
+        return lambda tokens: self.model.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def strip_special(self, text: str) -> str:
+        """Raw text (special tokens kept) as decoding with ``skip_special_tokens`` would give it."""
+        for special in self.model.tokenizer.all_special_tokens:
+            text = text.replace(special, "")
+        return text
 
     @property
     def name(self) -> str:
@@ -157,7 +182,7 @@ class OCREngine:
 
     @property
     def modes(self) -> list[str]:
-        return [m.value for m in (V1_MODES if self.version == "v1" else V2_MODES)]
+        return [m.value for m in MODES_BY_VERSION[self.version]]
 
     def run(
         self,
@@ -194,7 +219,7 @@ class OCREngine:
             return page.sequence.outcome
         return self.finish(page)
 
-    def new_batch(self) -> RunningBatch:
+    def new_batch(self) -> DecodeBatch:
         """An empty running batch on this model (or on the vLLM server); pages join it after :meth:`prepare`."""
         return self.decoder.new_batch(self.model) if self.decoder is not None else RunningBatch(self.model)
 
@@ -206,14 +231,16 @@ class OCREngine:
         """
         results: list[PreparedPage | BaseException | None] = [None] * len(tasks)
         pages: dict[int, PreparedImage] = {}
+        tasks = list(tasks)
         for i, task in enumerate(tasks):
             try:
-                task.options.validate_for_run(self.model.version)
+                text = task.options.validate_for_run(self.model.version)
+                tasks[i] = task = dataclasses.replace(task, prompt=tokenize_prompt(self.model.tokenizer, text))
                 with task.timer.stage("preprocess"):
                     pages[i] = preprocess(
                         task.image, task.options.mode, version=self.model.version, max_crops=task.options.max_crops
                     )
-                self._check_room(task.options, visual_token_count(pages[i], self.model.version))
+                self._check_room(task, visual_token_count(pages[i], self.model.version))
             except Exception as exc:  # bad options, an image PIL cannot convert, too long: this page only
                 results[i] = exc
                 pages.pop(i, None)
@@ -227,12 +254,12 @@ class OCREngine:
                 results[i] = exc
         return results  # type: ignore[return-value]  # every slot is filled
 
-    def _check_room(self, options: OcrOptions, n_visual: int) -> None:
+    def _check_room(self, task: PageTask, n_visual: int) -> None:
         """PromptTooLong before any model work when the unpruned prompt leaves no position to generate."""
-        input_ids, _ = encode_prompt(self.model.tokenizer, options.prompt_text(), n_visual)
-        if options.positions == Positions.original and input_ids.numel() >= self.model.max_positions:
+        length = task.prompt.length(n_visual)
+        if task.options.positions == Positions.original and length >= self.model.max_positions:
             raise PromptTooLong(
-                f"the prompt takes {input_ids.numel()} positions (with {n_visual} visual tokens) of the model's "
+                f"the prompt takes {length} positions (with {n_visual} visual tokens) of the model's "
                 f"{self.model.max_positions}; nothing could be generated. Use a smaller mode or fewer tiles "
                 "(max_crops), or positions=compact with a lower retention"
             )
@@ -246,11 +273,11 @@ class OCREngine:
             pruned = build_pruner(options.pruner, keep_ratio)(
                 block.features, block.protected, block.newline, block.global_view
             )
-        with task.timer.stage("prefill"):
-            input_ids, image_start = encode_prompt(self.model.tokenizer, options.prompt_text(), block.n_tokens)
+        with task.timer.stage("assemble"):
+            ids = task.prompt or tokenize_prompt(self.model.tokenizer, options.prompt_text())
             prompt = assemble_prompt(
-                self.model.embed(input_ids),
-                image_start,
+                self.model.embed(torch.tensor(ids.ids(block.n_tokens), device=self.model.device)),
+                ids.image_start,
                 block.n_tokens,
                 pruned.features,
                 pruned.kept_indices,
@@ -333,8 +360,8 @@ class OCREngine:
 
     def warmup(self) -> None:
         """One small forward through every stage, so the first request does not pay for lazy init."""
-        options = OcrOptions(mode=Mode.gundam if self.model.version == "v2" else Mode.tiny, max_new_tokens=2)
-        self.run(Image.new("RGB", (64, 64), "white"), self.resolve_options(options, {"max_new_tokens"})[0])
+        options, _ = self.resolve_options({"mode": MODES_BY_VERSION[self.version][0], "max_new_tokens": 2})
+        self.run(Image.new("RGB", (64, 64), "white"), options)
 
     @property
     def device(self) -> torch.device:

@@ -1,35 +1,53 @@
-"""Everything a caller may choose for a page (one options model, validated once, for every front
-door: the form, chat, jobs, the CLI), and the defaults that depend on the model."""
+"""Everything a caller may choose for a page, declared once, and the one call that turns a door's
+choices into the options a page runs with.
+
+:class:`PageKnobs` are the knobs every door speaks (the chat and Mistral doors take them as their
+``rtprune`` object); :class:`OcrOptions` extends them with the task, the budget and the guard (the
+form, jobs and the CLI, whose flags are generated from its fields). :func:`resolve_options` is the
+ritual every door and the CLI go through, in one order: the caller's choices, then the model's and
+the decoder's defaults, then the checks that need the model. Importable without torch.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pruning import PRUNERS
-
-from .assemble import Positions
 from .decode.sequence import NGramGuard
-from .decode.vllm_decoder import check_options
-from .preprocess import V1_MODES, V2_MODES, Mode
-from .prompts import Task, build_prompt
+from .names import MODES_BY_VERSION, PRUNER_NAMES, Mode, Positions, Task
+from .prompts import build_prompt
 
 POSITIONS_HELP = (
     "original: kept tokens keep their unpruned positions (the authors' scheme, default); "
     "compact: 0..L-1 (the only scheme, and the default, on the vLLM decoder)"
 )
 PrunerName = Literal["rtprune", "none", "random", "norm", "divprune"]
-assert set(PrunerName.__args__) == set(PRUNERS), "keep PrunerName in step with pruning.PRUNERS"
+assert PrunerName.__args__ == PRUNER_NAMES, "keep PrunerName in step with names.PRUNER_NAMES"
+Retention = Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"]
 
 
-class OcrOptions(BaseModel):
-    """Everything a caller may choose per page. Defaults follow DeepSeek-OCR's own."""
+class PageKnobs(BaseModel):
+    """How a page is seen and pruned: the knobs of this service that no OCR API has a field for."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mode: Mode = Mode.gundam
-    task: Task = Task.markdown
+    mode: Mode = Field(Mode.gundam, description="resolution mode; gundam adds tiles on large pages")
+    pruner: PrunerName = Field("rtprune", description="visual-token pruner; none keeps every token")
+    retention: Retention = Field(
+        "auto",
+        description="share of grid tokens kept, in (0, 1], or auto (RTPrune's per-image ratio)",
+        examples=["auto", 0.8425],
+    )
+    positions: Positions = Field(Positions.original, description=POSITIONS_HELP)
+    max_crops: int = Field(6, ge=2, le=9, description="most Gundam tiles")
+
+
+class OcrOptions(PageKnobs):
+    """Everything a caller may choose per page. Defaults follow DeepSeek-OCR's own."""
+
+    task: Task = Field(Task.markdown, description="which official prompt to use")
     ref: str | None = Field(None, max_length=1000, description="what to find, for task 'locate'")
     prompt: str | None = Field(
         None,
@@ -38,20 +56,11 @@ class OcrOptions(BaseModel):
         json_schema_extra={"pattern": r"^(?![\s\S]*<image>[\s\S]*<image>)[\s\S]*<image>[\s\S]*$"},
         examples=["<image>\nFree OCR."],
     )
-    pruner: PrunerName = "rtprune"
-    retention: Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] = Field(
-        "auto",
-        description="share of grid tokens kept, in (0, 1], or auto (RTPrune's per-image ratio)",
-        examples=["auto", 0.8425],
+    max_new_tokens: int = Field(
+        8192, ge=1, le=8192, description="most tokens generated for a page (32 by default on the random presets)"
     )
-    positions: Positions = Field(
-        Positions.original,
-        description=POSITIONS_HELP,
-    )
-    max_new_tokens: int = Field(8192, ge=1, le=8192)
     ngram_size: int = Field(30, ge=0, le=512, description="no-repeat n-gram size; 0 disables the guard")
     ngram_window: int = Field(90, ge=0, le=8192, description="generated tokens the guard looks back over")
-    max_crops: int = Field(6, ge=2, le=9, description="most Gundam tiles")
     token_map: bool = Field(False, description="also return the global view's token map and a page preview")
 
     def guard(self) -> NGramGuard:
@@ -60,33 +69,41 @@ class OcrOptions(BaseModel):
     def prompt_text(self) -> str:
         return build_prompt(self.task, ref=self.ref, prompt=self.prompt)
 
-    def validate_for_run(self, version: str = "v1") -> None:
-        """Checks that need more than one field or the model; raise ValueError before any heavy work."""
-        self.prompt_text()
+    def validate_for_run(self, version: str = "v1") -> str:
+        """Checks that need more than one field or the model; raise ValueError before any heavy work.
+        Returns the prompt text (built here anyway, so a page builds it once)."""
+        text = self.prompt_text()
         self.guard()
-        modes = V1_MODES if version == "v1" else V2_MODES
+        modes = MODES_BY_VERSION[version]
         if self.mode not in modes:
             raise ValueError(
                 f"mode {self.mode.value!r} is not available for DeepSeek-OCR {version}; choose one of "
                 f"{', '.join(m.value for m in modes)}"
             )
+        return text
 
 
 RANDOM_MAX_NEW_TOKENS = 32  # random weights never write end-of-text: without a cap every page runs to 8192
 
 
 def resolve_options(
-    options: OcrOptions, chosen: set[str], *, random_weights: bool, decoder: str = "transformers"
+    chosen: dict[str, Any],
+    *,
+    version: str = "v1",
+    random_weights: bool = False,
+    decoder: str = "transformers",
+    check_decoder: Callable[[OcrOptions], None] | None = None,
 ) -> tuple[OcrOptions, list[str]]:
-    """Defaults that depend on the model and the decoder, and a note for every chosen option that has no
-    effect; ValueError for what the decoder cannot do.
+    """The options a page runs with, from the fields a caller set explicitly (every door and the CLI pass
+    only those), and a note for every chosen option that has no effect.
 
-    ``chosen`` are the fields the caller set explicitly (pydantic's ``model_fields_set``)."""
+    One order for everyone: build and validate the caller's fields; apply the defaults that depend on
+    the model and the decoder; check what needs the model (modes of this version, the prompt, the guard)
+    and the decoder (``check_decoder``). Raises ValueError (pydantic's ValidationError is one)."""
+    options = OcrOptions(**chosen)
     notes = []
-    if decoder == "vllm":
-        if "positions" not in chosen:  # vLLM numbers positions contiguously: compact is all it can decode
-            options = options.model_copy(update={"positions": Positions.compact})
-        check_options(options.positions, options.guard())
+    if decoder == "vllm" and "positions" not in chosen:  # vLLM numbers positions contiguously
+        options = options.model_copy(update={"positions": Positions.compact})
     if random_weights and "max_new_tokens" not in chosen:
         options = options.model_copy(update={"max_new_tokens": RANDOM_MAX_NEW_TOKENS})
         notes.append(
@@ -99,4 +116,7 @@ def resolve_options(
         notes.append(f"max_crops is ignored in mode {options.mode.value!r}: only gundam cuts the page into tiles")
     if options.pruner == "none" and "positions" in chosen:
         notes.append("positions has no effect with pruner=none: nothing is removed, so both schemes agree")
+    options.validate_for_run(version)
+    if check_decoder is not None:
+        check_decoder(options)
     return options, notes

@@ -11,25 +11,16 @@ uses 768-px tiles and always a 1024 global view. Pixels are normalised to [-1, 1
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .names import MODES_BY_VERSION, Mode
+
 PAD_COLOR = (127, 127, 127)  # int(0.5 * 255), the normalisation mean
 SQUASH_MAX = 640  # v1 squashes (no aspect ratio kept) at or below this size
 MIN_CROPS = 2
-
-
-class Mode(StrEnum):
-    """DeepSeek-OCR resolution modes (README names)."""
-
-    tiny = "tiny"
-    small = "small"
-    base = "base"
-    large = "large"
-    gundam = "gundam"
 
 
 @dataclass(frozen=True)
@@ -51,6 +42,7 @@ V2_MODES = {
     Mode.small: ModeSpec(768, 768, False),
     Mode.gundam: ModeSpec(1024, 768, True),
 }
+assert tuple(V1_MODES) == MODES_BY_VERSION["v1"] and tuple(V2_MODES) == MODES_BY_VERSION["v2"]
 
 
 @dataclass(frozen=True)

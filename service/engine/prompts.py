@@ -7,22 +7,13 @@ no eos. The official prompts are below; a raw prompt must hold exactly one ``<im
 
 from __future__ import annotations
 
-from enum import StrEnum
+from dataclasses import dataclass
 
-import torch
+from .names import Task
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_ID = 128815
 BOS_ID = 0
-
-
-class Task(StrEnum):
-    markdown = "markdown"
-    ocr = "ocr"
-    free = "free"
-    figure = "figure"
-    describe = "describe"
-    locate = "locate"
 
 
 TASK_PROMPTS: dict[Task, str] = {
@@ -53,10 +44,29 @@ def build_prompt(task: Task | str = Task.markdown, *, ref: str | None = None, pr
     return TASK_PROMPTS[task]
 
 
-def encode_prompt(tokenizer, prompt: str, n_image_tokens: int) -> tuple[torch.Tensor, int]:
-    """Input ids with ``n_image_tokens`` placeholders, and the index of the first one."""
+@dataclass(frozen=True)
+class PromptIds:
+    """A prompt's text tokens on either side of the image: tokenized once per page, then sized to its
+    visual block (before pruning, to check the room left; after, to assemble)."""
+
+    head: tuple[int, ...]  # BOS and the text before <image>
+    tail: tuple[int, ...]  # the text after it
+
+    @property
+    def image_start(self) -> int:
+        """Index of the first image placeholder."""
+        return len(self.head)
+
+    def length(self, n_image_tokens: int) -> int:
+        return len(self.head) + n_image_tokens + len(self.tail)
+
+    def ids(self, n_image_tokens: int) -> list[int]:
+        """Input ids with ``n_image_tokens`` placeholders."""
+        return [*self.head, *[IMAGE_TOKEN_ID] * n_image_tokens, *self.tail]
+
+
+def tokenize_prompt(tokenizer, prompt: str) -> PromptIds:
+    """The prompt text (one ``<image>``) as ids: ``[bos] + enc(before)`` and ``enc(after)``."""
     before, after = prompt.split(IMAGE_TOKEN)
-    head = [BOS_ID, *tokenizer.encode(before, add_special_tokens=False)]
-    tail = tokenizer.encode(after, add_special_tokens=False)
-    ids = head + [IMAGE_TOKEN_ID] * n_image_tokens + tail
-    return torch.tensor(ids, dtype=torch.long), len(head)
+    head = (BOS_ID, *tokenizer.encode(before, add_special_tokens=False))
+    return PromptIds(head, tuple(tokenizer.encode(after, add_special_tokens=False)))

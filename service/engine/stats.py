@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
-STAGES = ("queue", "preprocess", "vision", "prune", "prefill", "decode")
+STAGES = ("queue", "preprocess", "vision", "prune", "assemble", "prefill", "decode")
 
 
 class LatencyMs(BaseModel):
@@ -28,7 +28,8 @@ class LatencyMs(BaseModel):
     preprocess: float = 0.0
     vision: float = 0.0
     prune: float = 0.0
-    prefill: float = 0.0
+    assemble: float = Field(0.0, description="building the prompt's embeddings around the kept tokens")
+    prefill: float = Field(0.0, description="the LLM's forward over the prompt, first token included")
     decode: float = 0.0
     total: float = 0.0
 

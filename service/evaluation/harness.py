@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from service.engine import OCREngine, OcrOptions
+from service.engine import OCREngine
 from service.inputs import open_document
 
 from .dataset import LabelledPage
@@ -90,10 +90,8 @@ class Evaluation:
         if page.page_id not in image_cache:
             image_cache.clear()
             image_cache[page.page_id] = open_document(page.image.read_bytes()).page(0)
-        options = OcrOptions(
-            mode=self.mode, pruner=setting.pruner, retention=setting.retention, max_new_tokens=self.max_new_tokens
-        )
-        options, _ = self.engine.resolve_options(options, {"mode", "pruner", "retention", "max_new_tokens"})
+        chosen = {"mode": self.mode, "pruner": setting.pruner, "retention": setting.retention}
+        options, _ = self.engine.resolve_options({**chosen, "max_new_tokens": self.max_new_tokens})
         result = self.engine.run(image_cache[page.page_id], options)
         record = {"text": result.text, "markdown": result.markdown, "stats": result.stats.model_dump(mode="json")}
         path.parent.mkdir(parents=True, exist_ok=True)

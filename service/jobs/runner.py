@@ -22,9 +22,9 @@ import urllib.request
 from collections.abc import Awaitable, Callable
 
 from service.engine import Cancelled, OcrOptions, PageResult
-from service.errors import NotReady, Overloaded
+from service.errors import NotReady, Overloaded, to_service_error
 from service.inputs import Document
-from service.scheduler import Job, Scheduler
+from service.scheduler import PageRequest, Scheduler
 
 from .store import JobStore, runner_name
 
@@ -46,7 +46,7 @@ class JobRunner:
         self.store, self.scheduler, self.open_upload = store, scheduler, open_upload
         self.retention_s, self.retry_after_s = retention_s, retry_after_s
         self._tasks: dict[str, asyncio.Task] = {}
-        self._live: dict[str, Job] = {}
+        self._live: dict[str, PageRequest] = {}  # job id -> its pages in the scheduler
         self._listeners: dict[str, set[asyncio.Queue]] = {}
         self._stopping = False
         self._sweeper: asyncio.Task | None = None
@@ -128,7 +128,8 @@ class JobRunner:
         except Exception as exc:
             if self._stopping:  # the service is going down: keep the job for the next start
                 return
-            state, error = "failed", getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            failure = to_service_error(exc, retry_after_s=self.retry_after_s, request_id=f"job-{job_id}")
+            state, error = "failed", failure.message
         finally:
             self._live.pop(job_id, None)
             self._tasks.pop(job_id, None)
@@ -151,24 +152,24 @@ class JobRunner:
             loop.call_soon_threadsafe(self._page_done, job_id, remaining[index], result)
 
         self.store.set_state(job_id, "running")
-        job = Job(
+        pages = PageRequest(
             document, OcrOptions(**options), time.monotonic() + self.retention_s, f"job-{job_id}", on_page=on_page
         )
-        self._live[job_id] = job
+        self._live[job_id] = pages
         while True:
             current = self.store.get(job_id)
             if current is None or current.state == "cancelled":
                 raise Cancelled("the job was cancelled or has expired")
             try:
-                self.scheduler.submit(job)
+                self.scheduler.submit(pages)
                 break
             except (Overloaded, NotReady):  # durable: wait for room instead of failing
                 await asyncio.sleep(self.retry_after_s)
-        finished = asyncio.wrap_future(job.future)
+        finished = asyncio.wrap_future(pages.future)
         while not (await asyncio.wait({finished}, timeout=1.0))[0]:
             current = self.store.get(job_id)  # a cancel or expiry may come through another process
             if current is None or current.state == "cancelled":
-                job.cancel.set()
+                pages.cancel.set()
         await finished
 
     def _page_done(self, job_id: str, position: int, result: PageResult) -> None:

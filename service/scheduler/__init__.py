@@ -6,7 +6,7 @@ isolation and graceful shutdown live here. The engine knows nothing of queues; t
 knows nothing of batches.
 """
 
-from .jobs import Job, PageQueue
 from .loop import Scheduler, SchedulerConfig
+from .queue import PageQueue, PageRequest
 
-__all__ = ["Job", "PageQueue", "Scheduler", "SchedulerConfig"]
+__all__ = ["PageQueue", "PageRequest", "Scheduler", "SchedulerConfig"]

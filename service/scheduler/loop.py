@@ -36,14 +36,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from service.engine import Cancelled, OCREngine, PageResult
-from service.engine.decode.batch import RunningBatch
+from service.engine.decode.contract import DecodeBatch
 from service.engine.engine import PageTask, PreparedPage
 from service.engine.layout import visual_tokens_for_size
 from service.engine.stats import StageTimer
 from service.errors import NotReady
 
-from .jobs import Job, PageQueue
-from .memory import default_batch_tokens, domain_error, release_device_memory, return_memory_to_os
+from .memory import default_batch_tokens, release_device_memory, return_memory_to_os
+from .queue import PageQueue, PageRequest
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,10 @@ class SchedulerConfig:
 
 
 @dataclass(eq=False)
-class Running:
+class Admitted:
     """A page that has been admitted: its request, its index there, and the engine's state for it."""
 
-    job: Job
+    request: PageRequest
     index: int
     page: PreparedPage
 
@@ -98,9 +98,9 @@ class Scheduler:
         self._thread = threading.Thread(target=self._main, name="rtprune-scheduler", daemon=True)
         self._draining = threading.Event()
         self._grace_deadline = float("inf")
-        self._ready: deque[Running] = deque()  # prepared, waiting for room in the batch
-        self._running: dict[int, Running] = {}  # id(sequence) -> page in the batch
-        self._batch: RunningBatch | None = None
+        self._ready: deque[Admitted] = deque()  # prepared, waiting for room in the batch
+        self._running: dict[int, Admitted] = {}  # id(sequence) -> page in the batch
+        self._batch: DecodeBatch | None = None
         self._step_times: deque[float] = deque(maxlen=4096)
         self.state: Literal["loading", "ready", "failed", "draining", "stopped"] = "loading"
         self.error: str | None = None
@@ -131,10 +131,10 @@ class Scheduler:
         """True when no page slot is free: the front door refuses before reading an upload."""
         return self._queue.full()
 
-    def submit(self, job: Job) -> None:
-        """Queue a job's pages, or refuse it at once: not ready, or its pages do not fit the queue."""
+    def submit(self, request: PageRequest) -> None:
+        """Queue a request's pages, or refuse it at once: not ready, or its pages do not fit the queue."""
         self.ensure_ready()
-        self._queue.put(job, self.config.retry_after_s)
+        self._queue.put(request, self.config.retry_after_s)
 
     def begin_shutdown(self, grace_s: float) -> None:
         """Stop admitting; answer waiting requests 503; let running pages finish within ``grace_s``."""
@@ -144,8 +144,8 @@ class Scheduler:
         self._draining.set()
         if self.state == "ready":
             self.state = "draining"
-        for job in self._queue.drain():
-            job.fail(self._shutting_down())
+        for request in self._queue.drain():
+            request.fail(self._shutting_down())
         self._queue.wake()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -168,7 +168,7 @@ class Scheduler:
 
     @property
     def running_requests(self) -> int:
-        return len({id(r.job) for r in [*self._running.values(), *self._ready]})
+        return len({id(r.request) for r in [*self._running.values(), *self._ready]})
 
     @property
     def batch_tokens(self) -> int:
@@ -237,17 +237,17 @@ class Scheduler:
     # --- retire -----------------------------------------------------------------------------------
 
     def _retire_stopped(self) -> None:
-        for job in self._queue.stopped():
-            job.fail(Cancelled("cancelled while waiting in the queue"))
-        stopped = [r for r in self._running.values() if r.job.should_stop()]
+        for request in self._queue.stopped():
+            request.fail(Cancelled("cancelled while waiting in the queue"))
+        stopped = [r for r in self._running.values() if r.request.should_stop()]
         if stopped:
             self._batch.remove([r.sequence for r in stopped])
             for r in stopped:
                 del self._running[id(r.sequence)]
-                r.job.fail(Cancelled("generation cancelled"))
-        for r in [r for r in self._ready if r.job.should_stop()]:
+                r.request.fail(Cancelled("generation cancelled"))
+        for r in [r for r in self._ready if r.request.should_stop()]:
             self._ready.remove(r)
-            r.job.fail(Cancelled("cancelled before its prefill"))
+            r.request.fail(Cancelled("cancelled before its prefill"))
 
     # --- admit --------------------------------------------------------------------------------------
 
@@ -260,18 +260,18 @@ class Scheduler:
             return
         if not in_flight and self.config.batch_wait_ms > 0:  # an idle batch waits a moment for company
             self._queue.wait(timeout=self.config.batch_wait_ms / 1e3, pages=room)
-        taken: list[tuple[Job, int, PageTask]] = []
+        taken: list[tuple[PageRequest, int, PageTask]] = []
         visual_tokens = 0
         static = self.config.batching == "static"
         while len(taken) < room and (static or visual_tokens < self.config.max_prefill_tokens):
             item = self._queue.take()
             if item is None:
                 break
-            job, index = item
-            task = self._page_task(job, index)
+            request, index = item
+            task = self._page_task(request, index)
             if task is None:
                 continue
-            taken.append((job, index, task))
+            taken.append((request, index, task))
             visual_tokens += visual_tokens_for_size(
                 task.image.size, task.options.mode, self.engine.version, task.options.max_crops
             )
@@ -282,24 +282,24 @@ class Scheduler:
         except Exception as exc:  # the engine returns per-page failures; anything else fails these pages only
             release_device_memory(exc)
             prepared = [exc] * len(taken)
-        for (job, index, _), page in zip(taken, prepared, strict=True):
+        for (request, index, _), page in zip(taken, prepared, strict=True):
             if isinstance(page, BaseException):
-                job.fail(domain_error(page, self.config.retry_after_s))
+                request.fail(page)
             else:
-                self._ready.append(Running(job, index, page))
+                self._ready.append(Admitted(request, index, page))
 
-    def _page_task(self, job: Job, index: int) -> PageTask | None:
-        """The page's image (a PDF page is rendered now) and timer; None if it failed (the job fails)."""
+    def _page_task(self, request: PageRequest, index: int) -> PageTask | None:
+        """The page's image (a PDF page is rendered now) and timer; None if it failed (the request fails)."""
         timer = StageTimer(self.engine.device)
-        timer.add("queue", (time.monotonic() - job.accepted_at) * 1e3)
+        timer.add("queue", (time.monotonic() - request.accepted_at) * 1e3)
         try:
             with timer.stage("preprocess"):
-                image = job.document.page(index)
+                image = request.document.page(index)
         except Exception as exc:
-            job.fail(exc)
+            request.fail(exc)
             return None
-        on_token = functools.partial(job.on_token, index) if job.on_token is not None else None
-        return PageTask(image, job.options, timer, job.should_stop, on_token)
+        on_token = functools.partial(request.on_token, index) if request.on_token is not None else None
+        return PageTask(image, request.options, timer, request.should_stop, on_token)
 
     # --- join -----------------------------------------------------------------------------------------
 
@@ -316,7 +316,7 @@ class Scheduler:
                 release_device_memory(exc)
                 if len(joiners) == 1:
                     self._ready.popleft()
-                    joiners[0].job.fail(domain_error(exc, self.config.retry_after_s))
+                    joiners[0].request.fail(exc)
                     limit = len(self._ready)
                 else:
                     limit = len(joiners) // 2
@@ -329,13 +329,13 @@ class Scheduler:
             self._settle(finished)
             limit = len(self._ready)
 
-    def _fitting(self, limit: int) -> list[Running]:
+    def _fitting(self, limit: int) -> list[Admitted]:
         """The longest prefix of the ready pages (at most ``limit``) that fits the KV budget and the
         row cap; at least one page when the batch is empty, so a page larger than the budget still runs."""
         if not self._batch.rows:
             self._row_cap = self.config.max_batch_size  # memory trouble ends with the batch it was in
         room = max(0, self._row_cap - len(self._batch.rows))
-        joiners: list[Running] = []
+        joiners: list[Admitted] = []
         for r in list(self._ready)[: min(limit, room)]:
             lengths = [j.page.prompt_tokens for j in joiners] + [r.page.prompt_tokens]
             fits = self._batch.footprint_with(lengths) <= self.batch_tokens_limit
@@ -364,7 +364,7 @@ class Scheduler:
         if len(rows) == 1:
             r = self._running.pop(id(rows[0]))
             self._batch.remove(rows)
-            r.job.fail(domain_error(exc, self.config.retry_after_s))
+            r.request.fail(exc)
             return
         evicted = rows[len(rows) // 2 :]
         log.warning("decode step with %d pages failed (%s); evicting %d", len(rows), exc, len(evicted))
@@ -383,10 +383,10 @@ class Scheduler:
                 continue
             outcome = self.engine.outcome(r.page)
             if isinstance(outcome, BaseException):
-                r.job.fail(domain_error(outcome, self.config.retry_after_s))
+                r.request.fail(outcome)
                 continue
             self._on_page(outcome)
-            r.job.record(r.index, outcome)
+            r.request.record(r.index, outcome)
 
     # --- failure and shutdown -----------------------------------------------------------------------
 
@@ -394,11 +394,11 @@ class Scheduler:
         if self._batch is not None:
             self._batch.remove(list(self._batch.rows))
         for r in [*self._running.values(), *self._ready]:
-            r.job.fail(exc)
+            r.request.fail(exc)
         self._running.clear()
         self._ready.clear()
-        for job in self._queue.drain():
-            job.fail(exc)
+        for request in self._queue.drain():
+            request.fail(exc)
 
     def _shutting_down(self, why: str = "") -> NotReady:
         detail = f": {why}" if why else ""

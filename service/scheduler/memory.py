@@ -1,6 +1,6 @@
-"""Memory for the scheduler: the KV budget a device gets, what running out of it (or of the vLLM
-server) means for a request, and handing freed memory back (device caches after an OOM, host heap
-after a large document)."""
+"""Memory for the scheduler: the KV budget a device gets, and handing freed memory back (device
+caches after an OOM, host heap after a large document). What running out means for a request is
+the error table's (:func:`service.errors.to_service_error`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import ctypes
 import torch
 
 from service.engine import OCREngine
-from service.engine.decode.vllm_decoder import VllmRefused, VllmUnavailable
-from service.errors import DecoderError, DecoderUnavailable, OutOfMemory
 
 CPU_BATCH_TOKENS = 32_768  # default KV budget on CPU (~4 GB of fp32 KV on the full-size model)
 GPU_KV_SHARE = 0.6  # share of the free device memory after warm-up given to the KV cache
@@ -21,22 +19,6 @@ def release_device_memory(exc: BaseException) -> None:
     """After an out-of-memory, give the allocator's cached blocks back before the retry."""
     if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def domain_error(exc: BaseException, retry_after_s: int) -> BaseException:
-    """Out of memory and an unavailable vLLM server become a 503 the client may retry, a vLLM server that
-    refused a page a 502; everything else travels as it is."""
-    if isinstance(exc, VllmUnavailable):
-        return DecoderUnavailable(str(exc), headers={"Retry-After": str(retry_after_s)})
-    if isinstance(exc, VllmRefused):
-        return DecoderError(str(exc))
-    if isinstance(exc, torch.OutOfMemoryError):
-        return OutOfMemory(
-            "the device ran out of memory on this page even when it ran alone; retry with a smaller mode "
-            "or a lower RTPRUNE_MAX_BATCH_TOKENS",
-            headers={"Retry-After": str(retry_after_s)},
-        )
-    return exc
 
 
 def return_memory_to_os() -> None:

@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const STAGES = ["queue", "preprocess", "vision", "prune", "prefill", "decode"];
+const STAGES = ["queue", "preprocess", "vision", "prune", "assemble", "prefill", "decode"];
 const COLORS = { k: "rgba(22,163,74,0.35)", m: "rgba(234,88,12,0.45)", d: "rgba(220,38,38,0.45)" };
 let response = null;
 let current = 0;

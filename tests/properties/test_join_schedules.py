@@ -17,7 +17,7 @@ from service.engine import OcrOptions
 from service.engine.decode.batch import NonFiniteLogits, RunningBatch
 from service.engine.engine import PageTask
 from service.engine.stats import StageTimer
-from tests.conftest import text_page
+from tests.helpers import text_page
 
 POOL = [
     (text_page((600, 800)), OcrOptions(mode="tiny", pruner="rtprune", retention="auto", max_new_tokens=9)),

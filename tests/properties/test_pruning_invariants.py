@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 
 from pruning import PRUNERS, build_pruner, keep_count
-from tests.conftest import v1_block_masks
+from tests.helpers import v1_block_masks
 
 blocks = st.tuples(
     st.integers(1, 8),  # rows

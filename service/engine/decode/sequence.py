@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from ..assemble import PromptInputs
-from ..stats import StageTimer
+if TYPE_CHECKING:  # annotations only: the options model imports NGramGuard without torch
+    from ..assemble import PromptInputs
+    from ..stats import StageTimer
 
 TABLE_CELL_IDS = frozenset({128821, 128822})  # <td>, </td>: tables legitimately repeat them
 EOS_ID = 1

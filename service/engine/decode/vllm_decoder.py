@@ -3,7 +3,7 @@
 Our process runs everything up to the prompt (preprocess, vision encoder, RTPrune, the assembled
 embeddings — BOS, the pruned visual block, the prompt text); vLLM decodes from those embeddings
 (``vllm serve ... --enable-prompt-embeds``), with paged attention and its own continuous batching.
-:class:`VllmBatch` has :class:`~.batch.RunningBatch`'s interface (join / step / remove / rows), so
+:class:`VllmBatch` keeps the :class:`~.contract.DecodeBatch` contract (join / step / remove / rows), so
 the scheduler, the static driver and every front door work unchanged:
 
 - **join** starts one streaming ``/v1/completions`` request per page (greedy, ``max_tokens`` the
@@ -38,6 +38,7 @@ import torch
 
 from ..assemble import Positions
 from ..model import OcrModel
+from .contract import DecoderDown, DecoderRefused
 from .sequence import EOS_ID, Generation, NGramGuard, Sequence
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,11 @@ log = logging.getLogger(__name__)
 STEP_WAIT_S = 0.05  # a step waits this long for the first event, so the scheduler loop does not spin
 
 
-class VllmUnavailable(RuntimeError):
+class VllmUnavailable(DecoderDown):
     """The vLLM server is down, overloaded, or did not answer in time: retry later (503)."""
 
 
-class VllmRefused(RuntimeError):
+class VllmRefused(DecoderRefused):
     """The vLLM server answered this page with an error of its own (502): a deployment problem
     (flags, model) more often than the client's."""
 

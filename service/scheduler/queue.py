@@ -1,8 +1,8 @@
-"""Requests as the scheduler sees them: jobs of pages, and a fair queue that counts pages.
+"""Requests as the scheduler sees them, and a fair queue that counts pages.
 
-A :class:`Job` is one request: a document, its options, a deadline and a future that
-resolves to the pages' results in order. The :class:`PageQueue` holds jobs but counts
-and hands out **pages**, one at a time, round-robin over jobs: a 50-page PDF gives up
+A :class:`PageRequest` is one request: a document, its options, a deadline and a future that
+resolves to the pages' results in order. The :class:`PageQueue` holds requests but counts
+and hands out **pages**, one at a time, round-robin over requests: a 50-page PDF gives up
 its turn after each page, so a single image that arrives behind it waits for one page,
 not fifty.
 """
@@ -22,12 +22,12 @@ from service.inputs import Document
 
 
 @dataclass(eq=False)
-class Job:
+class PageRequest:
     """One request's pages and options, the handles to cancel it, and its result."""
 
     document: Document
     options: OcrOptions
-    deadline: float  # time.monotonic() after which the job is abandoned
+    deadline: float  # time.monotonic() after which the request is abandoned
     request_id: str = "-"
     accepted_at: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -65,11 +65,11 @@ class Job:
 
 
 class PageQueue:
-    """Jobs waiting for the model, counted in pages and served one page per job in turn."""
+    """Requests waiting for the model, counted in pages and served one page per request in turn."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._jobs: deque[Job] = deque()
+        self._requests: deque[PageRequest] = deque()
         self._pages = 0
         self._changed = threading.Condition()
 
@@ -81,51 +81,51 @@ class PageQueue:
     def full(self) -> bool:
         return self._pages >= self.capacity
 
-    def put(self, job: Job, retry_after_s: int) -> None:
-        """Queue all of ``job``'s pages, or refuse it whole (Overloaded, 503) if they do not fit."""
+    def put(self, request: PageRequest, retry_after_s: int) -> None:
+        """Queue all of ``request``'s pages, or refuse it whole (Overloaded, 503) if they do not fit."""
         with self._changed:
             free = self.capacity - self._pages
-            if job.pages > free:
+            if request.pages > free:
                 what = "the queue is full" if free <= 0 else f"only {free} of {self.capacity} page slots are free"
                 raise Overloaded(
-                    f"{what} and the document has {job.pages} page(s); retry shortly",
+                    f"{what} and the document has {request.pages} page(s); retry shortly",
                     headers={"Retry-After": str(retry_after_s)},
                 )
-            self._jobs.append(job)
-            self._pages += job.pages
+            self._requests.append(request)
+            self._pages += request.pages
             self._changed.notify_all()
 
-    def take(self) -> tuple[Job, int] | None:
-        """The next page, round-robin by job. Jobs that should stop are passed over here and
+    def take(self) -> tuple[PageRequest, int] | None:
+        """The next page, round-robin by request. Requests that should stop are passed over here and
         removed by :meth:`stopped`, so the scheduler can fail them."""
         with self._changed:
-            for _ in range(len(self._jobs)):
-                job = self._jobs.popleft()
-                if job.should_stop():
-                    self._jobs.append(job)
+            for _ in range(len(self._requests)):
+                request = self._requests.popleft()
+                if request.should_stop():
+                    self._requests.append(request)
                     continue
-                index = job.next_page
-                job.next_page += 1
+                index = request.next_page
+                request.next_page += 1
                 self._pages -= 1
-                if job.waiting_pages:
-                    self._jobs.append(job)  # back of the line: the next page is another job's
-                return job, index
+                if request.waiting_pages:
+                    self._requests.append(request)  # back of the line: the next page is another request's
+                return request, index
             return None
 
-    def stopped(self) -> list[Job]:
-        """Remove and return the jobs that should stop (cancelled, past their deadline, failed)."""
+    def stopped(self) -> list[PageRequest]:
+        """Remove and return the requests that should stop (cancelled, past their deadline, failed)."""
         with self._changed:
-            gone = [job for job in self._jobs if job.should_stop()]
+            gone = [request for request in self._requests if request.should_stop()]
             if gone:
-                self._jobs = deque(job for job in self._jobs if not job.should_stop())
-                self._pages = sum(job.waiting_pages for job in self._jobs)
+                self._requests = deque(request for request in self._requests if not request.should_stop())
+                self._pages = sum(request.waiting_pages for request in self._requests)
             return gone
 
-    def drain(self) -> list[Job]:
-        """Remove and return every waiting job."""
+    def drain(self) -> list[PageRequest]:
+        """Remove and return every waiting request."""
         with self._changed:
-            jobs, self._jobs, self._pages = list(self._jobs), deque(), 0
-            return jobs
+            requests, self._requests, self._pages = list(self._requests), deque(), 0
+            return requests
 
     def wait(self, timeout: float, pages: int = 1) -> bool:
         """Block until at least ``pages`` pages wait, or ``timeout`` seconds pass."""

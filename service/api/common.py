@@ -1,0 +1,197 @@
+"""What every front door shares: the form, the one options call, reading an upload, waiting for the
+scheduler, and the /v1/ocr answer. Routes import this module (and ``deps``), never each other.
+
+A door only translates its dialect into the fields a caller chose (a dict) and back into its
+answer; everything between is the same call for all of them:
+:func:`door_options` -> :func:`open_upload` -> :func:`page_request` -> ``scheduler.submit`` ->
+:func:`wait_for`, whose failures go through the one error table (:func:`service.errors.to_service_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import Request, UploadFile
+from pydantic import ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine, OcrOptions, PageResult
+from service.errors import (
+    ClientGone,
+    DeadlineExceeded,
+    ErrorResponse,
+    InvalidParameter,
+    to_service_error,
+    validation_message,
+)
+from service.inputs import Document, bytes_of_url, open_document
+from service.scheduler import PageRequest
+from service.schemas import PAGE_SEPARATOR, OcrResponse, PageOut, aggregate
+from service.settings import ServiceSettings
+
+DISCONNECT_POLL_S = 0.1
+PageRange = tuple[int, int | None]
+
+ERROR_RESPONSES = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        401: "missing or wrong X-API-Key",
+        413: "upload, image or PDF over a limit",
+        415: "unsupported file type",
+        422: "invalid parameter or corrupt file",
+        499: "client closed the request",
+        500: "internal error",
+        503: "not ready, queue full, shutting down or out of memory (Retry-After)",
+        504: "deadline exceeded",
+    }.items()
+}
+
+
+class OcrForm(OcrOptions):
+    """The multipart form of /v1/ocr and /v1/jobs: the file plus every per-request option of the engine."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    file: UploadFile = Field(
+        description="PNG, JPEG, WebP, TIFF, BMP, GIF, or PDF (one file part)", json_schema_extra={"format": "binary"}
+    )
+    pages: str | None = Field(
+        None,
+        pattern=r"^\s*\d{1,5}\s*(-\s*\d{0,5}\s*)?$",
+        description="PDF pages, 1-based: '3', '2-5' or '2-' (to the end); default all",
+    )
+
+    def chosen(self) -> dict[str, Any]:
+        """The engine options the caller set (the form's other fields, of subclasses too, left out)."""
+        return self.model_dump(include=set(OcrOptions.model_fields), exclude_unset=True)
+
+    def page_range(self) -> PageRange | None:
+        if self.pages is None:
+            return None
+        first, _, last = self.pages.replace(" ", "").partition("-")
+        if not _:  # a single page
+            return int(first), int(first)
+        return int(first), int(last) if last else None
+
+
+def door_options(engine: OCREngine, chosen: dict[str, Any]) -> tuple[OcrOptions, list[str]]:
+    """The one options call of every door: the caller's fields with this engine's defaults, validated in
+    one order (:meth:`OCREngine.resolve_options`), and the notes on chosen fields without effect.
+    InvalidParameter (422) in one sentence for anything that cannot run."""
+    try:
+        return engine.resolve_options(chosen)
+    except ValidationError as exc:
+        raise InvalidParameter(validation_message(exc.errors())) from None
+    except ValueError as exc:
+        raise InvalidParameter(str(exc)) from None
+
+
+async def read_upload(
+    request: Request, form: OcrForm, settings: ServiceSettings, page_range: PageRange | None
+) -> tuple[bytes, Document]:
+    """The form's upload as bytes and a Document, every limit checked before any PDF page is rendered."""
+    if len((await request.form()).getlist("file")) > 1:  # parsed once by FastAPI; this is its cache
+        raise InvalidParameter("send one `file` part per request; this one has several")
+    data = await form.file.read()
+    return data, await open_upload(data, settings, page_range)
+
+
+async def read_url(url: str, settings: ServiceSettings) -> bytes:
+    """The bytes of a JSON door's data URL (or allowed http(s) URL), off the event loop."""
+    return await run_in_threadpool(
+        bytes_of_url,
+        url,
+        max_bytes=settings.max_upload_bytes,
+        allow_fetch=settings.allow_url_fetch,
+        timeout_s=settings.fetch_timeout_s,
+    )
+
+
+async def open_upload(data: bytes, settings: ServiceSettings, page_range: PageRange | None = None) -> Document:
+    """Bytes of any door (form, data URL, stored job) -> Document, under the service's limits."""
+    return await run_in_threadpool(
+        open_document,
+        data,
+        max_pixels=settings.max_image_pixels,
+        max_pdf_pages=settings.max_pdf_pages,
+        max_document_pixels=settings.max_document_pixels,
+        page_range=page_range,
+    )
+
+
+def page_request(
+    request: Request, document: Document, options: OcrOptions, settings: ServiceSettings, accepted_at: float
+) -> PageRequest:
+    """The scheduler's request for an HTTP request that waits for its answer: its deadline and id."""
+    deadline = accepted_at + settings.request_timeout_s
+    return PageRequest(document, options, deadline, request.state.request_id, accepted_at)
+
+
+async def wait_for(request: Request, pages: PageRequest, settings: ServiceSettings) -> list[PageResult]:
+    """Await the scheduler's result; cancel the work if the client leaves or the deadline passes.
+    Failures leave through the one error table."""
+    future = asyncio.wrap_future(pages.future)
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+            if done:
+                break
+            if time.monotonic() > pages.deadline:
+                raise DeadlineExceeded("the request ran past its deadline; its work was cancelled")
+            if await request.is_disconnected():
+                raise ClientGone("the client closed the connection; its work was cancelled")
+        try:
+            return future.result()
+        except Exception as exc:
+            raise failure(exc, pages, settings) from None
+    finally:
+        pages.cancel.set()  # no-op when finished; stops the scheduler's work otherwise
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never an unretrieved exception
+
+
+def failure(exc: BaseException, pages: PageRequest, settings: ServiceSettings) -> Exception:
+    """What ``exc``, raised for ``pages``, means for the client (the error table, with the request's facts)."""
+    return to_service_error(
+        exc,
+        retry_after_s=settings.retry_after_s,
+        deadline_passed=time.monotonic() > pages.deadline,
+        request_id=pages.request_id,
+    )
+
+
+def random_weights_warnings(engine: OCREngine | None, model: str) -> list[str]:
+    """The warning every answer made on a random preset carries."""
+    return [RANDOM_WEIGHTS_WARNING.format(name=model)] if engine is not None and engine.random_weights else []
+
+
+def build_response(
+    model: str,
+    random_weights: bool,
+    options: OcrOptions,
+    numbers: list[int],
+    results: list[PageResult],
+    notes: list[str],
+    wall_ms: float,
+) -> OcrResponse:
+    """The /v1/ocr answer: pages, their markdown joined, request statistics and every warning."""
+    pages = [PageOut(page=number, **r.model_dump()) for number, r in zip(numbers, results, strict=True)]
+    warnings = [RANDOM_WEIGHTS_WARNING.format(name=model)] if random_weights else []
+    warnings += notes + [
+        f"page {p.page} stopped at max_new_tokens ({options.max_new_tokens}) or the position limit"
+        for p in pages
+        if p.stats.finish_reason == "length"
+    ]
+    return OcrResponse(
+        model=model,
+        random_weights=random_weights,
+        mode=options.mode.value,
+        task=options.task.value,
+        pruner=options.pruner,
+        retention=options.retention,
+        markdown=PAGE_SEPARATOR.join(p.markdown for p in pages),
+        pages=pages,
+        stats=aggregate(results, wall_ms),
+        warnings=warnings,
+    )

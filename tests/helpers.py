@@ -1,0 +1,183 @@
+"""What several test modules build: pages, PDFs, servers in a thread or a process, and test doubles of
+the engine around the real tiny one. Fixtures live in ``conftest.py``; tests import these."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from service.loadtest import free_port, wait_ready
+
+
+def v1_block_masks(rows: int, cols: int, with_separator: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """protected/newline masks of a v1 block: `rows` rows of `cols` grid tokens + newline, then a separator."""
+    newline = torch.zeros(rows, cols + 1, dtype=torch.bool)
+    newline[:, -1] = True
+    newline = newline.flatten()
+    if with_separator:
+        newline = torch.cat([newline, torch.zeros(1, dtype=torch.bool)])
+    protected = newline.clone()
+    if with_separator:
+        protected[-1] = True
+    return protected, newline
+
+
+def text_page(size: tuple[int, int] = (1100, 800), lines: int = 20) -> Image.Image:
+    """A white page with lines of black text, the shape of a real document scan."""
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    step = max(12, size[1] // (lines + 2))
+    for i in range(lines):
+        draw.text((40, step * (i + 1)), f"Line {i}: the quick brown fox jumps over the lazy dog.", fill="black")
+    return image
+
+
+@contextmanager
+def live_server(app, timeout: float = 60.0):
+    """Serve ``app`` with a real uvicorn on a free loopback port until the block ends; yields the base URL."""
+    import uvicorn  # a server dependency, imported only by the tests that start one
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, timeout=timeout)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+class RecordingEngine:
+    """The real engine, recording how many pages each decode step of the scheduler's batch ran."""
+
+    def __init__(self, engine, rows_per_step: list[int]) -> None:
+        self.engine, self.rows_per_step = engine, rows_per_step
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def new_batch(self):
+        from service.engine.decode.batch import RunningBatch
+
+        log = self.rows_per_step
+
+        class RecordingBatch(RunningBatch):
+            def step(self):
+                log.append(len(self.rows))
+                return super().step()
+
+        return RecordingBatch(self.engine.model)
+
+
+class GatedEngine:
+    """The real tiny engine behind a gate: each run waits until the test opens it (or fails on demand)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.fail_next: BaseException | None = None
+        self.gate.set()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def warmup(self) -> None:
+        self.engine.warmup()
+
+    def prepare(self, tasks):
+        self.started.set()
+        while not self.gate.wait(0.01):
+            if all(task.should_stop() for task in tasks):
+                break
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        return self.engine.prepare(tasks)
+
+
+def started_scheduler(engine, **config):
+    """A scheduler over ``engine`` (no warm-up), already ready."""
+    from service.scheduler import Scheduler, SchedulerConfig
+
+    scheduler = Scheduler(lambda: engine, SchedulerConfig(**{"warmup": False, **config}))
+    scheduler.start()
+    deadline = time.monotonic() + 30
+    while scheduler.state != "ready":
+        assert scheduler.state == "loading" and time.monotonic() < deadline, scheduler.error
+        time.sleep(0.01)
+    return scheduler
+
+
+def image_request(image, options, *, timeout: float = 120.0, **kwargs):
+    """A scheduler job of one image page."""
+    from service.inputs import Document
+    from service.scheduler import PageRequest
+
+    return PageRequest(Document([1], _images=[image]), options, deadline=time.monotonic() + timeout, **kwargs)
+
+
+def text_pdf(n_pages: int, lines: int = 30, size: tuple[int, int] = (612, 792), claimed: int | None = None) -> bytes:
+    """A PDF of real text (Helvetica, a standard Type 1 font), the kind PDFium must lay out glyph by glyph.
+    ``size`` is the page box in points; ``claimed`` a page count for the page tree that may lie."""
+    objects: list[bytes] = []
+    page_ids = [3 + 2 * i for i in range(n_pages)]
+    font_id = 3 + 2 * n_pages
+    objects.append(b"<< /Type /Catalog /Pages 2 0 R >>")
+    kids = " ".join(f"{i} 0 R" for i in page_ids)
+    count = n_pages if claimed is None else claimed
+    objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {count} >>".encode())
+    for p in range(n_pages):
+        text = "".join(
+            f"BT /F1 11 Tf 50 {760 - 24 * i} Td (Page {p + 1} line {i}: The quick brown fox jumps over it.) Tj ET\n"
+            for i in range(lines)
+        ).encode()
+        objects.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {size[0]} {size[1]}] /Contents {page_ids[p] + 1} 0 R "
+            f"/Resources << /Font << /F1 {font_id} 0 R >> >> >>".encode()
+        )
+        objects.append(b"<< /Length %d >>\nstream\n" % len(text) + text + b"endstream")
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+@contextmanager
+def serve_process(preset_cache, *args: str, log_path: Path | None = None, env: dict | None = None):
+    """`rtprune-ocr serve` as a user starts it, in its own process on a free loopback port, until the block
+    ends; yields (base URL, port, process). Its output goes to ``log_path`` (never an unread pipe)."""
+    port = free_port()
+    environment = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache), **(env or {})}
+    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    with open(log_path or os.devnull, "w") as log:
+        process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(base, process, timeout=120)
+            yield base, port, process
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()

@@ -1,0 +1,173 @@
+"""The scheduler's policies as a state machine, on a decoder with no model (tests/fake_decoder.py):
+admission under the row and token caps, round-robin between requests, halving a failed prefill,
+eviction on out-of-memory, cancellation and shutdown. Each runs in well under a second."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from service.engine import Cancelled, OcrOptions
+from service.errors import NotReady
+from service.inputs import Document
+from service.scheduler import PageRequest, Scheduler
+from tests.fake_decoder import PROMPT_TOKENS, FakeEngine
+from tests.helpers import started_scheduler
+
+PAGE = Image.new("RGB", (64, 64), "white")
+
+
+def pages(n_pages: int, tokens: int, *, timeout: float = 30.0) -> PageRequest:
+    """A request of ``n_pages`` pages that generate ``tokens`` tokens each."""
+    document = Document(list(range(1, n_pages + 1)), _images=[PAGE] * n_pages)
+    return PageRequest(document, OcrOptions(mode="tiny", max_new_tokens=tokens), deadline=time.monotonic() + timeout)
+
+
+def run(engine: FakeEngine, requests: list[PageRequest], **config) -> Scheduler:
+    """A ready scheduler over ``engine`` that has been handed ``requests`` (all at once: the idle batch
+    waits for as many pages as it has room for)."""
+    room = sum(r.pages for r in requests)
+    config = {"max_batch_size": room, "batch_wait_ms": 2000, "max_batch_tokens": 10**9, **config}
+    scheduler = started_scheduler(engine, **config)
+    for request in requests:
+        scheduler.submit(request)
+    return scheduler
+
+
+def results(requests: list[PageRequest]) -> list:
+    return [r.future.result(timeout=10) for r in requests]
+
+
+def test_no_step_runs_more_pages_than_the_row_cap():
+    engine = FakeEngine()
+    requests = [pages(1, tokens) for tokens in (3, 5, 7, 9, 11)]
+    scheduler = run(engine, requests, max_batch_size=2)
+    try:
+        assert results(requests) == [[list(range(1, t + 1))] for t in (3, 5, 7, 9, 11)]
+        assert max(engine.trace.steps) == 2
+    finally:
+        scheduler.stop()
+
+
+def test_pages_join_only_while_the_kv_footprint_fits_the_token_budget():
+    engine = FakeEngine()
+    requests = [pages(1, 20) for _ in range(6)]
+    budget = 2 * (PROMPT_TOKENS + 20)  # two rows at their longest, padding included
+    scheduler = run(engine, requests, max_batch_tokens=budget)
+    try:
+        results(requests)
+        assert max(engine.trace.steps) == 2 and max(engine.trace.joins) <= 2
+    finally:
+        scheduler.stop()
+
+
+def test_a_page_larger_than_the_budget_still_runs_alone():
+    engine = FakeEngine()
+    request = pages(1, 4)
+    scheduler = run(engine, [request], max_batch_tokens=PROMPT_TOKENS // 2)
+    try:
+        assert results([request]) == [[[1, 2, 3, 4]]]
+    finally:
+        scheduler.stop()
+
+
+def test_pages_are_admitted_round_robin_between_requests():
+    engine = FakeEngine()
+    long_pdf, image = pages(4, 3), pages(1, 5)  # told apart by their lengths
+    scheduler = run(engine, [long_pdf, image], max_batch_size=1, batch_wait_ms=0)
+    try:
+        results([long_pdf, image])
+        assert engine.trace.prepared[:3] == [3, 5, 3]  # the image waits for one page, not four
+    finally:
+        scheduler.stop()
+
+
+def test_a_failed_prefill_is_retried_in_halves_and_every_page_finishes():
+    engine = FakeEngine(join_limit=2)
+    requests = [pages(1, 4) for _ in range(5)]
+    scheduler = run(engine, requests)
+    try:
+        assert results(requests) == [[[1, 2, 3, 4]]] * 5
+        assert engine.trace.joins[:2] == [5, 2]  # 5 failed, then half of it
+        assert max(size for size in engine.trace.joins if size <= 2) == 2
+    finally:
+        scheduler.stop()
+
+
+def test_a_step_out_of_memory_evicts_the_newest_half_which_recomputes_the_same_tokens():
+    engine = FakeEngine(step_limit=2)
+    requests = [pages(1, 6) for _ in range(4)]
+    scheduler = run(engine, requests)
+    try:
+        assert results(requests) == [[[1, 2, 3, 4, 5, 6]]] * 4  # evicted pages start again, tokens as before
+        first_failure = engine.trace.steps.index(4)
+        assert max(engine.trace.steps[first_failure + 1 :]) <= 2  # the row cap holds after the eviction
+    finally:
+        scheduler.stop()
+
+
+def test_a_page_out_of_memory_alone_fails_its_request_and_no_other():
+    engine = FakeEngine(poison=13)
+    poisoned, others = pages(1, 13), [pages(1, 5) for _ in range(3)]
+    scheduler = run(engine, [others[0], poisoned, *others[1:]])
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            poisoned.future.result(timeout=10)
+        assert results(others) == [[[1, 2, 3, 4, 5]]] * 3
+        assert scheduler.state == "ready"
+    finally:
+        scheduler.stop()
+
+
+def test_a_cancelled_request_leaves_the_batch_and_the_others_finish():
+    engine = FakeEngine(step_s=0.001)
+    endless, short = pages(1, 8192), pages(1, 50)
+    scheduler = run(engine, [endless, short])
+    try:
+        assert results([short]) == [[list(range(1, 51))]]
+        endless.cancel.set()
+        with pytest.raises(Cancelled):
+            endless.future.result(timeout=10)
+        deadline = time.monotonic() + 5
+        while scheduler.running_pages:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        scheduler.stop()
+
+
+def test_a_failure_in_preparing_fails_only_the_pages_it_was_preparing():
+    engine = FakeEngine()
+    engine.fail_prepare = RuntimeError("vision encoder failed (injected)")
+    first = pages(1, 3)
+    scheduler = run(engine, [first])
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            first.future.result(timeout=10)
+        engine.fail_prepare = None
+        second = pages(1, 3)
+        scheduler.submit(second)
+        assert results([second]) == [[[1, 2, 3]]]
+    finally:
+        scheduler.stop()
+
+
+def test_shutdown_refuses_waiting_pages_at_once_and_ends_running_ones_after_the_grace():
+    engine = FakeEngine(step_s=0.001)
+    running, waiting = pages(1, 8192), pages(1, 3)
+    scheduler = run(engine, [running], max_batch_size=1)
+    try:
+        while not engine.trace.steps:
+            time.sleep(0.005)
+        scheduler.submit(waiting)
+        scheduler.begin_shutdown(grace_s=0.2)
+        with pytest.raises(NotReady):
+            waiting.future.result(timeout=1)
+        assert not running.future.done()  # still decoding within its grace
+        with pytest.raises(NotReady, match="grace period"):
+            running.future.result(timeout=5)
+    finally:
+        scheduler.stop()
