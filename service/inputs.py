@@ -240,7 +240,7 @@ def _measure_pdf(
 # --- URLs: the JSON doors (chat, Mistral) name their image by URL ------------------------------------
 
 
-def bytes_of_url(url: str, *, max_bytes: int, allow_fetch: bool, timeout_s: float) -> bytes:
+def bytes_of_url(url: str, max_bytes: int, allow_fetch: bool, timeout_s: float) -> bytes:
     """The bytes a data URL holds, or an http(s) URL serves when fetching is allowed (size limit,
     timeout). Runs in a worker thread (a fetch blocks). InvalidParameter (422) or PayloadTooLarge (413)
     for anything else."""

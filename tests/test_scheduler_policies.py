@@ -5,6 +5,8 @@ eviction on out-of-memory, cancellation and shutdown. Each runs in well under a 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -26,15 +28,19 @@ def pages(n_pages: int, tokens: int, *, timeout: float = 30.0) -> PageRequest:
     return PageRequest(document, OcrOptions(mode="tiny", max_new_tokens=tokens), deadline=time.monotonic() + timeout)
 
 
-def run(engine: FakeEngine, requests: list[PageRequest], **config) -> Scheduler:
+@contextmanager
+def running(engine: FakeEngine, requests: list[PageRequest], **config) -> Iterator[Scheduler]:
     """A ready scheduler over ``engine`` that has been handed ``requests`` (all at once: the idle batch
-    waits for as many pages as it has room for)."""
+    waits for as many pages as it has room for); stopped when the block ends."""
     room = sum(r.pages for r in requests)
     config = {"max_batch_size": room, "batch_wait_ms": 2000, "max_batch_tokens": 10**9, **config}
     scheduler = started_scheduler(engine, **config)
-    for request in requests:
-        scheduler.submit(request)
-    return scheduler
+    try:
+        for request in requests:
+            scheduler.submit(request)
+        yield scheduler
+    finally:
+        scheduler.stop()
 
 
 def results(requests: list[PageRequest]) -> list:
@@ -44,89 +50,66 @@ def results(requests: list[PageRequest]) -> list:
 def test_no_step_runs_more_pages_than_the_row_cap():
     engine = FakeEngine()
     requests = [pages(1, tokens) for tokens in (3, 5, 7, 9, 11)]
-    scheduler = run(engine, requests, max_batch_size=2)
-    try:
+    with running(engine, requests, max_batch_size=2):
         assert results(requests) == [[list(range(1, t + 1))] for t in (3, 5, 7, 9, 11)]
         assert max(engine.trace.steps) == 2
-    finally:
-        scheduler.stop()
 
 
 def test_pages_join_only_while_the_kv_footprint_fits_the_token_budget():
     engine = FakeEngine()
     requests = [pages(1, 20) for _ in range(6)]
     budget = 2 * (PROMPT_TOKENS + 20)  # two rows at their longest, padding included
-    scheduler = run(engine, requests, max_batch_tokens=budget)
-    try:
+    with running(engine, requests, max_batch_tokens=budget):
         results(requests)
         assert max(engine.trace.steps) == 2 and max(engine.trace.joins) <= 2
-    finally:
-        scheduler.stop()
 
 
 def test_a_page_larger_than_the_budget_still_runs_alone():
     engine = FakeEngine()
     request = pages(1, 4)
-    scheduler = run(engine, [request], max_batch_tokens=PROMPT_TOKENS // 2)
-    try:
+    with running(engine, [request], max_batch_tokens=PROMPT_TOKENS // 2):
         assert results([request]) == [[[1, 2, 3, 4]]]
-    finally:
-        scheduler.stop()
 
 
 def test_pages_are_admitted_round_robin_between_requests():
     engine = FakeEngine()
     long_pdf, image = pages(4, 3), pages(1, 5)  # told apart by their lengths
-    scheduler = run(engine, [long_pdf, image], max_batch_size=1, batch_wait_ms=0)
-    try:
+    with running(engine, [long_pdf, image], max_batch_size=1, batch_wait_ms=0):
         results([long_pdf, image])
         assert engine.trace.prepared[:3] == [3, 5, 3]  # the image waits for one page, not four
-    finally:
-        scheduler.stop()
 
 
 def test_a_failed_prefill_is_retried_in_halves_and_every_page_finishes():
     engine = FakeEngine(join_limit=2)
     requests = [pages(1, 4) for _ in range(5)]
-    scheduler = run(engine, requests)
-    try:
+    with running(engine, requests):
         assert results(requests) == [[[1, 2, 3, 4]]] * 5
         assert engine.trace.joins[:2] == [5, 2]  # 5 failed, then half of it
-        assert max(size for size in engine.trace.joins if size <= 2) == 2
-    finally:
-        scheduler.stop()
 
 
 def test_a_step_out_of_memory_evicts_the_newest_half_which_recomputes_the_same_tokens():
     engine = FakeEngine(step_limit=2)
     requests = [pages(1, 6) for _ in range(4)]
-    scheduler = run(engine, requests)
-    try:
+    with running(engine, requests):
         assert results(requests) == [[[1, 2, 3, 4, 5, 6]]] * 4  # evicted pages start again, tokens as before
         first_failure = engine.trace.steps.index(4)
         assert max(engine.trace.steps[first_failure + 1 :]) <= 2  # the row cap holds after the eviction
-    finally:
-        scheduler.stop()
 
 
 def test_a_page_out_of_memory_alone_fails_its_request_and_no_other():
     engine = FakeEngine(poison=13)
     poisoned, others = pages(1, 13), [pages(1, 5) for _ in range(3)]
-    scheduler = run(engine, [others[0], poisoned, *others[1:]])
-    try:
+    with running(engine, [others[0], poisoned, *others[1:]]) as scheduler:
         with pytest.raises(torch.OutOfMemoryError):
             poisoned.future.result(timeout=10)
         assert results(others) == [[[1, 2, 3, 4, 5]]] * 3
         assert scheduler.state == "ready"
-    finally:
-        scheduler.stop()
 
 
 def test_a_cancelled_request_leaves_the_batch_and_the_others_finish():
     engine = FakeEngine(step_s=0.001)
     endless, short = pages(1, 8192), pages(1, 50)
-    scheduler = run(engine, [endless, short])
-    try:
+    with running(engine, [endless, short]) as scheduler:
         assert results([short]) == [[list(range(1, 51))]]
         endless.cancel.set()
         with pytest.raises(Cancelled):
@@ -135,39 +118,31 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_finish():
         while scheduler.running_pages:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-    finally:
-        scheduler.stop()
 
 
 def test_a_failure_in_preparing_fails_only_the_pages_it_was_preparing():
     engine = FakeEngine()
     engine.fail_prepare = RuntimeError("vision encoder failed (injected)")
     first = pages(1, 3)
-    scheduler = run(engine, [first])
-    try:
+    with running(engine, [first]) as scheduler:
         with pytest.raises(RuntimeError, match="injected"):
             first.future.result(timeout=10)
         engine.fail_prepare = None
         second = pages(1, 3)
         scheduler.submit(second)
         assert results([second]) == [[[1, 2, 3]]]
-    finally:
-        scheduler.stop()
 
 
 def test_shutdown_refuses_waiting_pages_at_once_and_ends_running_ones_after_the_grace():
     engine = FakeEngine(step_s=0.001)
-    running, waiting = pages(1, 8192), pages(1, 3)
-    scheduler = run(engine, [running], max_batch_size=1)
-    try:
+    decoding, waiting = pages(1, 8192), pages(1, 3)
+    with running(engine, [decoding], max_batch_size=1) as scheduler:
         while not engine.trace.steps:
             time.sleep(0.005)
         scheduler.submit(waiting)
         scheduler.begin_shutdown(grace_s=0.2)
         with pytest.raises(NotReady):
             waiting.future.result(timeout=1)
-        assert not running.future.done()  # still decoding within its grace
+        assert not decoding.future.done()  # still decoding within its grace
         with pytest.raises(NotReady, match="grace period"):
-            running.future.result(timeout=5)
-    finally:
-        scheduler.stop()
+            decoding.future.result(timeout=5)

@@ -100,13 +100,8 @@ async def read_upload(
 
 async def read_url(url: str, settings: ServiceSettings) -> bytes:
     """The bytes of a JSON door's data URL (or allowed http(s) URL), off the event loop."""
-    return await run_in_threadpool(
-        bytes_of_url,
-        url,
-        max_bytes=settings.max_upload_bytes,
-        allow_fetch=settings.allow_url_fetch,
-        timeout_s=settings.fetch_timeout_s,
-    )
+    limits = (settings.max_upload_bytes, settings.allow_url_fetch, settings.fetch_timeout_s)
+    return await run_in_threadpool(bytes_of_url, url, *limits)
 
 
 async def open_upload(data: bytes, settings: ServiceSettings, page_range: PageRange | None = None) -> Document:
