@@ -54,6 +54,10 @@ class OutOfMemory(ServiceError):
     status, code = 503, "out_of_memory"
 
 
+class DeviceFailed(ServiceError):
+    status, code = 503, "device_failed"
+
+
 class DecoderUnavailable(ServiceError):
     status, code = 503, "decoder_unavailable"
 
@@ -105,10 +109,9 @@ def to_service_error(
     is logged here with its request id and answered with a message that hides its internals.
     """
     # The engine's failures are imported here, not at the top: this module is read without torch.
-    import torch
-
     from service.engine import Cancelled, PromptTooLong
     from service.engine.decode.contract import DecoderDown, DecoderRefused
+    from service.engine.device import DeviceLost, is_device_broken, is_out_of_memory
     from service.inputs import UploadError
 
     retry = {"Retry-After": str(retry_after_s)}
@@ -124,7 +127,11 @@ def to_service_error(
         return DecoderUnavailable(str(exc), headers=retry)
     if isinstance(exc, DecoderRefused):
         return DecoderError(str(exc))
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, DeviceLost) or is_device_broken(exc):
+        return DeviceFailed(
+            "the GPU failed and this replica is restarting; retry (another replica may answer)", headers=retry
+        )
+    if is_out_of_memory(exc):
         return OutOfMemory(
             "the device ran out of memory on this page even when it ran alone; retry with a smaller mode "
             "or a lower RTPRUNE_MAX_BATCH_TOKENS",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service.engine.device import memory_bytes
 from service.engine.stats import STAGES, PageStats
 
 if TYPE_CHECKING:
@@ -40,6 +42,9 @@ class Metrics:
         self.decode_steps = Counter("rtprune_decode_steps", "decode steps of the running batch", registry=r)
         self.steps_per_second = Gauge("rtprune_decode_steps_per_second", "decode steps/s over 5 s", registry=r)
         self.ready = Gauge("rtprune_ready", "1 when the model is loaded and warm", registry=r)
+        self.gpu_memory = Gauge(
+            "rtprune_gpu_memory_bytes", "GPU memory of this process: allocated, reserved, peak", ["kind"], registry=r
+        )
 
     def watch(self, scheduler: Scheduler) -> None:
         """The gauges read the scheduler when scraped, so every exporter of this registry (the app's
@@ -51,6 +56,8 @@ class Metrics:
         self.batch_tokens_limit.set_function(lambda: scheduler.batch_tokens_limit or 0)
         self.steps_per_second.set_function(scheduler.steps_per_s)
         self.ready.set_function(lambda: 1 if scheduler.state == "ready" else 0)
+        for kind in ("allocated", "reserved", "peak"):
+            self.gpu_memory.labels(kind).set_function(functools.partial(gpu_memory, scheduler, kind))
 
     def observe_page(self, stats: PageStats) -> None:
         self.pages.inc()
@@ -61,3 +68,9 @@ class Metrics:
         self.visual_tokens.labels("in").inc(stats.visual_tokens)
         self.visual_tokens.labels("kept").inc(stats.visual_tokens_kept)
         self.output_tokens.inc(stats.output_tokens)
+
+
+def gpu_memory(scheduler: Scheduler, kind: str) -> int:
+    """One of :func:`memory_bytes`' figures for the scheduler's device (0 before the model is loaded)."""
+    engine = scheduler.engine
+    return memory_bytes(engine.device)[kind] if engine is not None else 0

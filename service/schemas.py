@@ -82,6 +82,11 @@ class InfoResponse(BaseModel):
     decoder: Literal["transformers", "vllm"] = Field(
         "transformers", description="where pages decode: this process, or a vLLM server (compact positions only)"
     )
+    runtime: dict[str, str | None] | None = Field(
+        None,
+        description="what the model runs on: device, gpu, compute_capability, torch, torch_cuda (the wheel's CUDA "
+        "build), driver, dtype, attention and experts implementations",
+    )
 
 
 def aggregate(pages: list[PageResult], wall_ms: float) -> AggregateStats:

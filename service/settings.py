@@ -88,7 +88,23 @@ class ServiceSettings(BaseSettings):
     jobs_max_bytes: int = Field(5_000_000_000, ge=1, description="uploads stored for jobs, all together; more get 503")
     jobs_per_key: int = Field(100, ge=1, description="jobs one API key (or everyone, without keys) may hold; more 429")
     allow_webhooks: bool = Field(False, description="let a job name a webhook URL the server POSTs to when it ends")
-    warmup: bool = Field(True, description="run one tiny page before reporting ready")
+    warmup: bool = Field(
+        True,
+        description="run pages through the model before reporting ready: one tiny page, and on a GPU every mode at "
+        "its largest (so the KV budget is measured after the vision encoder's peak)",
+    )
+    max_vision_mb: int = Field(
+        4096,
+        ge=64,
+        description="one vision-encoder call's estimated transient memory at most (SAM's attention bias: ~400 MB a "
+        "1024-px view, ~1 GB a Large page); more pages are split into several calls",
+    )
+    gpu_memory_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="cap this process's share of the GPU (e.g. 0.45 beside a vLLM server at 0.5); default no cap",
+    )
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads; default: the CPUs this process may use (cgroup quota included)"
     )

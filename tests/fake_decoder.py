@@ -27,6 +27,7 @@ class Trace:
     joins: list[int] = field(default_factory=list)  # joiners per join call, failed calls included
     steps: list[int] = field(default_factory=list)  # rows per step call, failed calls included
     prepared: list[int] = field(default_factory=list)  # max_new_tokens of each page, in order of admission
+    tokens: list[tuple[int, int]] = field(default_factory=list)  # (page, position) of every token announced
 
 
 class FakeBatch:
@@ -35,11 +36,11 @@ class FakeBatch:
     batch has more than ``step_limit`` rows."""
 
     def __init__(
-        self, trace: Trace, *, join_limit: int | None, step_limit: int | None, poison: int | None, step_s: float
+        self, engine: FakeEngine, *, join_limit: int | None, step_limit: int | None, poison: int | None, step_s: float
     ) -> None:
         self.rows: list[Sequence] = []
-        self.trace, self.join_limit, self.step_limit, self.poison = trace, join_limit, step_limit, poison
-        self.step_s = step_s
+        self.engine, self.trace = engine, engine.trace
+        self.join_limit, self.step_limit, self.poison, self.step_s = join_limit, step_limit, poison, step_s
 
     @property
     def tokens_in_use(self) -> int:
@@ -60,9 +61,12 @@ class FakeBatch:
 
     def step(self) -> list[Sequence]:
         self.trace.steps.append(len(self.rows))
+        if self.engine.fail_step is not None:
+            exc, self.engine.fail_step = self.engine.fail_step, None
+            raise exc
         too_many = self.step_limit is not None and len(self.rows) > self.step_limit
         if too_many or any(seq.budget == self.poison for seq in self.rows):
-            raise torch.OutOfMemoryError("out of memory in a decode step (injected)")
+            raise self.engine.out_of_memory("out of memory in a decode step (injected)")
         time.sleep(self.step_s)
         return self._advance(list(self.rows))
 
@@ -106,14 +110,16 @@ class FakeEngine:
     ) -> None:
         self.trace = Trace()
         self.faults = {"join_limit": join_limit, "step_limit": step_limit, "poison": poison, "step_s": step_s}
+        self.out_of_memory: type[Exception] = torch.OutOfMemoryError  # what running out raises
         self.fail_prepare: BaseException | None = None
+        self.fail_step: BaseException | None = None  # raised by the next step
         self.admitted = threading.Event()
 
     def warmup(self) -> None:
         pass
 
     def new_batch(self) -> FakeBatch:
-        return FakeBatch(self.trace, **self.faults)
+        return FakeBatch(self, **self.faults)
 
     def prepare(self, tasks) -> list:
         self.admitted.set()
@@ -124,10 +130,12 @@ class FakeEngine:
             self.trace.prepared.append(task.options.max_new_tokens)
             prompt = SimpleNamespace(length=PROMPT_TOKENS, next_position=PROMPT_TOKENS)
             guard = NGramGuard(size=0, window=0)
-            sequence = Sequence(prompt, task.options.max_new_tokens, guard, task.timer, task.should_stop)
+            page = len(self.trace.prepared)
+            announce = lambda position, token, page=page: self.trace.tokens.append((page, position))  # noqa: E731
+            sequence = Sequence(prompt, task.options.max_new_tokens, guard, task.timer, task.should_stop, announce)
             pages.append(FakePage(sequence))
         return pages
 
-    def outcome(self, page: FakePage):
+    def page_result(self, page: FakePage):
         outcome = page.sequence.outcome
         return outcome if isinstance(outcome, BaseException) else list(outcome.tokens)

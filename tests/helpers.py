@@ -107,11 +107,11 @@ class GatedEngine:
         return self.engine.prepare(tasks)
 
 
-def started_scheduler(engine, **config):
+def started_scheduler(engine, on_fatal=None, **config):
     """A scheduler over ``engine`` (no warm-up), already ready."""
     from service.scheduler import Scheduler, SchedulerConfig
 
-    scheduler = Scheduler(lambda: engine, SchedulerConfig(**{"warmup": False, **config}))
+    scheduler = Scheduler(lambda: engine, SchedulerConfig(**{"warmup": False, **config}), on_fatal=on_fatal)
     scheduler.start()
     deadline = time.monotonic() + 30
     while scheduler.state != "ready":

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from service.engine import Cancelled, OcrOptions
-from service.errors import NotReady
+from service.engine.device import DeviceLost
+from service.errors import DeviceFailed, NotReady, OutOfMemory, to_service_error
 from service.inputs import Document
 from service.scheduler import PageRequest, Scheduler
 from tests.fake_decoder import PROMPT_TOKENS, FakeEngine
@@ -29,12 +30,12 @@ def pages(n_pages: int, tokens: int, *, timeout: float = 30.0) -> PageRequest:
 
 
 @contextmanager
-def running(engine: FakeEngine, requests: list[PageRequest], **config) -> Iterator[Scheduler]:
+def running(engine: FakeEngine, requests: list[PageRequest], on_fatal=None, **config) -> Iterator[Scheduler]:
     """A ready scheduler over ``engine`` that has been handed ``requests`` (all at once: the idle batch
     waits for as many pages as it has room for); stopped when the block ends."""
     room = sum(r.pages for r in requests)
     config = {"max_batch_size": room, "batch_wait_ms": 2000, "max_batch_tokens": 10**9, **config}
-    scheduler = started_scheduler(engine, **config)
+    scheduler = started_scheduler(engine, on_fatal, **config)
     try:
         for request in requests:
             scheduler.submit(request)
@@ -87,13 +88,15 @@ def test_a_failed_prefill_is_retried_in_halves_and_every_page_finishes():
         assert engine.trace.joins[:2] == [5, 2]  # 5 failed, then half of it
 
 
-def test_a_step_out_of_memory_evicts_the_newest_half_which_recomputes_the_same_tokens():
+def test_a_step_out_of_memory_evicts_the_newest_half_which_goes_on_from_its_tokens():
     engine = FakeEngine(step_limit=2)
     requests = [pages(1, 6) for _ in range(4)]
     with running(engine, requests):
-        assert results(requests) == [[[1, 2, 3, 4, 5, 6]]] * 4  # evicted pages start again, tokens as before
+        assert results(requests) == [[[1, 2, 3, 4, 5, 6]]] * 4
         first_failure = engine.trace.steps.index(4)
         assert max(engine.trace.steps[first_failure + 1 :]) <= 2  # the row cap holds after the eviction
+    announced = engine.trace.tokens
+    assert len(announced) == len(set(announced)) == 4 * 6  # no token generated (or streamed) twice
 
 
 def test_a_page_out_of_memory_alone_fails_its_request_and_no_other():
@@ -146,3 +149,61 @@ def test_shutdown_refuses_waiting_pages_at_once_and_ends_running_ones_after_the_
         assert not decoding.future.done()  # still decoding within its grace
         with pytest.raises(NotReady, match="grace period"):
             decoding.future.result(timeout=5)
+
+
+def test_an_allocation_failure_of_any_library_counts_as_out_of_memory():
+    engine = FakeEngine(poison=13)
+    cublas = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+    engine.out_of_memory = lambda message: RuntimeError(cublas)
+    poisoned, others = pages(1, 13), [pages(1, 5) for _ in range(3)]
+    with running(engine, [others[0], poisoned, *others[1:]]) as scheduler:
+        with pytest.raises(RuntimeError) as failed:
+            poisoned.future.result(timeout=10)
+        assert results(others) == [[[1, 2, 3, 4, 5]]] * 3  # evicted and retried, as after torch's own OOM
+        assert scheduler.state == "ready"
+    answer = to_service_error(failed.value, retry_after_s=2)
+    assert isinstance(answer, OutOfMemory) and answer.headers["Retry-After"] == "2"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "CUDA error: an illegal memory access was encountered",
+        "CUDA error: device-side assert triggered",
+        "CUDA error: unspecified launch failure",
+    ],
+)
+def test_a_sticky_device_error_fails_every_page_reports_failed_and_asks_for_a_restart(error):
+    engine = FakeEngine(step_s=0.001)
+    decoding, waiting = pages(1, 8192), pages(2, 3)
+    fatal: list[BaseException] = []
+    with running(engine, [decoding], on_fatal=fatal.append, max_batch_size=1) as scheduler:
+        while not engine.trace.steps:
+            time.sleep(0.005)
+        scheduler.submit(waiting)
+        engine.fail_step = torch.AcceleratorError(error)
+        for request in (decoding, waiting):
+            with pytest.raises(DeviceLost):
+                request.future.result(timeout=5)
+        assert scheduler.state == "failed" and error in scheduler.error
+        assert len(fatal) == 1 and isinstance(fatal[0], DeviceLost)
+        with pytest.raises(NotReady):
+            scheduler.submit(pages(1, 3))
+    answer = to_service_error(fatal[0], retry_after_s=2)
+    assert isinstance(answer, DeviceFailed) and answer.status == 503 and answer.headers["Retry-After"] == "2"
+
+
+def test_a_sticky_device_error_while_preparing_pages_answers_them_and_stops():
+    engine = FakeEngine()
+    engine.fail_prepare = torch.AcceleratorError("CUDA error: device-side assert triggered")
+    fatal: list[BaseException] = []
+    request = pages(1, 3)
+    with running(engine, [request], on_fatal=fatal.append) as scheduler:
+        with pytest.raises(torch.AcceleratorError):
+            request.future.result(timeout=5)
+        deadline = time.monotonic() + 5
+        while scheduler.state != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert isinstance(to_service_error(request.future.exception(), retry_after_s=2), DeviceFailed)
+    assert len(fatal) == 1

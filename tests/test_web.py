@@ -120,7 +120,7 @@ def test_upload_shows_markdown_stats_and_token_overlay(server, page_file, chromi
         stats = driver.find_element(By.ID, "token-stats").text
         assert "of 273 reach the model" in stats and "grid tokens kept" in stats
         assert "r_sim" in stats and "r_txt" in stats
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#latency-chart .bar")) == 6
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#latency-chart .bar")) == 7  # one bar a stage
         assert driver.find_element(By.ID, "markdown").text.strip()
         # the overlay canvas holds the token grid: green (kept) and orange (merged away) pixels
         colors = driver.execute_script("""

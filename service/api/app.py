@@ -38,6 +38,8 @@ def default_loader(settings: ServiceSettings) -> Callable[[], OCREngine]:
         cache_dir=settings.cache_dir,
         vllm_url=settings.vllm_url if settings.decoder == "vllm" else None,
         vllm_timeout_s=settings.vllm_timeout_s,
+        memory_fraction=settings.gpu_memory_fraction,
+        max_vision_bytes=settings.max_vision_mb * 2**20,
     )
 
 

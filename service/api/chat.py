@@ -214,7 +214,7 @@ class Reply:
                     if time.monotonic() > pages.deadline or await request.is_disconnected():
                         return
                     continue
-                if position == len(generated):  # a recomputed page (after eviction) repeats its tokens
+                if position == len(generated):  # each position once, in order
                     generated.append(token)
                     delta, shown = self.delta(generated, shown)
                     if delta:

@@ -71,4 +71,5 @@ async def info(
             **settings.model_dump(include={"max_batch_size", "max_prefill_tokens", "batch_wait_ms"}),
         ),
         decoder=settings.decoder,
+        runtime=engine.facts.as_dict() if engine else None,
     )

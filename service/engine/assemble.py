@@ -63,3 +63,14 @@ def assemble_prompt(
         ]
     )  # (L,)
     return PromptInputs(embeds, position_ids, full_length)
+
+
+def extend_prompt(prompt: PromptInputs, token_embeds: torch.Tensor) -> PromptInputs:
+    """The prompt followed by tokens already generated (``token_embeds`` (n, hidden)) at the positions they
+    were generated at: what a page that rejoins after an eviction prefills, so it goes on from its last
+    token instead of generating its text again (vLLM's recompute preemption does the same)."""
+    n = token_embeds.shape[0]
+    device = prompt.embeds.device
+    generated = torch.arange(prompt.next_position, prompt.next_position + n, device=device)
+    embeds = torch.cat([prompt.embeds, token_embeds.to(device, prompt.embeds.dtype)])
+    return PromptInputs(embeds, torch.cat([prompt.position_ids, generated]), prompt.next_position + n)

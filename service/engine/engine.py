@@ -31,6 +31,7 @@ from .decode.contract import DecodeBatch
 from .decode.generate import generate_batch, prompt_problem
 from .decode.sequence import Sequence, never
 from .decode.vllm_decoder import VllmServer, check_options
+from .device import DeviceFacts, device_facts
 from .layout import visual_token_count
 from .model import OcrModel, VisualBlock
 from .names import DEFAULT_MODEL, MODES_BY_VERSION, Positions
@@ -43,6 +44,7 @@ from .token_map import TokenMap, build_token_map, preview_data_url
 from .weights.loading import load_model
 
 log = logging.getLogger(__name__)
+MAX_VISION_BYTES = 4 * 2**30  # per vision call: ~4 Large pages, ~10 Base pages (see OcrModel.vision_bytes)
 
 
 @dataclass
@@ -104,9 +106,12 @@ def _without_pixels(block: VisualBlock) -> VisualBlock:
 class OCREngine:
     """A loaded DeepSeek-OCR with RTPrune; create once per process with :meth:`load`."""
 
-    def __init__(self, model: OcrModel, decoder: VllmServer | None = None) -> None:
+    def __init__(
+        self, model: OcrModel, decoder: VllmServer | None = None, *, max_vision_bytes: int | None = MAX_VISION_BYTES
+    ) -> None:
         self.model = model
         self.decoder = decoder  # None: the model's own decoder, in this process
+        self.max_vision_bytes = max_vision_bytes  # one vision call's estimated transient memory at most
 
     @classmethod
     def load(
@@ -118,25 +123,33 @@ class OCREngine:
         cache_dir: Path | None = None,
         vllm_url: str | None = None,
         vllm_timeout_s: float = 120.0,
+        memory_fraction: float | None = None,
+        max_vision_bytes: int | None = MAX_VISION_BYTES,
     ) -> OCREngine:
         """Load the model; with ``vllm_url`` its pages decode on that vLLM server (which must serve the
-        same checkpoint), and the local decoder layers are freed."""
-        loaded = load_model(model, device=device, dtype=dtype, cache_dir=cache_dir)
+        same checkpoint), and the local decoder layers are freed. ``memory_fraction`` caps this
+        process's share of the GPU (when a vLLM server shares it)."""
+        loaded = load_model(model, device=device, dtype=dtype, cache_dir=cache_dir, memory_fraction=memory_fraction)
+        ocr_model = OcrModel(loaded)
+        engine = cls(ocr_model, max_vision_bytes=max_vision_bytes)
         log.info(
-            "loaded %s (DeepSeek-OCR %s) on %s in %s%s",
+            "loaded %s (DeepSeek-OCR %s%s); %s",
             loaded.name,
             loaded.version,
-            loaded.device,
-            str(loaded.dtype).removeprefix("torch."),
-            " with RANDOM weights" if loaded.random_weights else "",
+            ", RANDOM weights" if loaded.random_weights else "",
+            engine.facts.line(),
         )
         if vllm_url is None:
-            return cls(OcrModel(loaded))
+            return engine
         decoder = VllmServer(vllm_url, timeout_s=vllm_timeout_s)
         decoder.connect()
-        ocr_model = OcrModel(loaded)
         ocr_model.release_decoder_layers()
-        return cls(ocr_model, decoder)
+        return cls(ocr_model, decoder, max_vision_bytes=max_vision_bytes)
+
+    @property
+    def facts(self) -> DeviceFacts:
+        """Device, GPU, torch and CUDA build, driver, dtype, attention and experts implementations."""
+        return device_facts(self.model.device, self.model.dtype, self.model.text_config)
 
     @property
     def decoder_name(self) -> str:
@@ -211,9 +224,9 @@ class OCREngine:
         prepared = self.prepare(tasks)
         sequences = [page.sequence for page in prepared if isinstance(page, PreparedPage)]
         generate_batch(self.model, sequences, self.new_batch())
-        return [page if isinstance(page, BaseException) else self.outcome(page) for page in prepared]
+        return [page if isinstance(page, BaseException) else self.page_result(page) for page in prepared]
 
-    def outcome(self, page: PreparedPage) -> PageResult | BaseException:
+    def page_result(self, page: PreparedPage) -> PageResult | BaseException:
         """A page whose sequence has stopped: its result, or why it failed (cancelled, NaN, ...)."""
         if isinstance(page.sequence.outcome, BaseException):
             return page.sequence.outcome
@@ -307,7 +320,7 @@ class OCREngine:
         blocks: dict[int, VisualBlock] = {}
         failures: dict[int, Exception] = {}
         for members in groups.values():
-            attempts = [members]
+            attempts = self._vision_calls(members, pages)[::-1]  # popped from the end: in order
             while attempts:
                 group = attempts.pop()
                 try:
@@ -320,6 +333,21 @@ class OCREngine:
                     else:
                         attempts += [[i] for i in group]
         return blocks, failures
+
+    def _vision_calls(self, members: list[int], pages: dict[int, PreparedImage]) -> list[list[int]]:
+        """Pages of one view size split into vision calls whose estimated transient memory stays within
+        :attr:`max_vision_bytes` (a page larger than that still runs, alone)."""
+        calls: list[list[int]] = []
+        current: list[int] = []
+        used = 0
+        for i in members:
+            need = self.model.vision_bytes(pages[i])
+            if current and self.max_vision_bytes is not None and used + need > self.max_vision_bytes:
+                calls.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += need
+        return [*calls, current] if current else calls
 
     def finish(self, page: PreparedPage) -> PageResult:
         """The page's result once its sequence has finished: text, markdown, boxes, statistics."""
@@ -358,10 +386,23 @@ class OCREngine:
             result.preview = preview_data_url(task.image)
         return result
 
-    def warmup(self) -> None:
-        """One small forward through every stage, so the first request does not pay for lazy init."""
+    def warmup(self, *, every_mode: bool | None = None) -> None:
+        """One small forward through every stage, so the first request does not pay for lazy init.
+
+        ``every_mode`` (default: on a GPU) also runs each mode at its largest view, as many pages as one
+        vision call may hold: the kernels of every shape are built, and the allocator has seen the vision
+        encoder's transient peak before the KV budget is measured from the memory left free."""
         options, _ = self.resolve_options({"mode": MODES_BY_VERSION[self.version][0], "max_new_tokens": 2})
         self.run(Image.new("RGB", (64, 64), "white"), options)
+        if not (self.device.type == "cuda" if every_mode is None else every_mode):
+            return
+        page = Image.new("RGB", (2048, 2048), "white")  # every mode's largest view; gundam's most tiles
+        for mode in MODES_BY_VERSION[self.version]:
+            options, _ = self.resolve_options({"mode": mode, "max_new_tokens": 2, "max_crops": 9})
+            view = preprocess(page, mode, version=self.version, max_crops=9)
+            fits = (self.max_vision_bytes or 0) // max(1, self.model.vision_bytes(view))
+            tasks = [PageTask(page, options, StageTimer(self.device)) for _ in range(max(1, min(fits, 16)))]
+            self.run_batch(tasks)
 
     @property
     def device(self) -> torch.device:

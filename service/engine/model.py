@@ -15,7 +15,7 @@ import torch
 
 from .layout import block_masks
 from .preprocess import PreparedImage
-from .weights.loading import LoadedModel
+from .weights.loading import LoadedModel, ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,22 @@ class VisualBlock:
         return self.features.shape[0]
 
 
+SUPPORTED_ATTENTION = ("sdpa",)
+
+
+def check_attention(text_config) -> None:
+    """Refuse an attention implementation whose padded-batch semantics we have not tested: the running
+    batch passes a boolean 4-D mask that SDPA reads as "attend here" and, on torch >= 2.5, gives fully
+    masked (pad) rows zeros, not NaN. Eager attention would *add* the mask (True = +1.0, padding
+    unmasked) and FlashAttention-2 wants a 2-D mask: both would silently decode padded rows wrong."""
+    implementation = getattr(text_config, "_attn_implementation", None)
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ModelLoadError(
+            f"attention implementation {implementation!r} is not supported: left-padded batches are tested "
+            f"only with {', '.join(SUPPORTED_ATTENTION)}"
+        )
+
+
 class OcrModel:
     """Thin adapter over the transformers model: encode pages, embed ids, run the decoder."""
 
@@ -49,6 +65,7 @@ class OcrModel:
         self.dtype = loaded.dtype
         text_config = self.model.config.text_config
         self.text_config = text_config
+        check_attention(text_config)
         self.max_positions: int = text_config.max_position_embeddings
         # ids the tokenizer cannot decode (the embedding has 129,280 rows, the tokenizer 128,827)
         self.vocab_limit: int = min(len(self.tokenizer), text_config.vocab_size)
@@ -80,6 +97,17 @@ class OcrModel:
             )
         return blocks
 
+    def vision_bytes(self, page: PreparedImage) -> int:
+        """An estimate of the transient memory encoding ``page`` takes: SAM's global-attention layers
+        materialise a (heads, T, T) relative-position bias for each view of T patches — about 0.4 GB for
+        a 1024-px view and 1 GB for a 1280-px one in bf16 — and that, not the weights, is what several
+        pages in one vision call add up. Bounds a call (:attr:`OCREngine.max_vision_bytes`); not measured."""
+        sam = getattr(self.model.config.vision_config, "sam_config", None)
+        heads, patch = getattr(sam, "num_attention_heads", 12), getattr(sam, "patch_size", 16)
+        tiles = [page.tiles.shape[-1]] * page.num_tiles if page.tiles is not None else []
+        sides = [page.global_view.shape[-1], *tiles]
+        return sum(heads * ((side // patch) ** 2) ** 2 * self.dtype.itemsize for side in sides)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (..., hidden) in the model dtype."""
         return self.model.get_input_embeddings()(input_ids.to(self.device))
@@ -88,15 +116,14 @@ class OcrModel:
         """The language model's decoder stack (no LM head): prefill and decode steps call this."""
         return self.model.model.language_model(**kwargs)
 
-    @torch.inference_mode()
     def kv_bytes_per_token(self) -> int:
-        """Bytes the KV cache holds per token, measured with a one-token forward (any attention kind)."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.text_config)
-        embeds = self.embed(torch.zeros(1, 1, dtype=torch.long))  # (1, 1, hidden)
-        self.decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        """Bytes the KV cache holds per token: K and V of every layer, each kv-heads x head-dim in the model
+        dtype (MHA: v1 refuses MLA configs). From the config, so it needs no decoder layer (the vLLM
+        decoder frees them) and no forward."""
+        config = self.text_config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return 2 * config.num_hidden_layers * kv_heads * head_dim * self.dtype.itemsize
 
     def release_decoder_layers(self) -> None:
         """Free the decoder stack when another process decodes (a vLLM server): the walk here needs only

@@ -37,12 +37,13 @@ from typing import Literal
 
 from service.engine import Cancelled, OCREngine, PageResult
 from service.engine.decode.contract import DecodeBatch
+from service.engine.device import DeviceLost
 from service.engine.engine import PageTask, PreparedPage
 from service.engine.layout import visual_tokens_for_size
 from service.engine.stats import StageTimer
 from service.errors import NotReady
 
-from .memory import default_batch_tokens, release_device_memory, return_memory_to_os
+from .memory import after_failed_call, default_batch_tokens, return_memory_to_os
 from .queue import PageQueue, PageRequest
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,11 @@ class Admitted:
     @property
     def sequence(self):
         return self.page.sequence
+
+    @property
+    def prefill_tokens(self) -> int:
+        """What joining prefills: the prompt, plus the tokens an evicted page had already generated."""
+        return self.page.prompt_tokens + len(self.sequence.tokens)
 
 
 class Scheduler:
@@ -198,19 +204,30 @@ class Scheduler:
         if not self._draining.is_set():
             self.state = "ready"
         log.info(
-            "model ready: %s batching, up to %d pages and %d KV tokens at once",
+            "model ready: %s batching, up to %d pages and %s KV tokens at once",
             self.config.batching,
             self.config.max_batch_size,
-            self.batch_tokens_limit,
+            self.batch_tokens_limit or "the decoder's",
         )
         while True:
             try:
                 if not self._iterate():
                     break
+            except DeviceLost as exc:
+                self._lose_device(exc)
+                return
             except BaseException as exc:  # the loop itself must never die with requests waiting
                 log.exception("scheduler iteration failed; failing the pages in flight")
                 self._fail_in_flight(exc)
         self._fail_in_flight(self._shutting_down())
+
+    def _lose_device(self, exc: DeviceLost) -> None:
+        """A sticky device error: every later call would fail too. Answer everyone 503 (another replica may
+        serve them), report failed (``/readyz`` 503) and ask the process to exit, so it is restarted."""
+        log.critical("%s; the service stops so that it can be restarted", exc, exc_info=exc.__cause__)
+        self.state, self.error = "failed", str(exc)
+        self._fail_in_flight(exc)
+        self._on_fatal(exc)
 
     def _iterate(self) -> bool:
         """One iteration; False when a shutdown has finished draining."""
@@ -280,13 +297,14 @@ class Scheduler:
         try:
             prepared = self.engine.prepare([task for _, _, task in taken])
         except Exception as exc:  # the engine returns per-page failures; anything else fails these pages only
-            release_device_memory(exc)
             prepared = [exc] * len(taken)
         for (request, index, _), page in zip(taken, prepared, strict=True):
             if isinstance(page, BaseException):
                 request.fail(page)
             else:
                 self._ready.append(Admitted(request, index, page))
+        for failure in {id(p): p for p in prepared if isinstance(p, BaseException)}.values():
+            after_failed_call(failure)  # a lost device ends the loop; the pages above have their answer
 
     def _page_task(self, request: PageRequest, index: int) -> PageTask | None:
         """The page's image (a PDF page is rendered now) and timer; None if it failed (the request fails)."""
@@ -313,7 +331,7 @@ class Scheduler:
             try:
                 finished = self._batch.join([r.sequence for r in joiners])
             except Exception as exc:
-                release_device_memory(exc)
+                after_failed_call(exc)
                 if len(joiners) == 1:
                     self._ready.popleft()
                     joiners[0].request.fail(exc)
@@ -337,8 +355,9 @@ class Scheduler:
         room = max(0, self._row_cap - len(self._batch.rows))
         joiners: list[Admitted] = []
         for r in list(self._ready)[: min(limit, room)]:
-            lengths = [j.page.prompt_tokens for j in joiners] + [r.page.prompt_tokens]
-            fits = self._batch.footprint_with(lengths) <= self.batch_tokens_limit
+            lengths = [j.prefill_tokens for j in joiners] + [r.prefill_tokens]
+            limit = self.batch_tokens_limit
+            fits = limit is None or self._batch.footprint_with(lengths) <= limit  # None: the decoder budgets
             if not fits and (joiners or self._batch.rows):
                 break
             joiners.append(r)
@@ -350,7 +369,7 @@ class Scheduler:
         try:
             finished = self._batch.step()
         except Exception as exc:
-            release_device_memory(exc)
+            after_failed_call(exc)
             self._evict_after_failure(exc)
             return
         self._step_times.append(time.monotonic())
@@ -358,8 +377,9 @@ class Scheduler:
         self._settle(finished)
 
     def _evict_after_failure(self, exc: Exception) -> None:
-        """A failed step is retried with fewer pages: the newest half goes back to the ready list
-        (it will be prefilled again and recomputes the same tokens); a page that fails alone fails."""
+        """A failed step is retried with fewer pages: the newest half goes back to the ready list, keeping
+        the tokens it generated (it rejoins by prefilling its prompt plus those tokens, so what was
+        streamed stays what is returned); a page that fails alone fails."""
         rows = self._batch.rows
         if len(rows) == 1:
             r = self._running.pop(id(rows[0]))
@@ -371,22 +391,19 @@ class Scheduler:
         self._row_cap = len(rows) - len(evicted)  # evicted pages rejoin as others finish
         self._batch.remove(evicted)
         for seq in reversed(evicted):
-            r = self._running.pop(id(seq))
-            seq.tokens.clear()
-            seq.outcome = None
-            self._ready.appendleft(r)
+            self._ready.appendleft(self._running.pop(id(seq)))
 
     def _settle(self, finished) -> None:
         for seq in finished:
             r = self._running.pop(id(seq), None)
             if r is None:
                 continue
-            outcome = self.engine.outcome(r.page)
-            if isinstance(outcome, BaseException):
-                r.request.fail(outcome)
+            result = self.engine.page_result(r.page)
+            if isinstance(result, BaseException):
+                r.request.fail(result)
                 continue
-            self._on_page(outcome)
-            r.request.record(r.index, outcome)
+            self._on_page(result)
+            r.request.record(r.index, result)
 
     # --- failure and shutdown -----------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ embeddings, gapped position ids or the windowed n-gram guard. This module keeps 
 ``DynamicCache`` of shape (rows, heads, T, head_dim) per layer, left-padded:
 
 - **join**: new sequences are prefilled together in a cache of their own (left-padded
-  among themselves), their first token is chosen, and the two caches are concatenated
+  among themselves; a sequence that was evicted prefills its prompt plus the tokens it had
+  already generated), their next token is chosen, and the two caches are concatenated
   along the batch after left-padding the shorter one. Padding columns are masked out,
   and every row carries its own position ids, so a row computes what it would alone.
 - **step**: one token for every row in one forward; the greedy choice, the n-gram bans
@@ -25,6 +26,7 @@ import time
 import torch
 from transformers import DynamicCache
 
+from ..assemble import PromptInputs, extend_prompt
 from ..model import OcrModel
 from ..stats import shared_stage
 from .sequence import EOS_ID, Generation, Sequence
@@ -78,7 +80,7 @@ class RunningBatch:
             seq.budget = min(seq.budget, self.model.max_positions - seq.prompt.next_position)
             assert seq.budget >= 1, "the engine checks that a prompt leaves room to generate"
         cache = DynamicCache(config=self.model.text_config)
-        embeds, positions, mask = _left_pad([seq.prompt for seq in joiners])
+        embeds, positions, mask = _left_pad([self.prefill_inputs(seq) for seq in joiners])
         with shared_stage([seq.timer for seq in joiners], "prefill", self.model.device):
             out = self.model.decoder(
                 inputs_embeds=embeds,
@@ -92,6 +94,14 @@ class RunningBatch:
         self._merge(cache, joiners, prompt_width=embeds.shape[1])
         self._last = chosen if self._last is None else torch.cat([self._last, chosen])
         return self._advance(joiners, tokens, finite, span=None)
+
+    def prefill_inputs(self, seq: Sequence) -> PromptInputs:
+        """What a joiner prefills: its prompt, plus the tokens it already generated when it rejoins after an
+        eviction (so the text streamed before is the text it goes on from, even where bf16 GEMMs would
+        not reproduce it)."""
+        if not seq.tokens:
+            return seq.prompt
+        return extend_prompt(seq.prompt, self.model.embed(torch.tensor(seq.tokens, device=self.model.device)))
 
     def _merge(self, cache: DynamicCache, joiners: list[Sequence], prompt_width: int) -> None:
         if self._cache is None or not self.rows:

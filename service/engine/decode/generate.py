@@ -19,11 +19,12 @@ from ..assemble import PromptInputs
 from ..model import OcrModel
 from ..stats import StageTimer
 from .batch import RunningBatch
+from .contract import DecodeBatch
 from .sequence import Cancelled, Generation, NGramGuard, Sequence, never
 
 
 @torch.inference_mode()
-def generate_batch(model: OcrModel, sequences: list[Sequence], batch: RunningBatch | None = None) -> None:
+def generate_batch(model: OcrModel, sequences: list[Sequence], batch: DecodeBatch | None = None) -> None:
     """Generate for every sequence; each one's ``outcome`` is set to a Generation or an exception.
     ``batch``: where they decode (default: the model's own decoder; the engine may pass a vLLM batch)."""
     batch = batch if batch is not None else RunningBatch(model)

@@ -36,8 +36,9 @@ from typing import Any
 import httpx
 import torch
 
-from ..assemble import Positions
+from ..assemble import extend_prompt
 from ..model import OcrModel
+from ..names import Positions
 from .contract import DecoderDown, DecoderRefused
 from .sequence import EOS_ID, Generation, NGramGuard, Sequence
 
@@ -222,7 +223,10 @@ class VllmBatch:
                 continue
             key = id(seq)
             self._joined_at[key] = time.perf_counter()
-            body = self.server.request_body(seq, seq.budget)
+            body = self.server.request_body(seq, seq.budget - len(seq.tokens))
+            if seq.tokens:  # rejoining after an eviction: go on from the tokens it already has
+                ids = torch.tensor(seq.tokens, device=self.model.device)
+                body["prompt_embeds"] = encode_embeds(extend_prompt(seq.prompt, self.model.embed(ids)).embeds)
             self._streams[key] = self.server.start_stream(body, self._events, key)
             self.rows.append(seq)
         return refused

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..device import prepare_device
 from ..names import DEFAULT_MODEL, RANDOM_PRESETS, near_presets
 from .config_v1 import is_v1_config, translate_v1_config
 from .presets import reference_config, seed_random_weights, tiny_checkpoint_dir
@@ -78,10 +79,13 @@ def load_model(
     device: str | None = None,
     dtype: str | None = None,
     cache_dir: Path | None = None,
+    memory_fraction: float | None = None,
 ) -> LoadedModel:
-    """Load DeepSeek-OCR (v1 or v2) from a hub id, a local directory, or a preset name."""
+    """Load DeepSeek-OCR (v1 or v2) from a hub id, a local directory, or a preset name. ``memory_fraction``
+    caps this process's share of a GPU (see :func:`..device.prepare_device`)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    prepare_device(torch_device, memory_fraction=memory_fraction)
     if model == "random-full":
         return _load_random_full(torch_device, torch_dtype, cache_dir)
     directory = tiny_checkpoint_dir(cache_dir, model) if model in ("tiny", "tiny-v2") else _checkpoint_directory(model)
