@@ -5,10 +5,14 @@
 #   docker run --gpus all -p 8000:8000 -v hf-cache:/cache rtprune-ocr:0.1.0
 #   docker build -t rtprune-ocr:0.1.0-ray --build-arg EXTRAS=load,ray .   # + Ray Serve (--replicas N, KubeRay)
 #
-# torch is the version the project is tested with (TORCH_VERSION). The GPU image installs the
-# default Linux wheel, which brings its CUDA 12 libraries as pip packages: the host needs an
-# NVIDIA driver recent enough for them and the NVIDIA container toolkit, nothing else. The CPU
-# image takes PyTorch's CPU-only wheel from its own index: no CUDA libraries, a much smaller image.
+# torch is the version the project is tested with (TORCH_VERSION). The GPU image installs PyPI's
+# default Linux wheel, which brings CUDA 13 libraries as pip packages: the host needs NVIDIA driver
+# 580 or newer (and the NVIDIA container toolkit), nothing else. For an older driver (535, 550, 570)
+# build with one of PyTorch's CUDA 12 indexes for this torch version, e.g.
+#   docker build -t rtprune-ocr:0.1.0-cu126 --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
+# (cu126 needs driver >= 525 through CUDA's minor-version compatibility). The compose GPU services set
+# RTPRUNE_DEVICE=cuda, so a driver too old for the wheel stops the start-up with an error instead of
+# running on the CPU. The CPU image takes PyTorch's CPU-only wheel: no CUDA libraries, a smaller image.
 ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 
 # --- build: turn the project into a wheel (no build tools reach the runtime image) ---------------
@@ -29,7 +33,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/cache/huggingface \
     RTPRUNE_CACHE_DIR=/cache/rtprune-ocr \
     RTPRUNE_HOST=0.0.0.0 \
-    RTPRUNE_PORT=8000
+    RTPRUNE_PORT=8000 \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 COPY --from=build /wheels /wheels
 # torch first (the tested version, from the chosen index), then the service with its extras (load test; ray)
 # (DL3013: the wheel is this project, built above; its dependencies are bounded in pyproject.toml)

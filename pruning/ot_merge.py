@@ -19,9 +19,17 @@ References
 
 from __future__ import annotations
 
-import ot
-import torch
-import torch.nn.functional as F
+import os
+
+# POT imports every array library it finds (JAX, CuPy, TensorFlow) when it is imported, and GPU images
+# often carry them: each costs start-up time and may take GPU memory. The merge uses the torch backend
+# alone. (A value the user set wins.)
+for _library in ("JAX", "CUPY", "TENSORFLOW"):
+    os.environ.setdefault(f"POT_BACKEND_DISABLE_{_library}", "1")
+
+import ot  # noqa: E402 - after the switches above
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 def augment_with_dustbins(scores: torch.Tensor, dustbin_score: float) -> torch.Tensor:

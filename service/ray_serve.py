@@ -37,6 +37,7 @@ APP_NAME = "rtprune-ocr"
 DEPLOYMENT_NAME = "OCR"
 # Ray polls this often; a replica whose model failed (or whose process died) is replaced.
 HEALTH_CHECK_PERIOD_S = 5.0
+GPU_REPLICA_CPUS = 4  # CPUs a GPU replica asks for (as the docker/ray files do), when the cluster has them
 
 
 async def wait_until_loaded(scheduler: Scheduler) -> None:
@@ -102,8 +103,8 @@ def deployment_options(settings: ServiceSettings, cluster: dict[str, float]) -> 
         cpus = settings.replica_cpus
     elif settings.threads is not None:
         cpus = float(settings.threads)
-    elif gpus:
-        cpus = 1.0
+    elif gpus:  # the page's CPU work (PDF rendering, resizing) must keep up with a GPU
+        cpus = float(max(1, min(GPU_REPLICA_CPUS, math.floor(cluster.get("CPU", 1) / replicas))))
     else:  # CPU replicas share the machine; more threads per replica than cores only makes them wait
         cpus = max(1.0, math.floor(cluster.get("CPU", 1) / (settings.max_replicas or replicas)))
     options: dict[str, Any] = {

@@ -120,7 +120,10 @@ class ServiceSettings(BaseSettings):
         None, ge=0, description="GPUs per replica; default 1 when the Ray cluster has GPUs, else 0"
     )
     replica_cpus: float | None = Field(
-        None, gt=0, description="CPUs per replica; default: threads, else 1 with GPUs, else the CPUs split evenly"
+        None,
+        gt=0,
+        description="CPUs per replica; default: threads, else 4 with GPUs (fewer if the cluster lacks them), "
+        "else the CPUs split evenly",
     )
     replica_metrics_port: int | None = Field(
         9400, ge=1, le=65535, description="each replica also serves /metrics on this port + its rank on the node"

@@ -202,3 +202,42 @@ def test_sample_documents_are_small_and_readable():
     for path in samples:
         assert path.stat().st_size < 300_000
         assert open_document(path.read_bytes())
+
+
+def test_every_gpu_deployment_asks_for_cuda_so_a_missing_gpu_fails_loudly():
+    """An old driver or a missing toolkit makes torch see no GPU; asked for CUDA, the service stops at start
+    instead of loading in fp32 on the CPU and reporting healthy."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    gpu_services = [
+        name
+        for name, service in compose["services"].items()
+        if "devices" in service.get("deploy", {}).get("resources", {}).get("reservations", {})
+        and name.startswith("rtprune-ocr")
+    ]
+    assert sorted(gpu_services) == ["rtprune-ocr", "rtprune-ocr-ray", "rtprune-ocr-vllm"]
+    for name in gpu_services:
+        assert compose["services"][name]["environment"]["RTPRUNE_DEVICE"] == "cuda", name
+    for path in ("docker/ray/serve.yaml", "docker/ray/rayservice.yaml"):
+        assert "device: cuda" in (ROOT / path).read_text(), path
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "driver\n# 580 or newer" in dockerfile or "580 or newer" in dockerfile
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126" in dockerfile  # the route for older drivers
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in dockerfile
+
+
+def test_the_vllm_profile_shares_one_cache_owner_and_splits_the_gpu():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    vllm, ours, owner = services["vllm"], services["rtprune-ocr-vllm"], services["cache-owner"]
+    assert vllm["user"] == "10001:10001"  # the uid rtprune-ocr runs as (Dockerfile: USER 10001)
+    assert "USER 10001:10001" in (ROOT / "Dockerfile").read_text()
+    assert vllm["depends_on"]["cache-owner"]["condition"] == "service_completed_successfully"
+    assert "chown -R 10001:10001 /cache" in " ".join(owner["entrypoint"]) and "hf-cache:/cache" in owner["volumes"]
+    vllm_share = float(vllm["command"][vllm["command"].index("--gpu-memory-utilization") + 1])
+    assert vllm_share + float(ours["environment"]["RTPRUNE_GPU_MEMORY_FRACTION"]) <= 0.95
+
+
+def test_the_ray_profile_starts_on_a_one_gpu_host():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    replicas = compose["services"]["rtprune-ocr-ray"]["environment"]["RTPRUNE_REPLICAS"]
+    assert replicas == "${RTPRUNE_REPLICAS:-1}"

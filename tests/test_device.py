@@ -220,3 +220,36 @@ def test_metrics_export_gpu_memory(tiny_engine):
         text = client.get("/metrics").text
     for kind in ("allocated", "reserved", "peak"):
         assert f'rtprune_gpu_memory_bytes{{kind="{kind}"}} 0.0' in text  # a CPU process holds none
+
+
+# --- also: POT's backends and device, this process's share of the GPU ------------------------------------
+
+
+def test_importing_the_pruner_imports_no_other_array_library(tmp_path):
+    """GPU images carry JAX and CuPy; POT would import them (and their GPU runtimes) at its own import."""
+    import subprocess
+    import sys
+
+    for name in ("jax", "cupy"):  # stand-ins that leave a mark when imported
+        package = tmp_path / name
+        package.mkdir()
+        (package / "__init__.py").write_text(f"open({str(tmp_path / (name + '.imported'))!r}, 'w').close()\n")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", "import pruning"], check=True, env=env, timeout=120)
+    assert not list(tmp_path.glob("*.imported"))
+
+
+def test_a_cuda_device_is_prepared_before_the_first_allocation(monkeypatch):
+    """Expandable segments, the current device (POT allocates on a bare "cuda") and the process's share."""
+    from service.engine import device as device_module
+
+    calls = []
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("device", str(d))))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append(("share", f, str(d))))
+    device_module.prepare_device(torch.device("cuda:1"), memory_fraction=0.45)
+    assert calls == [("device", "cuda:1"), ("share", 0.45, "cuda:1")]
+    assert device_module.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    calls.clear()
+    device_module.prepare_device(torch.device("cpu"), memory_fraction=0.45)
+    assert calls == []

@@ -47,7 +47,7 @@ def options_for(cluster: dict[str, float], **fields) -> dict:
 def test_replica_options_follow_the_batch_the_queue_and_the_cluster():
     on_gpus = options_for({"CPU": 64, "GPU": 8}, replicas=8, max_batch_size=32, queue_size=128, retry_after_s=3)
     assert on_gpus["num_replicas"] == 8 and "autoscaling_config" not in on_gpus
-    assert on_gpus["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}  # one GPU, one model per replica
+    assert on_gpus["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 1.0}  # one GPU and 4 cores for its pages
     assert on_gpus["max_ongoing_requests"] == 64  # a running batch plus the next one, ready to join
     assert on_gpus["max_queued_requests"] == 128
     assert on_gpus["backpressure_config"] == {"status_code": 503, "retry_after_s": 3}
