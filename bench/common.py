@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import platform
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +48,43 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     print(f"wrote {path}")
+
+
+HOST_READS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def count_host_reads() -> Iterator[collections.Counter]:
+    """Count the calls that bring a tensor's values to the host — on a GPU each waits for the device (a
+    synchronisation) — by name: ``.item``, ``.tolist``, ``nonzero``, ``bool()``, ``.cpu()``, and
+    indexing with a boolean mask. A proxy that also counts on the CPU, where nothing waits."""
+    counts: collections.Counter = collections.Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in [*HOST_READS, "__getitem__"]}
+    original_nonzero = torch.nonzero
+
+    def counted(name: str, method: Callable) -> Callable:
+        def call(self, *args, **kwargs):
+            counts[name] += 1
+            return method(self, *args, **kwargs)
+
+        return call
+
+    def getitem(self, index):
+        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+            counts["boolean index"] += 1
+        return originals["__getitem__"](self, index)
+
+    def nonzero(*args, **kwargs):
+        counts["nonzero"] += 1
+        return original_nonzero(*args, **kwargs)
+
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, counted(name, originals[name]))
+        torch.Tensor.__getitem__ = getitem
+        torch.nonzero = nonzero
+        yield counts
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+        torch.nonzero = original_nonzero
