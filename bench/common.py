@@ -88,3 +88,19 @@ def count_host_reads() -> Iterator[collections.Counter]:
         for name, method in originals.items():
             setattr(torch.Tensor, name, method)
         torch.nonzero = original_nonzero
+
+
+@contextlib.contextmanager
+def count_aten_ops() -> Iterator[collections.Counter]:
+    """Count the aten operators run inside the block (each is at least one kernel launch on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: collections.Counter = collections.Counter()
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        yield counts

@@ -15,7 +15,7 @@ from .keep_ratio import dynamic_keep_ratio, keep_count, similarity_ratio, text_d
 from .ot_merge import ot_merge, transport_plan
 from .registry import PRUNERS, build_pruner
 from .result import PruneResult, drop_repeated_newlines
-from .rtprune import RTPrune
+from .rtprune import RTPrune, prune_together
 
 __all__ = [
     "PRUNERS",
@@ -31,6 +31,7 @@ __all__ = [
     "dynamic_keep_ratio",
     "keep_count",
     "ot_merge",
+    "prune_together",
     "similarity_ratio",
     "text_density_ratio",
     "transport_plan",

@@ -63,7 +63,8 @@ class TokenPruner:
         image : Tensor, shape (3, S, S), optional
             Global view in [-1, 1]; required for the dynamic ratio.
         """
-        protected, newline = _check_inputs(features, protected, newline)
+        protected, newline = check_shapes(features, protected, newline)
+        _check_values(features, protected, newline)
         n_tokens = features.shape[0]
         prunable = (~protected).nonzero().squeeze(1)  # (n_prunable,)
         x = features[prunable]  # (n_prunable, hidden)
@@ -96,10 +97,11 @@ class TokenPruner:
         return dynamic_keep_ratio(x, image)
 
 
-def _check_inputs(
+def check_shapes(
     features: torch.Tensor, protected: torch.Tensor | None, newline: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate shapes and values once, with messages that say what was expected."""
+    """Validate shapes and dtypes (known on the host: no device read), with messages that say what was
+    expected; the masks, defaulted to none, on the features' device."""
     if features.ndim != 2 or not features.is_floating_point():
         raise ValueError(
             f"features must be a float tensor of shape (n_tokens, hidden), got {features.dtype} {tuple(features.shape)}"
@@ -117,10 +119,17 @@ def _check_inputs(
             )
         masks.append(mask.to(features.device))
     protected, newline = masks
-    # One host transfer for both value checks.
+    return protected, newline
+
+
+def _check_values(features: torch.Tensor, protected: torch.Tensor, newline: torch.Tensor) -> None:
+    """Finite features, newlines among the protected tokens: one host transfer for both."""
     finite, newline_subset = torch.stack([torch.isfinite(features).all(), ~(newline & ~protected).any()]).tolist()
     if not finite:
-        raise ValueError("features contain NaN or infinite values; the vision encoder output is corrupt")
+        raise ValueError(NOT_FINITE)
     if not newline_subset:
-        raise ValueError("newline must be a subset of protected: row breaks are never pruned")
-    return protected, newline
+        raise ValueError(NEWLINE_NOT_PROTECTED)
+
+
+NOT_FINITE = "features contain NaN or infinite values; the vision encoder output is corrupt"
+NEWLINE_NOT_PROTECTED = "newline must be a subset of protected: row breaks are never pruned"

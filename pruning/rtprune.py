@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from .base import TokenPruner
+from .base import TokenPruner, check_shapes
+from .batched import Block, Options, prune_blocks
 from .norm_topk import top_k_by_norm
 from .ot_merge import ot_merge
+from .result import PruneResult
 
 
 class RTPrune(TokenPruner):
     """RTPrune as released: stage 1 top-K by L2 norm, stage 2 Sinkhorn merge.
+
+    A call runs the batched, device-side path (:mod:`.batched`), which reads the device once;
+    :meth:`select` is the same two stages written per image, kept as the readable reference the
+    tests compare it with. :func:`prune_together` prunes the pages of one admission at once.
 
     Parameters
     ----------
@@ -56,6 +62,33 @@ class RTPrune(TokenPruner):
         self.merge_weight = merge_weight
         self.temperature = temperature
 
+    @property
+    def options(self) -> Options:
+        return Options(self.dustbin_score, self.temperature, self.sinkhorn_iters, self.merge_weight)
+
+    def __call__(
+        self,
+        features: torch.Tensor,
+        protected: torch.Tensor | None = None,
+        newline: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+    ) -> PruneResult:
+        """Prune one image (see :class:`~.base.TokenPruner`), through the batched path of :mod:`.batched`."""
+        return prune_blocks([self.block(features, protected, newline, image)], self.options)[0]
+
+    def block(
+        self,
+        features: torch.Tensor,
+        protected: torch.Tensor | None = None,
+        newline: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+    ) -> Block:
+        """One image's checked inputs with this pruner's ratio, ready to be pruned with others."""
+        protected, newline = check_shapes(features, protected, newline)
+        if self.keep_ratio is None and image is None:
+            self._resolve_ratio(features, image)  # raises the error that names what is missing
+        return Block(features, protected, newline, image, self.keep_ratio)
+
     def select(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         keep, rest = top_k_by_norm(x, k)
         merged = ot_merge(
@@ -67,3 +100,23 @@ class RTPrune(TokenPruner):
             n_iters=self.sinkhorn_iters,
         )
         return keep, merged
+
+
+def prune_together(calls: list[tuple[TokenPruner, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """Prune several images, each with its own pruner: ``(pruner, features, protected, newline, image)``.
+
+    RTPrune images that share options, a device and a hidden size go through one batched call (one
+    device read for all of them, whatever their ratios); other pruners run one by one. Results come
+    back in the order of ``calls``."""
+    results: list[PruneResult | None] = [None] * len(calls)
+    groups: dict[tuple, list[int]] = {}
+    for i, (pruner, features, *_rest) in enumerate(calls):
+        if isinstance(pruner, RTPrune):
+            groups.setdefault((pruner.options, features.device, features.shape[1]), []).append(i)
+        else:
+            results[i] = pruner(*calls[i][1:])
+    for (options, _, _), members in groups.items():
+        blocks = [calls[i][0].block(*calls[i][1:]) for i in members]
+        for i, result in zip(members, prune_blocks(blocks, options), strict=True):
+            results[i] = result
+    return results

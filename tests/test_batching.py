@@ -46,7 +46,13 @@ def test_mixed_batch_equals_running_each_alone(tiny_engine):
         assert together.boxes == solo.boxes
         for key in SAME_STATS:
             assert getattr(together.stats, key) == getattr(solo.stats, key), key
-        assert together.stats.retention_requested == solo.stats.retention_requested
+        # the vision encoder is not batch-invariant even in fp32 on a CPU (features differ in the last bits when
+        # two pages share a call), so the dynamic ratio's terms agree to float32 precision, not to the bit
+        asked, alone_asked = together.stats.retention_requested, solo.stats.retention_requested
+        assert asked.value == alone_asked.value
+        for term in ("dynamic", "r_sim", "r_txt"):
+            expected = getattr(alone_asked, term)
+            assert getattr(asked, term) == (expected if expected is None else pytest.approx(expected, rel=1e-5))
     # the batch really padded: prompts of different lengths went through one prefill
     assert len({r.stats.prompt_tokens for r in batched}) > 2
 

@@ -21,12 +21,12 @@ def run_check(out: Path, preset_cache: Path, budget_s: float) -> subprocess.Comp
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
 
 
 def test_the_gpu_check_runs_every_section_on_the_cpu_and_writes_each_as_it_ends(tmp_path, preset_cache):
-    result = run_check(tmp_path, preset_cache, budget_s=150)
+    result = run_check(tmp_path, preset_cache, budget_s=600)  # ~20 s idle; room for a busy CI machine
     assert result.returncode == 0, result.stdout + result.stderr
     written = sorted(p.name for p in tmp_path.glob("0*.json"))
     assert written == [f"{i:02d}_{name}.json" for i, name in enumerate(SECTIONS)]

@@ -10,7 +10,9 @@ import torch
 from pruning import (
     PRUNERS,
     NormPrune,
+    PruneResult,
     RTPrune,
+    TokenPruner,
     build_pruner,
     keep_count,
     ot_merge,
@@ -262,3 +264,85 @@ def test_bad_masks_are_rejected():
         RTPrune(0.5)(x, torch.zeros(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool tensor of shape"):
         RTPrune(0.5)(x, torch.zeros(3, dtype=torch.bool))
+
+
+# --- the batched, device-side path against the per-image walk ----------------------------------------------
+
+
+def per_image_walk(pruner: RTPrune, *args) -> PruneResult:
+    """The same pruner through the per-image reference walk (top-K, POT's log-domain solve, index lists)."""
+    return TokenPruner.__call__(pruner, *args)
+
+
+def gundam_block(seed: int, hidden: int = 64):
+    local_p, local_n = v1_block_masks(20, 30, with_separator=False)
+    global_p, global_n = v1_block_masks(16, 16)
+    gen = torch.Generator().manual_seed(seed)
+    protected = torch.cat([local_p, global_p])
+    x = torch.randn(protected.numel(), hidden, generator=gen) * torch.rand(protected.numel(), 1, generator=gen) * 3
+    return x, protected, torch.cat([local_n, global_n]), torch.rand(3, 1024, 1024, generator=gen) * 2 - 1
+
+
+def large_block(seed: int, hidden: int = 64):
+    protected, newline = v1_block_masks(20, 20)  # Large: 20 rows of 20 + newline, then the separator = 421
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(421, hidden, generator=gen) * torch.rand(421, 1, generator=gen) * 3
+    return x, protected, newline, torch.rand(3, 1280, 1280, generator=gen) * 2 - 1
+
+
+def assert_same_result(got, expected):
+    assert torch.equal(got.kept_indices, expected.kept_indices)
+    assert (got.n_kept_prunable, got.n_prunable, got.keep_ratio) == (
+        expected.n_kept_prunable,
+        expected.n_prunable,
+        expected.keep_ratio,
+    )
+    scale = expected.features.float().abs().max()
+    assert float((got.features.float() - expected.features.float()).abs().max()) <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("ratio", [0.8425, 0.5, 0.05, None])
+@pytest.mark.parametrize("make", [large_block, gundam_block])
+def test_the_batched_path_equals_the_per_image_walk(ratio, make):
+    block = make(seed=3)
+    assert_same_result(RTPrune(ratio)(*block), per_image_walk(RTPrune(ratio), *block))
+
+
+def test_small_temperatures_solve_in_the_log_domain_with_the_same_plan():
+    block = large_block(seed=5)
+    pruner = RTPrune(0.7, temperature=0.02)  # scores / reg up to 50: past the exp domain's safe range
+    assert_same_result(pruner(*block), per_image_walk(pruner, *block))
+
+
+def test_pages_pruned_together_equal_each_pruned_alone():
+    from pruning import prune_together
+
+    calls = [
+        (RTPrune(0.8425), *large_block(seed=1)),
+        (RTPrune(None), *gundam_block(seed=2)),
+        (build_pruner("norm", 0.5), *large_block(seed=3)),
+        (RTPrune(0.3), *large_block(seed=4)),
+        (RTPrune(None), *large_block(seed=5)),
+    ]
+    together = prune_together(calls)
+    for (pruner, *args), result in zip(calls, together, strict=True):
+        assert_same_result(result, pruner(*args))
+
+
+def test_one_prune_call_reads_the_device_once_and_the_solve_never():
+    from bench.common import count_host_reads
+    from pruning import prune_together
+    from pruning.batched import Options, transport_plans
+
+    block = gundam_block(seed=7)
+    with count_host_reads() as alone:
+        RTPrune(None)(*block)
+    with count_host_reads() as batched:
+        prune_together([(RTPrune(r), *large_block(seed=i)) for i, r in enumerate([0.8425, None] * 8)])
+    assert sum(alone.values()) == 1 and sum(batched.values()) == 1, (alone, batched)
+    x = block[0][None].float()
+    keep = torch.zeros(1, x.shape[1], dtype=torch.bool)
+    keep[0, :100] = True
+    with count_host_reads() as solve:
+        transport_plans(x, keep, ~keep, torch.tensor([x.shape[1]]), Options())
+    assert not solve

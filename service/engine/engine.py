@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, Field, PrivateAttr
 
-from pruning import PruneResult, build_pruner
+from pruning import PruneResult, build_pruner, prune_together
 
 from .assemble import assemble_prompt
 from .decode.batch import RunningBatch
@@ -260,12 +260,47 @@ class OCREngine:
         blocks, failures = self._encode(pages, tasks)
         for i, exc in failures.items():
             results[i] = exc
+        pruned = self._prune({i: (block, tasks[i]) for i, block in blocks.items()})
         for i, block in blocks.items():
             try:
-                results[i] = self.assemble_page(block, tasks[i])
+                if isinstance(pruned[i], BaseException):
+                    raise pruned[i]
+                results[i] = self.assemble_page(block, tasks[i], pruned[i])
             except Exception as exc:
                 results[i] = exc
         return results  # type: ignore[return-value]  # every slot is filled
+
+    def _prune(self, pages: dict[int, tuple[VisualBlock, PageTask]]) -> dict[int, PruneResult | Exception]:
+        """Prune every encoded page of one call together (:func:`pruning.prune_together`: RTPrune pages in
+        one batched device pass with one read); each page is charged the shared time. If the joint call
+        fails, each page is pruned alone, so a bad page fails alone."""
+        if not pages:
+            return {}
+        order = list(pages)
+        calls = [(self._pruner(pages[i][1].options), *self._prune_inputs(pages[i][0])) for i in order]
+        try:
+            with shared_stage([pages[i][1].timer for i in order], "prune", self.model.device):
+                return dict(zip(order, prune_together(calls), strict=True))
+        except Exception:
+            if len(order) == 1:
+                raise
+        out: dict[int, PruneResult | Exception] = {}
+        for i, call in zip(order, calls, strict=True):
+            try:
+                with pages[i][1].timer.stage("prune"):
+                    out[i] = prune_together([call])[0]
+            except Exception as exc:
+                out[i] = exc
+        return out
+
+    @staticmethod
+    def _pruner(options: OcrOptions):
+        keep_ratio = None if options.retention == "auto" else float(options.retention)
+        return build_pruner(options.pruner, keep_ratio)
+
+    @staticmethod
+    def _prune_inputs(block: VisualBlock) -> tuple[torch.Tensor, ...]:
+        return block.features, block.protected, block.newline, block.global_view
 
     def _check_room(self, task: PageTask, n_visual: int) -> None:
         """PromptTooLong before any model work when the unpruned prompt leaves no position to generate."""
@@ -277,15 +312,13 @@ class OCREngine:
                 "(max_crops), or positions=compact with a lower retention"
             )
 
-    def assemble_page(self, block: VisualBlock, task: PageTask) -> PreparedPage:
-        """Prune one encoded page and build its prompt: the step after the vision encoder.
-        (Benchmarks reuse one block for several retentions through this.)"""
+    def assemble_page(self, block: VisualBlock, task: PageTask, pruned: PruneResult | None = None) -> PreparedPage:
+        """Build one encoded page's prompt around what pruning kept (pruning it here when ``pruned`` is not
+        given): the step after the vision encoder. (Benchmarks reuse one block for several retentions.)"""
         options = task.options
-        keep_ratio = None if options.retention == "auto" else float(options.retention)
-        with task.timer.stage("prune"):
-            pruned = build_pruner(options.pruner, keep_ratio)(
-                block.features, block.protected, block.newline, block.global_view
-            )
+        if pruned is None:
+            with task.timer.stage("prune"):
+                pruned = self._pruner(options)(*self._prune_inputs(block))
         with task.timer.stage("assemble"):
             ids = task.prompt or tokenize_prompt(self.model.tokenizer, options.prompt_text())
             prompt = assemble_prompt(
