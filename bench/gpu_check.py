@@ -181,9 +181,9 @@ def first_logits() -> Iterator[list[torch.Tensor]]:
     seen: list[torch.Tensor] = []
     original = batch_module._choose
 
-    def recording(logits, rows):
+    def recording(logits, bans):
         seen.append(logits.detach().float().cpu())
-        return original(logits, rows)
+        return original(logits, bans)
 
     batch_module._choose = recording
     try:

@@ -112,6 +112,12 @@ class OcrModel:
         """Token embeddings (..., hidden) in the model dtype."""
         return self.model.get_input_embeddings()(input_ids.to(self.device))
 
+    def mask_argument(self, mask: torch.Tensor | None):
+        """The decoder's ``attention_mask`` for a 4-D mask built here (None: causal, nothing padded). v1's
+        decoder takes one mask per attention kind and then builds none itself (it would also build a
+        sliding-window mask no layer uses, every forward); v2's takes the mask as it is."""
+        return {"full_attention": mask} if self.version == "v1" else mask
+
     def decoder(self, **kwargs):
         """The language model's decoder stack (no LM head): prefill and decode steps call this."""
         return self.model.model.language_model(**kwargs)

@@ -2,26 +2,33 @@
 
 transformers' own continuous-batching manager takes token ids with contiguous positions
 and shows its logits processors only the last token, so it cannot carry our pruned
-embeddings, gapped position ids or the windowed n-gram guard. This module keeps one
-``DynamicCache`` of shape (rows, heads, T, head_dim) per layer, left-padded:
+embeddings, gapped position ids or the windowed n-gram guard. This module runs the model's
+decoder over its own KV cache (:mod:`.slots`: per-layer slot buffers written in place):
 
 - **join**: new sequences are prefilled together in a cache of their own (left-padded
   among themselves; a sequence that was evicted prefills its prompt plus the tokens it had
-  already generated), their next token is chosen, and the two caches are concatenated
-  along the batch after left-padding the shorter one. Padding columns are masked out,
-  and every row carries its own position ids, so a row computes what it would alone.
-- **step**: one token for every row in one forward; the greedy choice, the n-gram bans
-  and a NaN check run on the whole batch, with a single device-to-host copy per step.
-- **leave**: finished or cancelled rows are dropped from the cache (``batch_select``),
-  and columns that have become padding for every row are trimmed.
+  already generated), their next token is chosen, and only their K/V is copied into free
+  slots of the batch's cache. Every row carries its own position ids and a mask of its own
+  columns, so a row computes what it would alone.
+- **step**: one token for every row in one forward, written in place at each row's length;
+  the n-gram bans are computed before the forward is launched, and the greedy choice, the bans
+  and a NaN check run on the whole batch with a single device-to-host copy per step.
+- **leave**: finished or cancelled rows free their slots (the last row moves into a hole).
+
+Masks are built here from lengths the host knows, and handed over so that the model builds
+none of its own (v1 would also build a sliding-window mask no layer uses, every forward).
 
 A step that raises (e.g. out of memory half-way through the layers) leaves the cache as
 it was before the step, so the caller may evict rows and try again.
+
+``cache="padded"`` keeps the earlier layout (one left-padded ``DynamicCache`` concatenated at
+every step and join) for the benchmark that compares the two (``bench/decode_step.py``).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import torch
 from transformers import DynamicCache
@@ -30,6 +37,9 @@ from ..assemble import PromptInputs, extend_prompt
 from ..model import OcrModel
 from ..stats import shared_stage
 from .sequence import EOS_ID, Generation, Sequence
+from .slots import SlotCache
+
+CacheLayout = Literal["slots", "padded"]
 
 
 class NonFiniteLogits(RuntimeError):
@@ -37,24 +47,26 @@ class NonFiniteLogits(RuntimeError):
 
 
 class RunningBatch:
-    """Rows of :class:`Sequence` decoding together over one KV cache."""
+    """Rows of :class:`Sequence` decoding together over one KV cache (keeps :class:`~.contract.DecodeBatch`)."""
 
-    def __init__(self, model: OcrModel) -> None:
+    def __init__(self, model: OcrModel, cache: CacheLayout = "slots") -> None:
         self.model = model
-        self.rows: list[Sequence] = []
-        self._cache: DynamicCache | None = None
-        self._last: torch.Tensor | None = None  # (rows,) last chosen token per row, on the device
+        self.layout = cache
+        self.rows: list[Sequence] = []  # in the order they joined (eviction takes the newest)
+        self._slots: list[Sequence] = []  # in cache order: row i of the cache and of _last
+        self._cache: SlotCache | DynamicCache | None = None
+        self._last: torch.Tensor | None = None  # (rows,) last chosen token per row, cache order, on the device
 
     # --- bookkeeping, all on the host -------------------------------------------------------
 
     @property
     def width(self) -> int:
-        """Cached columns T (the longest row, left padding included)."""
+        """Cached columns of the longest row."""
         return max((self._cached(seq) for seq in self.rows), default=0)
 
     @property
     def tokens_in_use(self) -> int:
-        """KV slots the cache holds: rows x columns, padding included (what memory really pays)."""
+        """KV slots the batch spans: rows x the longest row (what the budget counts)."""
         return len(self.rows) * self.width
 
     def footprint_with(self, prompt_lengths: list[int]) -> int:
@@ -71,7 +83,7 @@ class RunningBatch:
 
     @torch.inference_mode()
     def join(self, joiners: list[Sequence]) -> list[Sequence]:
-        """Prefill ``joiners`` together, choose their first tokens and add them to the batch.
+        """Prefill ``joiners`` together, choose their next tokens and add them to the batch.
 
         Returns the sequences that already finished (eos or a budget of one); they do not stay.
         On an exception nothing was added and the running rows are untouched.
@@ -80,18 +92,20 @@ class RunningBatch:
             seq.budget = min(seq.budget, self.model.max_positions - seq.prompt.next_position)
             assert seq.budget >= 1, "the engine checks that a prompt leaves room to generate"
         cache = DynamicCache(config=self.model.text_config)
-        embeds, positions, mask = _left_pad([self.prefill_inputs(seq) for seq in joiners])
+        inputs = [self.prefill_inputs(seq) for seq in joiners]
+        embeds, positions, pads = _left_pad(inputs)
+        bans = _bans(joiners, self.model.device)
         with shared_stage([seq.timer for seq in joiners], "prefill", self.model.device):
             out = self.model.decoder(
                 inputs_embeds=embeds,
                 position_ids=positions,
-                attention_mask=mask if len(joiners) > 1 else None,  # one row alone: the plain causal path
+                attention_mask=self.model.mask_argument(_prefill_mask(pads, embeds.shape[1], self.model.device)),
                 past_key_values=cache,
                 use_cache=True,
             )
             logits = self.model.logits(out.last_hidden_state[:, -1])  # (joiners, vocab)
-            chosen, tokens, finite = _choose(logits, joiners)
-        self._merge(cache, joiners, prompt_width=embeds.shape[1])
+            chosen, tokens, finite = _choose(logits, bans)
+        self._add(cache, joiners, pads)
         self._last = chosen if self._last is None else torch.cat([self._last, chosen])
         return self._advance(joiners, tokens, finite, span=None)
 
@@ -103,15 +117,20 @@ class RunningBatch:
             return seq.prompt
         return extend_prompt(seq.prompt, self.model.embed(torch.tensor(seq.tokens, device=self.model.device)))
 
-    def _merge(self, cache: DynamicCache, joiners: list[Sequence], prompt_width: int) -> None:
-        if self._cache is None or not self.rows:
-            self._cache, self.rows = cache, list(joiners)
-            return
-        width = max(self.width, prompt_width)
-        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
-            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+    def _add(self, prefilled: DynamicCache, joiners: list[Sequence], pads: list[int]) -> None:
+        if self.layout == "slots":
+            if self._cache is None:
+                self._cache = SlotCache(len(prefilled.layers))
+            self._cache.append(prefilled, pads)
+        elif self._cache is None or not self.rows:
+            self._cache = prefilled
+        else:  # the padded layout: left-pad both caches to one width and concatenate every layer
+            width = max(self.width, prefilled.layers[0].keys.shape[-2])
+            for mine, theirs in zip(self._cache.layers, prefilled.layers, strict=True):
+                mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+                mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
         self.rows += joiners
+        self._slots += joiners
 
     # --- step ------------------------------------------------------------------------------------
 
@@ -121,35 +140,43 @@ class RunningBatch:
         if not self.rows:
             return []
         started = time.perf_counter()
+        rows = list(self._slots)
+        positions = _on_device([[seq.prompt.next_position + len(seq.tokens) - 1] for seq in rows], self.model.device)
+        bans = _bans(rows, self.model.device)  # before the forward: the host does not wait for it
         width = self.width
-        positions = torch.tensor(
-            [[seq.prompt.next_position + len(seq.tokens) - 1] for seq in self.rows], device=self.model.device
-        )  # (rows, 1)
+        if self.layout == "slots":
+            self._cache.begin_step(self.model.device)
         try:
             out = self.model.decoder(
                 inputs_embeds=self.model.embed(self._last[:, None]),  # (rows, 1, hidden)
-                position_ids=positions,
-                attention_mask=self._mask(width + 1),
+                position_ids=positions,  # (rows, 1)
+                attention_mask=self.model.mask_argument(self._step_mask(rows, width + 1)),
                 past_key_values=self._cache,
                 use_cache=True,
             )
             logits = self.model.logits(out.last_hidden_state[:, -1])  # (rows, vocab)
-            chosen, tokens, finite = _choose(logits, self.rows)
+            chosen, tokens, finite = _choose(logits, bans)
         except BaseException:
-            self._crop(width)  # layers that already appended this step's column give it back
-            raise
+            if self.layout == "padded":
+                self._crop(width)  # layers that already appended this step's column give it back
+            raise  # slots: the lengths did not move, so the columns written are free again
+        if self.layout == "slots":
+            self._cache.end_step()
         self._last = chosen
-        return self._advance(list(self.rows), tokens, finite, span=(started, time.perf_counter()))
+        return self._advance(rows, tokens, finite, span=(started, time.perf_counter()))
 
-    def _mask(self, width: int) -> torch.Tensor | None:
-        """(rows, 1, 1, width) bool, True for real columns and False for left padding; None when no
-        row is padded. Built from lengths the host knows, and 4-D so that transformers uses it as it
-        is: its 2-D path asks the device whether the mask is all ones, a synchronisation per step."""
-        lengths = [self._cached(seq) + 1 for seq in self.rows]
+    def _step_mask(self, rows: list[Sequence], width: int) -> torch.Tensor | None:
+        """(rows, 1, 1, width) bool, True for each row's own columns; None when no row is padded. Built
+        from lengths the host knows, 4-D so transformers uses it as it is (its 2-D path asks the device
+        whether the mask is all ones: a synchronisation per step)."""
+        lengths = [self._cached(seq) + 1 for seq in rows]
         if all(n == width for n in lengths):
             return None
-        pad = torch.tensor([width - n for n in lengths], device=self.model.device)  # (rows,)
-        return (torch.arange(width, device=self.model.device)[None, :] >= pad[:, None])[:, None, None, :]
+        columns = torch.arange(width, device=self.model.device)[None, :]
+        sizes = _on_device(lengths, self.model.device)[:, None]
+        if self.layout == "slots":  # right-padded: a row's tokens are its first columns
+            return (columns < sizes)[:, None, None, :]
+        return (columns >= width - sizes)[:, None, None, :]  # left-padded: its last columns
 
     def _crop(self, width: int) -> None:
         if self._cache is None:
@@ -182,46 +209,78 @@ class RunningBatch:
 
     # --- leave -----------------------------------------------------------------------------------
 
+    @torch.inference_mode()  # the cache's buffers are inference tensors: updated in place only in this mode
     def remove(self, leaving: list[Sequence]) -> None:
-        """Drop rows (finished, cancelled, evicted) from the batch and trim all-padding columns."""
-        if not leaving:
-            return
+        """Drop rows (finished, cancelled, evicted) from the batch and free what they held."""
         gone = {id(seq) for seq in leaving}
-        staying = [row for row, seq in enumerate(self.rows) if id(seq) not in gone]
-        if len(staying) == len(self.rows):
+        slots = [i for i, seq in enumerate(self._slots) if id(seq) in gone]
+        if not slots:
             return
-        self.rows = [self.rows[row] for row in staying]
+        self.rows = [seq for seq in self.rows if id(seq) not in gone]
         if not self.rows:
-            self._cache, self._last = None, None
+            self._cache, self._last, self._slots = None, None, []
             return
-        keep = torch.tensor(staying, device=self.model.device)
-        self._last = self._last[keep]
-        old_width = self._cache.layers[0].keys.shape[-2]
-        trim = old_width - self.width  # columns that are padding for every remaining row
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[keep, :, trim:]
-            layer.values = layer.values[keep, :, trim:]
+        if self.layout == "slots":
+            order = self._cache.remove(slots)  # slot i now holds what slot order[i] held
+        else:
+            order = [i for i in range(len(self._slots)) if i not in set(slots)]
+            old_width = self._cache.layers[0].keys.shape[-2]
+            keep = torch.tensor(order, device=self.model.device)
+            trim = old_width - self.width  # columns that are padding for every remaining row
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[keep, :, trim:]
+                layer.values = layer.values[keep, :, trim:]
+        self._slots = [self._slots[i] for i in order]
+        self._last = self._last[torch.tensor(order, device=self.model.device)]
 
 
-def _choose(logits: torch.Tensor, rows: list[Sequence]) -> tuple[torch.Tensor, list[int], list[bool]]:
-    """Greedy tokens for a batch with each row's n-gram bans; one device-to-host copy in all.
+def _on_device(values: list, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device``: through pinned memory and without waiting, on a GPU."""
+    tensor = torch.tensor(values)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
-    Returns the chosen ids on the device (the next step's input), the same ids on the host,
-    and per row whether its logits were free of NaN.
-    """
+
+def _bans(rows: list[Sequence], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row, token) pairs each row's n-gram guard forbids next, on the device; None when nothing is banned."""
     rows_idx, token_idx = [], []
     for row, seq in enumerate(rows):
         banned = seq.guard.banned(seq.tokens)
         rows_idx += [row] * len(banned)
         token_idx += sorted(banned)
-    if rows_idx:
-        logits = logits.clone()
-        where = (torch.tensor(rows_idx, device=logits.device), torch.tensor(token_idx, device=logits.device))
-        logits[where] = float("-inf")
+    if not rows_idx:
+        return None
+    both = _on_device([rows_idx, token_idx], device)  # one copy for both
+    return both[0], both[1]
+
+
+def _choose(
+    logits: torch.Tensor, bans: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, list[int], list[bool]]:
+    """Greedy tokens for a batch with each row's n-gram bans; one device-to-host copy in all.
+
+    Returns the chosen ids on the device (the next step's input), the same ids on the host,
+    and per row whether its logits were free of NaN.
+    """
+    if bans is not None:
+        logits = logits.index_put(bans, torch.tensor(float("-inf"), device=logits.device))
     chosen = logits.argmax(dim=-1)  # (rows,)
     nan = torch.isnan(logits).any(dim=-1)  # (rows,)
     tokens, nan_rows = torch.stack([chosen, nan.long()]).tolist()  # the step's one synchronisation
     return chosen, tokens, [not flag for flag in nan_rows]
+
+
+def _prefill_mask(pads: list[int], length: int, device: torch.device) -> torch.Tensor | None:
+    """(B, 1, L, L) bool: causal and blind to each row's left padding; None when no row is padded (the
+    plain causal path). A padding position attends to itself, so no row of the attention is empty."""
+    if not any(pads):
+        return None
+    positions = torch.arange(length, device=device)
+    causal = positions[None, :] <= positions[:, None]  # (L, L)
+    real = positions[None, :] >= _on_device(pads, device)[:, None]  # (B, L)
+    mask = (causal[None] & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
+    return mask[:, None]
 
 
 def _pad_left(states: torch.Tensor, width: int) -> torch.Tensor:
@@ -232,15 +291,13 @@ def _pad_left(states: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(states, (0, 0, missing, 0))
 
 
-def _left_pad(prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack prompts right-aligned: embeds (B, L, hidden), position ids (B, L), attention mask (B, L)."""
+def _left_pad(prompts: list[PromptInputs]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Stack prompts right-aligned: embeds (B, L, hidden), position ids (B, L), and each row's padding."""
     length = max(p.length for p in prompts)
     first = prompts[0].embeds
     embeds = first.new_zeros(len(prompts), length, first.shape[-1])
     positions = torch.zeros(len(prompts), length, dtype=torch.long, device=first.device)
-    mask = torch.zeros(len(prompts), length, dtype=torch.long, device=first.device)
     for row, prompt in enumerate(prompts):
         embeds[row, length - prompt.length :] = prompt.embeds
         positions[row, length - prompt.length :] = prompt.position_ids
-        mask[row, length - prompt.length :] = 1
-    return embeds, positions, mask
+    return embeds, positions, [length - p.length for p in prompts]
