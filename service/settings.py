@@ -76,6 +76,9 @@ class ServiceSettings(BaseSettings):
         8192, ge=1, description="visual tokens admitted per decode step, so a big document does not stall decoding"
     )
     batch_wait_ms: float = Field(5.0, ge=0, le=5000, description="how long an idle batch waits for more pages")
+    preprocess_threads: int = Field(
+        2, ge=1, le=64, description="threads that render and preprocess pages ahead of the model (off its thread)"
+    )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long running pages may finish; waiting requests get 503 at once"
     )

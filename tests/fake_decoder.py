@@ -8,6 +8,7 @@ so a test picks a page's length, and tells pages apart, by that number.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -117,6 +118,10 @@ class FakeEngine:
 
     def warmup(self) -> None:
         pass
+
+    def prepare_on_host(self, task, *, pixels_only: bool = False):
+        """Nothing to render or preprocess: the page's facts only (73 visual tokens, a Tiny page)."""
+        return dataclasses.replace(task, pixels=task.image, visual_tokens=73)
 
     def new_batch(self) -> FakeBatch:
         return FakeBatch(self, **self.faults)

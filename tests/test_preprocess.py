@@ -94,3 +94,16 @@ def test_mode_errors_are_clear():
         preprocess(Image.new("RGB", (10, 10)), "huge")
     with pytest.raises(ValueError, match="max_crops"):
         preprocess(Image.new("RGB", (10, 10)), "gundam", max_crops=12)
+
+
+def test_pixels_normalised_on_the_device_equal_the_host_normalisation():
+    """The service hands uint8 views from its preprocessing threads and normalises them where the model is:
+    the numbers must be the ones the host normalisation gives."""
+    from service.engine.preprocess import normalise
+
+    image = Image.effect_noise((1500, 1100), 80).convert("RGB")
+    host = preprocess(image, "gundam")
+    pixels = preprocess(image, "gundam", normalised=False)
+    assert pixels.global_view.dtype == torch.uint8 and pixels.tiles.dtype == torch.uint8
+    assert torch.equal(normalise(pixels.global_view, torch.device("cpu")), host.global_view)
+    assert torch.equal(normalise(pixels.tiles, torch.device("cpu")), host.tiles)

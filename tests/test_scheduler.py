@@ -273,10 +273,10 @@ def test_a_step_that_fails_half_way_leaves_the_cache_as_it_was(tiny_engine):
         raise torch.OutOfMemoryError("injected after layer 0 appended its column")
 
     handle = layer.register_forward_pre_hook(fail_once)
-    width = batch.width
+    width, lengths = batch.width, list(batch._cache.lengths)
     with pytest.raises(torch.OutOfMemoryError):
         batch.step()
-    assert all(layer.keys.shape[-2] == width for layer in batch._cache.layers)
+    assert batch.width == width and batch._cache.lengths == lengths  # the half-written column does not count
     while batch.rows:
         batch.step()
     for page, item in zip(pages, SHORT[:2], strict=True):
@@ -307,9 +307,14 @@ def test_a_cancelled_request_frees_its_queued_pages_at_once(tiny_engine):
         job = pdf_request(5, OcrOptions(mode="tiny", max_new_tokens=2))
         scheduler.submit(job)
         wait_until(lambda: engine.started.is_set(), what="the first page")
-        assert scheduler.queued_pages == 4
+        # the four pages not started wait in the queue or, a few ahead, on the preprocessing threads
+        assert scheduler.queued_pages + scheduler.running_pages == 4
         job.cancel.set()
-        wait_until(lambda: scheduler.queued_pages == 0, timeout=2, what="the queued pages to be dropped")
+        wait_until(
+            lambda: scheduler.queued_pages == scheduler.running_pages == 0,
+            timeout=2,
+            what="the queued pages to be dropped",
+        )
         with pytest.raises(Cancelled):
             job.future.result(timeout=5)
     finally:
@@ -325,10 +330,9 @@ def test_shutdown_finishes_running_pages_and_refuses_the_rest(tiny_engine):
     scheduler = started_scheduler(RecordingEngine(tiny_engine, steps), max_batch_size=1, batch_wait_ms=0)
     running = image_request(*SHORT[0])
     waiting = image_request(*SHORT[2])
-    scheduler.submit(image_request(text_page(), OcrOptions(mode="tiny", max_new_tokens=30, ngram_size=0)))
     scheduler.submit(running)
-    scheduler.submit(waiting)
-    wait_until(lambda: scheduler.queued_pages == 1, what="one page running and one waiting")
+    wait_until(lambda: scheduler.batch_tokens > 0, what="one page running")
+    scheduler.submit(waiting)  # not started: in the queue, or on a preprocessing thread
     started = time.monotonic()
     scheduler.begin_shutdown(grace_s=30)
     with pytest.raises(NotReady):
@@ -460,3 +464,32 @@ def test_a_prepared_page_holds_no_pixels_unless_its_token_map_needs_them(tiny_en
     assert plain.task.image is None and plain.block.global_view.numel() == 0 and plain.block.page.tiles is None
     assert plain.block.page.size == (1100, 800)  # what the boxes need stays
     assert mapped.task.image is not None and mapped.block.global_view.numel() > 0
+
+
+def test_rendering_and_preprocessing_never_run_on_the_schedulers_thread(tiny_engine, monkeypatch):
+    """The thread that drives the model only launches model work: PDF pages are rendered, resized and
+    tokenized on the preprocessing threads, ahead of admission."""
+    import service.engine.engine as engine_module
+    import service.inputs as inputs_module
+
+    threads: list[str] = []
+
+    def spy(function):
+        def called(*args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return function(*args, **kwargs)
+
+        return called
+
+    monkeypatch.setattr(engine_module, "preprocess", spy(engine_module.preprocess))
+    monkeypatch.setattr(engine_module, "tokenize_prompt", spy(engine_module.tokenize_prompt))
+    monkeypatch.setattr(inputs_module, "render_pdf_page", spy(inputs_module.render_pdf_page))
+    scheduler = started_scheduler(tiny_engine, batch_wait_ms=0)
+    try:
+        request = pdf_request(3, OcrOptions(mode="tiny", max_new_tokens=3))
+        scheduler.submit(request)
+        assert len(request.future.result(timeout=120)) == 3
+    finally:
+        scheduler.stop()
+    assert len(threads) == 3 * 3  # render, preprocess, tokenize: each page once
+    assert all(name.startswith("rtprune-preprocess") for name in threads), threads

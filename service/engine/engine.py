@@ -56,7 +56,14 @@ class PageTask:
     timer: StageTimer
     should_stop: Callable[[], bool] = never
     on_token: Callable[[int, int], None] | None = None  # (position, token id) as each token is chosen
-    prompt: PromptIds | None = None  # the prompt's text tokens, once :meth:`OCREngine.prepare` has them
+    # What :meth:`OCREngine.prepare_on_host` computes once, off the thread that drives the model:
+    prompt: PromptIds | None = None  # the prompt's text tokens
+    pixels: PreparedImage | None = None  # the views (uint8 from the service's threads), not yet on the device
+    visual_tokens: int | None = None  # the page's visual block before pruning
+
+    @property
+    def on_host_done(self) -> bool:
+        return self.pixels is not None
 
 
 class PromptTooLong(ValueError):
@@ -93,6 +100,12 @@ class PageResult(BaseModel):
     def page_size(self) -> tuple[int, int]:
         """(width, height) of the page as it was OCR'd, in pixels."""
         return self._page_size
+
+
+def _pinned(page: PreparedImage) -> PreparedImage:
+    """The views in page-locked memory: their copy to the GPU does not make the host wait."""
+    tiles = page.tiles.pin_memory() if page.tiles is not None else None
+    return dataclasses.replace(page, global_view=page.global_view.pin_memory(), tiles=tiles)
 
 
 def _without_pixels(block: VisualBlock) -> VisualBlock:
@@ -247,16 +260,10 @@ class OCREngine:
         tasks = list(tasks)
         for i, task in enumerate(tasks):
             try:
-                text = task.options.validate_for_run(self.model.version)
-                tasks[i] = task = dataclasses.replace(task, prompt=tokenize_prompt(self.model.tokenizer, text))
-                with task.timer.stage("preprocess"):
-                    pages[i] = preprocess(
-                        task.image, task.options.mode, version=self.model.version, max_crops=task.options.max_crops
-                    )
-                self._check_room(task, visual_token_count(pages[i], self.model.version))
+                tasks[i] = task = task if task.on_host_done else self.prepare_on_host(task)
+                pages[i] = task.pixels
             except Exception as exc:  # bad options, an image PIL cannot convert, too long: this page only
                 results[i] = exc
-                pages.pop(i, None)
         blocks, failures = self._encode(pages, tasks)
         for i, exc in failures.items():
             results[i] = exc
@@ -302,8 +309,32 @@ class OCREngine:
     def _prune_inputs(block: VisualBlock) -> tuple[torch.Tensor, ...]:
         return block.features, block.protected, block.newline, block.global_view
 
-    def _check_room(self, task: PageTask, n_visual: int) -> None:
+    def prepare_on_host(self, task: PageTask, *, pixels_only: bool = False) -> PageTask:
+        """A page's host work, done once: check its options, tokenize its prompt, render and preprocess its
+        image, count its visual tokens, refuse a prompt with no room to generate. The service runs this on
+        its preprocessing threads (``pixels_only``: the views stay uint8, pinned for a GPU, and are
+        normalised on the device), so the thread that drives the model only launches model work."""
+        text = task.options.validate_for_run(self.model.version)
+        prompt = tokenize_prompt(self.model.tokenizer, text)
+        with task.timer.host_stage("preprocess"):
+            pixels = preprocess(
+                task.image,
+                task.options.mode,
+                version=self.model.version,
+                max_crops=task.options.max_crops,
+                normalised=not pixels_only,
+            )
+            if pixels_only and self.device.type == "cuda":
+                pixels = _pinned(pixels)
+        task = dataclasses.replace(
+            task, prompt=prompt, pixels=pixels, visual_tokens=visual_token_count(pixels, self.model.version)
+        )
+        self._check_room(task)
+        return task
+
+    def _check_room(self, task: PageTask) -> None:
         """PromptTooLong before any model work when the unpruned prompt leaves no position to generate."""
+        n_visual = task.visual_tokens
         length = task.prompt.length(n_visual)
         if task.options.positions == Positions.original and length >= self.model.max_positions:
             raise PromptTooLong(
@@ -339,7 +370,7 @@ class OCREngine:
             prompt, options.max_new_tokens, options.guard(), task.timer, task.should_stop, on_token=task.on_token
         )
         if not options.token_map:  # a page may wait and decode for a long time: hold no pixels meanwhile
-            task, block = dataclasses.replace(task, image=None), _without_pixels(block)
+            task, block = dataclasses.replace(task, image=None, pixels=None), _without_pixels(block)
         return PreparedPage(task, block, pruned, sequence)
 
     def _encode(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .layout import block_masks
-from .preprocess import PreparedImage
+from .preprocess import PreparedImage, normalise
 from .weights.loading import LoadedModel, ModelLoadError
 
 
@@ -75,27 +75,31 @@ class OcrModel:
         """Run the vision tower and projector over pages that share a global-view size."""
         sizes = {page.global_view.shape for page in pages}
         assert len(sizes) == 1, f"pages in one encoder call must share a global view size, got {sizes}"
-        pixel_values = torch.stack([p.global_view for p in pages]).to(self.device, self.dtype)  # (B, 3, S, S)
+        views = [self._on_device(p.global_view) for p in pages]  # float32 in [-1, 1], on the device
+        pixel_values = torch.stack(views).to(self.dtype)  # (B, 3, S, S)
         local = [p.tiles for p in pages if p.tiles is not None]
         kwargs = {}
         if local:
-            kwargs["pixel_values_local"] = torch.cat(local).to(self.device, self.dtype)  # (n_tiles, 3, T, T)
+            kwargs["pixel_values_local"] = self._on_device(torch.cat(local)).to(self.dtype)  # (n_tiles, 3, T, T)
             kwargs["num_local_patches"] = [p.num_tiles for p in pages]
             if self.version == "v1":
                 kwargs["patches_grid"] = [list(p.grid) if p.grid else [1, 1] for p in pages]
         output = self.model.model.get_image_features(pixel_values, **kwargs, return_dict=True)
         blocks = []
-        for page, features in zip(pages, output.pooler_output, strict=True):
+        for page, view, features in zip(pages, views, output.pooler_output, strict=True):
             protected, newline = block_masks(page, self.version)
             assert features.shape[0] == protected.numel(), (
                 f"encoder returned {features.shape[0]} tokens, layout expects {protected.numel()}"
             )
-            blocks.append(
-                VisualBlock(
-                    features, protected.to(self.device), newline.to(self.device), page.global_view.to(self.device), page
-                )
-            )
+            blocks.append(VisualBlock(features, protected.to(self.device), newline.to(self.device), view, page))
         return blocks
+
+    def _on_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A view (or stack of tiles) as float32 in [-1, 1] on the device: uint8 pixels are normalised
+        there (a quarter of the bytes cross), float ones are already normalised."""
+        if pixels.dtype == torch.uint8:
+            return normalise(pixels, self.device)
+        return pixels.to(self.device)
 
     def vision_bytes(self, page: PreparedImage) -> int:
         """An estimate of the transient memory encoding ``page`` takes: SAM's global-attention layers

@@ -49,7 +49,8 @@ assert tuple(V1_MODES) == MODES_BY_VERSION["v1"] and tuple(V2_MODES) == MODES_BY
 class PreparedImage:
     """What the vision encoder consumes for one page.
 
-    ``global_view`` (3, S, S) and ``tiles`` (n, 3, T, T) are float32 in [-1, 1];
+    ``global_view`` (3, S, S) and ``tiles`` (n, 3, T, T) are float32 in [-1, 1] (or their uint8
+    pixels, see :func:`preprocess`);
     ``grid`` is (columns, rows) of tiles, None without tiles; ``size`` is the original
     (width, height), for mapping boxes back to pixels.
     """
@@ -74,6 +75,17 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     """uint8 HWC -> float32 CHW normalised with mean = std = 0.5, i.e. into [-1, 1]."""
     array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
     return torch.from_numpy((array - 0.5) / 0.5).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """uint8 HWC -> uint8 CHW, not normalised: a quarter of the bytes to hand over and copy to the device."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def normalise(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 CHW (on any device) -> float32 in [-1, 1] on ``device``, the arithmetic of :func:`to_tensor`
+    (so the numbers are the same), done where the pixels are going."""
+    return pixels.to(device, non_blocking=True).float().div(255.0).sub(0.5).div(0.5)
 
 
 def global_view(image: Image.Image, size: int) -> Image.Image:
@@ -122,7 +134,9 @@ def cut_tiles(image: Image.Image, grid: tuple[int, int], tile_size: int) -> list
     ]
 
 
-def preprocess(image: Image.Image, mode: Mode | str, *, version: str = "v1", max_crops: int = 6) -> PreparedImage:
+def preprocess(
+    image: Image.Image, mode: Mode | str, *, version: str = "v1", max_crops: int = 6, normalised: bool = True
+) -> PreparedImage:
     """Prepare one page for the vision encoder.
 
     Parameters
@@ -131,6 +145,8 @@ def preprocess(image: Image.Image, mode: Mode | str, *, version: str = "v1", max
     mode : one of :class:`Mode`. DeepSeek-OCR-2 supports ``small`` (768, no tiles) and ``gundam``.
     version : "v1" (DeepSeek-OCR) or "v2" (DeepSeek-OCR-2).
     max_crops : most tiles in Gundam mode (v1's vLLM scripts use 6, its HF ``infer()`` 9).
+    normalised : float32 in [-1, 1] (default), or the uint8 pixels, to be normalised on the device by
+        :func:`normalise` (what the service hands from its preprocessing threads to the model).
     """
     modes = V1_MODES if version == "v1" else V2_MODES
     if mode not in {m.value for m in modes}:
@@ -142,10 +158,11 @@ def preprocess(image: Image.Image, mode: Mode | str, *, version: str = "v1", max
         raise ValueError(f"max_crops must be between {MIN_CROPS} and 9, got {max_crops}")
     mode = Mode(mode)
     spec = modes[mode]
+    convert = to_tensor if normalised else to_pixels
     image = load_rgb(image)
     width, height = image.size
     tiles, grid = None, None
     if spec.crop and max(width, height) > spec.tile_size:
         grid = choose_tile_grid(width, height, spec.tile_size, max_crops)
-        tiles = torch.stack([to_tensor(tile) for tile in cut_tiles(image, grid, spec.tile_size)])
-    return PreparedImage(to_tensor(global_view(image, spec.base_size)), tiles, grid, (width, height), mode)
+        tiles = torch.stack([convert(tile) for tile in cut_tiles(image, grid, spec.tile_size)])
+    return PreparedImage(convert(global_view(image, spec.base_size)), tiles, grid, (width, height), mode)

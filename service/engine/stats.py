@@ -95,6 +95,13 @@ class StageTimer:
         with shared_stage([self], name, self.device):
             yield
 
+    @contextmanager
+    def host_stage(self, name: str) -> Iterator[None]:
+        """Time work that runs on the host alone (rendering, resizing): no device synchronisation, so it
+        may run on a thread that must not wait for the GPU."""
+        with shared_stage([self], name, "cpu"):
+            yield
+
     def add(self, name: str, ms: float) -> None:
         """Charge ``ms`` that ended now (a span whose start is ``ms`` ago)."""
         end = time.perf_counter()

@@ -4,8 +4,10 @@ The thread loads the engine (so loading never blocks the event loop and ``/healt
 answers while weights are read), warms it up, then repeats one iteration:
 
 1. **retire**: pages whose request was cancelled, timed out or failed leave the batch;
-2. **admit**: pages are taken from the fair page queue (round-robin by request), rendered
-   (PDF pages only now), and prepared by the engine (preprocess, vision, prune, prompt).
+2. **admit**: pages are taken from the fair page queue (round-robin by request) into a small
+   pool of preprocessing threads, which render them (PDF pages only now), preprocess them to
+   uint8 views and tokenize their prompts while the batch decodes; the pages they finished are
+   prepared by the engine (vision, prune, prompt): this thread only launches model work.
    At most ``max_batch_size`` pages are running or ready, and one iteration admits pages
    until their visual tokens reach ``max_prefill_tokens``, so one 8-page Gundam PDF does not
    stall every running page's next token for the time of eight vision calls and prefills;
@@ -19,7 +21,7 @@ micro-batching of earlier versions, kept to compare against.
 
 Failures stay with their page: a page that fails to render, preprocess, encode or prune
 fails its own request; a prefill or decode step that runs out of memory is retried with
-fewer pages (evicted pages are re-queued and recomputed), and only a page that fails
+fewer pages (evicted pages rejoin, prefilling the tokens they had), and only a page that fails
 alone fails its request (503 for out-of-memory).
 """
 
@@ -32,6 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,7 +42,6 @@ from service.engine import Cancelled, OCREngine, PageResult
 from service.engine.decode.contract import DecodeBatch
 from service.engine.device import DeviceLost
 from service.engine.engine import PageTask, PreparedPage
-from service.engine.layout import visual_tokens_for_size
 from service.engine.stats import StageTimer
 from service.errors import NotReady
 
@@ -63,6 +65,7 @@ class SchedulerConfig:
     batching: Batching = "continuous"
     retry_after_s: int = 2
     warmup: bool = True
+    preprocess_threads: int = 2  # threads that render and preprocess pages ahead of admission
 
 
 @dataclass(eq=False)
@@ -105,6 +108,9 @@ class Scheduler:
         self._draining = threading.Event()
         self._grace_deadline = float("inf")
         self._ready: deque[Admitted] = deque()  # prepared, waiting for room in the batch
+        # pages taken from the queue whose host work (render, preprocess) runs or ran on the pool
+        self._host_work: deque[tuple[PageRequest, int, Future[PageTask]]] = deque()
+        self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="rtprune-preprocess")
         self._running: dict[int, Admitted] = {}  # id(sequence) -> page in the batch
         self._batch: DecodeBatch | None = None
         self._step_times: deque[float] = deque(maxlen=4096)
@@ -170,11 +176,13 @@ class Scheduler:
 
     @property
     def running_pages(self) -> int:
-        return len(self._running) + len(self._ready)
+        """Pages taken from the queue: decoding, prefilled soon, or being preprocessed."""
+        return len(self._running) + len(self._ready) + len(self._host_work)
 
     @property
     def running_requests(self) -> int:
-        return len({id(r.request) for r in [*self._running.values(), *self._ready]})
+        requests = [r.request for r in [*self._running.values(), *self._ready]] + [x[0] for x in self._host_work]
+        return len({id(request) for request in requests})
 
     @property
     def batch_tokens(self) -> int:
@@ -220,6 +228,7 @@ class Scheduler:
                 log.exception("scheduler iteration failed; failing the pages in flight")
                 self._fail_in_flight(exc)
         self._fail_in_flight(self._shutting_down())
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _lose_device(self, exc: DeviceLost) -> None:
         """A sticky device error: every later call would fail too. Answer everyone 503 (another replica may
@@ -233,6 +242,7 @@ class Scheduler:
         """One iteration; False when a shutdown has finished draining."""
         self._retire_stopped()
         if self._draining.is_set():
+            self._drop_host_work(self._shutting_down())  # not started: answered at once, as the queue was
             if not self._running and not self._ready:
                 return False
             if time.monotonic() >= self._grace_deadline:
@@ -244,7 +254,7 @@ class Scheduler:
         if self._batch.rows:
             self._step()
             self._busy = True
-        elif not self._ready:
+        elif not self._ready and not self._host_work:
             if self._busy and not self._queue.pages:  # just went idle: give freed page buffers back
                 self._busy = False
                 return_memory_to_os()
@@ -265,33 +275,49 @@ class Scheduler:
         for r in [r for r in self._ready if r.request.should_stop()]:
             self._ready.remove(r)
             r.request.fail(Cancelled("cancelled before its prefill"))
+        self._drop_host_work(Cancelled("cancelled while being preprocessed"), only_stopped=True)
+
+    def _drop_host_work(self, exc: BaseException, *, only_stopped: bool = False) -> None:
+        """Forget pages the pool holds (their requests stopped, or everything: shutdown, failure)."""
+        for item in [x for x in self._host_work if not only_stopped or x[0].should_stop()]:
+            self._host_work.remove(item)
+            item[2].cancel()
+            item[0].fail(exc)
 
     # --- admit --------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
+        """Hand pages to the engine: those whose host work (rendering, preprocessing) the pool has done, in
+        queue order, within the row cap and the visual tokens of one iteration. While the batch runs,
+        the pool works ahead on the next pages; only an idle batch waits for it."""
         in_flight = len(self._running) + len(self._ready)
         if self.config.batching == "static" and in_flight:
             return
         room = self.config.max_batch_size - in_flight
-        if room <= 0 or not self._queue.pages:
+        if room > 0 and not in_flight and not self._host_work and self.config.batch_wait_ms > 0:
+            self._queue.wait(timeout=self.config.batch_wait_ms / 1e3, pages=room)  # an idle batch waits for company
+        self._start_host_work(max(room, 0) + self.config.preprocess_threads)
+        if room <= 0:
             return
-        if not in_flight and self.config.batch_wait_ms > 0:  # an idle batch waits a moment for company
-            self._queue.wait(timeout=self.config.batch_wait_ms / 1e3, pages=room)
+        if not in_flight and self._host_work:  # nothing runs: wait for the pool a moment, and for company
+            futures = [future for _, _, future in list(self._host_work)[:room]]
+            wait(futures[:1], timeout=0.05)
+            wait(futures, timeout=self.config.batch_wait_ms / 1e3)
         taken: list[tuple[PageRequest, int, PageTask]] = []
         visual_tokens = 0
         static = self.config.batching == "static"
-        while len(taken) < room and (static or visual_tokens < self.config.max_prefill_tokens):
-            item = self._queue.take()
-            if item is None:
-                break
-            request, index = item
-            task = self._page_task(request, index)
-            if task is None:
+        while self._host_work and len(taken) < room and (static or visual_tokens < self.config.max_prefill_tokens):
+            request, index, future = self._host_work[0]
+            if not future.done():
+                break  # the batch goes on; this page joins at a later step
+            self._host_work.popleft()
+            try:
+                task = future.result()
+            except Exception as exc:  # the page could not be rendered or preprocessed: its request fails
+                request.fail(exc)
                 continue
             taken.append((request, index, task))
-            visual_tokens += visual_tokens_for_size(
-                task.image.size, task.options.mode, self.engine.version, task.options.max_crops
-            )
+            visual_tokens += task.visual_tokens
         if not taken:
             return
         try:
@@ -306,18 +332,28 @@ class Scheduler:
         for failure in {id(p): p for p in prepared if isinstance(p, BaseException)}.values():
             after_failed_call(failure)  # a lost device ends the loop; the pages above have their answer
 
-    def _page_task(self, request: PageRequest, index: int) -> PageTask | None:
-        """The page's image (a PDF page is rendered now) and timer; None if it failed (the request fails)."""
+    def _start_host_work(self, ahead: int) -> None:
+        """Take pages from the queue (round-robin by request) into the preprocessing pool, up to ``ahead``
+        in the pool or done and waiting."""
+        while len(self._host_work) < ahead:
+            item = self._queue.take()
+            if item is None:
+                return
+            request, index = item
+            accepted = time.monotonic()
+            future = self._pool.submit(self._host_page, request, index, accepted)
+            self._host_work.append((request, index, future))
+
+    def _host_page(self, request: PageRequest, index: int, taken_at: float) -> PageTask:
+        """On a preprocessing thread: render the page (a PDF page now), preprocess it to uint8 views, tokenize
+        its prompt. Never on the scheduler's thread, which only launches model work."""
         timer = StageTimer(self.engine.device)
-        timer.add("queue", (time.monotonic() - request.accepted_at) * 1e3)
-        try:
-            with timer.stage("preprocess"):
-                image = request.document.page(index)
-        except Exception as exc:
-            request.fail(exc)
-            return None
+        timer.add("queue", (taken_at - request.accepted_at) * 1e3)
+        with timer.host_stage("preprocess"):
+            image = request.document.page(index)
         on_token = functools.partial(request.on_token, index) if request.on_token is not None else None
-        return PageTask(image, request.options, timer, request.should_stop, on_token)
+        task = PageTask(image, request.options, timer, request.should_stop, on_token)
+        return self.engine.prepare_on_host(task, pixels_only=True)
 
     # --- join -----------------------------------------------------------------------------------------
 
@@ -414,6 +450,7 @@ class Scheduler:
             r.request.fail(exc)
         self._running.clear()
         self._ready.clear()
+        self._drop_host_work(exc)
         for request in self._queue.drain():
             request.fail(exc)
 
