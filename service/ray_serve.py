@@ -29,6 +29,7 @@ from ray.serve.config import HTTPOptions
 from service.api.app import create_app
 from service.api.middleware import ResponseHeadersMiddleware
 from service.scheduler import Scheduler
+from service.scheduler.capacity import CPU_ROWS
 from service.settings import ServiceSettings, apply_threads
 
 log = logging.getLogger("rtprune_ocr.ray")
@@ -37,6 +38,7 @@ APP_NAME = "rtprune-ocr"
 DEPLOYMENT_NAME = "OCR"
 # Ray polls this often; a replica whose model failed (or whose process died) is replaced.
 HEALTH_CHECK_PERIOD_S = 5.0
+GPU_ROWS_HINT = 128  # rows a GPU replica is expected to run when its cap is measured (Ray's queue sizing)
 GPU_REPLICA_CPUS = 4  # CPUs a GPU replica asks for (as the docker/ray files do), when the cluster has them
 
 
@@ -99,6 +101,7 @@ def deployment_options(settings: ServiceSettings, cluster: dict[str, float]) -> 
     """
     replicas = settings.replicas or 1
     gpus = settings.replica_gpus if settings.replica_gpus is not None else (1.0 if cluster.get("GPU", 0) else 0.0)
+    rows = settings.max_batch_size or (GPU_ROWS_HINT if gpus else CPU_ROWS)  # a GPU replica measures its own
     if settings.replica_cpus is not None:
         cpus = settings.replica_cpus
     elif settings.threads is not None:
@@ -108,7 +111,7 @@ def deployment_options(settings: ServiceSettings, cluster: dict[str, float]) -> 
     else:  # CPU replicas share the machine; more threads per replica than cores only makes them wait
         cpus = max(1.0, math.floor(cluster.get("CPU", 1) / (settings.max_replicas or replicas)))
     options: dict[str, Any] = {
-        "max_ongoing_requests": 2 * settings.max_batch_size,
+        "max_ongoing_requests": 2 * rows,
         "max_queued_requests": settings.queue_size,
         "backpressure_config": {"status_code": 503, "retry_after_s": settings.retry_after_s},
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
@@ -120,7 +123,7 @@ def deployment_options(settings: ServiceSettings, cluster: dict[str, float]) -> 
             "min_replicas": replicas,
             "initial_replicas": replicas,
             "max_replicas": settings.max_replicas,
-            "target_ongoing_requests": max(1.0, 0.75 * settings.max_batch_size),
+            "target_ongoing_requests": max(1.0, 0.75 * rows),
         }
     else:
         options["num_replicas"] = replicas

@@ -65,7 +65,13 @@ class ServiceSettings(BaseSettings):
         description="continuous: pages join and leave the running batch at every decode step; "
         "static: a batch runs to its end before new pages start (for comparison)",
     )
-    max_batch_size: int = Field(32, ge=1, le=1024, description="most pages running at once; 1 turns batching off")
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="most pages running at once; 1 turns batching off; default: 32 on a CPU, on a GPU the most "
+        "rows whose decode step stays within twice the one-row step (measured at start-up, at most 256)",
+    )
     max_batch_tokens: int | None = Field(
         None,
         ge=64,

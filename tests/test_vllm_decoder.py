@@ -29,7 +29,7 @@ from service.engine import OCREngine
 from service.engine.assemble import PromptInputs
 from service.engine.decode.generate import generate
 from service.engine.decode.sequence import EOS_ID, NGramGuard
-from service.engine.decode.vllm_decoder import VllmServer
+from service.engine.decode.vllm_decoder import STREAM_INTERVAL, VllmServer
 from service.engine.stats import StageTimer
 from service.settings import ServiceSettings
 from tests.helpers import live_server, text_page
@@ -90,9 +90,11 @@ class StandIn:
             tokens, finish = [*tokens[:5], EOS_ID], "stop"  # vLLM's last token on a stop is the end-of-text
         complete = False
         try:
-            for start in range(0, len(tokens), 4):
-                choice = {"index": 0, "text": "", "token_ids": tokens[start : start + 4], "finish_reason": None}
-                if start + 4 >= len(tokens):
+            interval = body.get("stream_interval", 1)  # as vLLM: the first token alone, then this many a chunk
+            starts = [0, *range(1, len(tokens), interval)] if tokens else [0]
+            for start, end in zip(starts, [*starts[1:], len(tokens)], strict=True):
+                choice = {"index": 0, "text": "", "token_ids": tokens[start:end], "finish_reason": None}
+                if end >= len(tokens):
                     choice["finish_reason"] = finish
                 yield f"data: {json.dumps({'choices': [choice]})}\n\n"
                 if self.behaviour == "slow":
@@ -157,6 +159,7 @@ def test_vllm_decodes_the_same_text_as_this_process_in_compact_positions(vllm_se
     assert embeds.shape == (page["stats"]["prompt_tokens"], 64) and embeds.dtype == torch.float32  # the pruned prompt
     assert sent["model"] == "stand-in" and sent["max_tokens"] == 24 and sent["temperature"] == 0
     assert sent["stream"] is True and sent["return_token_ids"] is True
+    assert sent["stream_interval"] == STREAM_INTERVAL  # several tokens a chunk, not one JSON chunk per token
     size, window = int(form.get("ngram_size", 30)), int(form.get("ngram_window", 90))
     assert sent["vllm_xargs"] == {"ngram_size": size, "window_size": window, "whitelist_token_ids": [128821, 128822]}
     latency = page["stats"]["latency_ms"]

@@ -68,7 +68,8 @@ async def info(
         batching=Batching(
             mode=settings.batching,
             max_batch_tokens=scheduler.batch_tokens_limit,
-            **settings.model_dump(include={"max_batch_size", "max_prefill_tokens", "batch_wait_ms"}),
+            max_batch_size=scheduler.max_rows,
+            **settings.model_dump(include={"max_prefill_tokens", "batch_wait_ms"}),
         ),
         decoder=settings.decoder,
         runtime=engine.facts.as_dict() if engine else None,

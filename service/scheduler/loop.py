@@ -8,7 +8,8 @@ answers while weights are read), warms it up, then repeats one iteration:
    pool of preprocessing threads, which render them (PDF pages only now), preprocess them to
    uint8 views and tokenize their prompts while the batch decodes; the pages they finished are
    prepared by the engine (vision, prune, prompt): this thread only launches model work.
-   At most ``max_batch_size`` pages are running or ready, and one iteration admits pages
+   At most ``max_rows`` pages are running or ready (``max_batch_size``, or on a GPU measured at
+   start-up: :mod:`.capacity`), and one iteration admits pages
    until their visual tokens reach ``max_prefill_tokens``, so one 8-page Gundam PDF does not
    stall every running page's next token for the time of eight vision calls and prefills;
 3. **join**: ready pages are prefilled and join the running batch while its KV footprint
@@ -45,6 +46,7 @@ from service.engine.engine import PageTask, PreparedPage
 from service.engine.stats import StageTimer
 from service.errors import NotReady
 
+from .capacity import CPU_ROWS, default_row_cap
 from .memory import after_failed_call, default_batch_tokens, return_memory_to_os
 from .queue import PageQueue, PageRequest
 
@@ -58,7 +60,7 @@ class SchedulerConfig:
     """The scheduler's knobs (from :class:`~service.settings.ServiceSettings`)."""
 
     queue_size: int = 128  # pages
-    max_batch_size: int = 32  # pages running at once
+    max_batch_size: int | None = None  # pages running at once; None: measured on a GPU, 32 on a CPU
     max_batch_tokens: int | None = None  # KV slots; None: from the device's free memory
     max_prefill_tokens: int = 8192  # visual tokens admitted per iteration
     batch_wait_ms: float = 5.0
@@ -118,7 +120,8 @@ class Scheduler:
         self.error: str | None = None
         self.engine: OCREngine | None = None
         self.batch_tokens_limit: int | None = config.max_batch_tokens
-        self._row_cap = config.max_batch_size  # lowered after a step ran out of memory, until the batch empties
+        self.max_rows: int = config.max_batch_size or CPU_ROWS  # the row cap (measured on a GPU when loading)
+        self._row_cap = self.max_rows  # lowered after a step ran out of memory, until the batch empties
         self._busy = False
 
     # --- the front door's side ---------------------------------------------------------------
@@ -203,6 +206,8 @@ class Scheduler:
                 engine.warmup()
             if self.batch_tokens_limit is None:
                 self.batch_tokens_limit = default_batch_tokens(engine)
+            if self.config.max_batch_size is None:
+                self.max_rows = self._row_cap = default_row_cap(engine, self.batch_tokens_limit)
         except BaseException as exc:  # a failed load must be reported, whatever it was
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("model loading failed: %s", self.error)
@@ -214,7 +219,7 @@ class Scheduler:
         log.info(
             "model ready: %s batching, up to %d pages and %s KV tokens at once",
             self.config.batching,
-            self.config.max_batch_size,
+            self.max_rows,
             self.batch_tokens_limit or "the decoder's",
         )
         while True:
@@ -293,7 +298,7 @@ class Scheduler:
         in_flight = len(self._running) + len(self._ready)
         if self.config.batching == "static" and in_flight:
             return
-        room = self.config.max_batch_size - in_flight
+        room = self.max_rows - in_flight
         if room > 0 and not in_flight and not self._host_work and self.config.batch_wait_ms > 0:
             self._queue.wait(timeout=self.config.batch_wait_ms / 1e3, pages=room)  # an idle batch waits for company
         self._start_host_work(max(room, 0) + self.config.preprocess_threads)
@@ -387,7 +392,7 @@ class Scheduler:
         """The longest prefix of the ready pages (at most ``limit``) that fits the KV budget and the
         row cap; at least one page when the batch is empty, so a page larger than the budget still runs."""
         if not self._batch.rows:
-            self._row_cap = self.config.max_batch_size  # memory trouble ends with the batch it was in
+            self._row_cap = self.max_rows  # memory trouble ends with the batch it was in
         room = max(0, self._row_cap - len(self._batch.rows))
         joiners: list[Admitted] = []
         for r in list(self._ready)[: min(limit, room)]:

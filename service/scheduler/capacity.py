@@ -1,0 +1,79 @@
+"""How many pages decode at once: on a GPU, measured at start-up; on the CPU, a constant.
+
+On a GPU a decode step costs nearly the same from one row to a hundred or more (the mixture of
+experts reads every expert's weights whatever the batch), so a small constant cap leaves the device
+idle; on a CPU the step grows with the rows and a cap of 32 is plenty. The measured cap is the
+largest number of rows whose step takes at most ``STEP_GROWTH`` times the one-row step — pages each
+wait at most that much longer per token, and the batch decodes that many times more pages — within
+what the KV budget holds at a typical page width, and at most ``MAX_ROWS``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from service.engine import OCREngine
+from service.engine.assemble import PromptInputs
+from service.engine.decode.batch import RunningBatch
+from service.engine.decode.sequence import NGramGuard, Sequence
+from service.engine.stats import StageTimer
+
+log = logging.getLogger(__name__)
+
+CPU_ROWS = 32  # the cap on a CPU (and wherever nothing is measured)
+CANDIDATE_ROWS = (1, 8, 32, 64, 128, 256)
+STEP_GROWTH = 2.0  # a step may take this many times the one-row step
+TYPICAL_WIDTH = 1024  # tokens a row holds when the KV budget bounds the rows (a Large page and its text)
+MAX_ROWS = 256
+
+
+def choose_row_cap(step_ms: Callable[[int], float], kv_budget: int | None) -> tuple[int, dict[int, float]]:
+    """The largest candidate whose step stays within ``STEP_GROWTH`` x the one-row step and whose rows fit
+    the KV budget at a typical width; and the curve it was chosen from (rows -> ms per step)."""
+    fits = MAX_ROWS if kv_budget is None else max(1, kv_budget // TYPICAL_WIDTH)
+    curve = {1: step_ms(1)}
+    cap = 1
+    for rows in CANDIDATE_ROWS[1:]:
+        if rows > min(fits, MAX_ROWS):
+            break
+        curve[rows] = step_ms(rows)
+        if curve[rows] > STEP_GROWTH * curve[1]:
+            break
+        cap = rows
+    return cap, curve
+
+
+def default_row_cap(engine: OCREngine, kv_budget: int | None) -> int:
+    """The row cap for ``engine``'s device: measured on a GPU (a few synthetic steps after warm-up, well under
+    a second), ``CPU_ROWS`` elsewhere."""
+    if engine.device.type != "cuda":
+        return CPU_ROWS
+    cap, curve = choose_row_cap(lambda rows: measure_step_ms(engine, rows), kv_budget)
+    log.info("row cap %d from the decode step's cost (ms per step by rows: %s)", cap, curve)
+    return cap
+
+
+@torch.inference_mode()
+def measure_step_ms(engine: OCREngine, rows: int, width: int = 256, steps: int = 3) -> float:
+    """Median wall time of a decode step of ``rows`` synthetic rows ``width`` tokens wide, on the device."""
+    hidden = engine.model.text_config.hidden_size
+    batch = RunningBatch(engine.model)
+    sequences = []
+    for _ in range(rows):
+        embeds = torch.zeros(width, hidden, device=engine.device, dtype=engine.model.dtype)
+        prompt = PromptInputs(embeds, torch.arange(width, device=engine.device), width)
+        sequences.append(Sequence(prompt, steps + 3, NGramGuard(0, 0), StageTimer()))
+    for start in range(0, rows, 32):
+        batch.join(sequences[start : start + 32])
+    batch.step()  # warm
+    times = []
+    for _ in range(steps):
+        timer = StageTimer(engine.device)  # synchronises the device around the step
+        with timer.stage("decode"):
+            batch.step()
+        times.append(timer.ms["decode"])
+    batch.remove(list(batch.rows))
+    return sorted(times)[len(times) // 2]
