@@ -316,32 +316,29 @@ def synthetic_rows(engine: OCREngine, rows: int, width: int, steps: int) -> list
 
 
 def section_decode(check: Check) -> dict[str, Any]:
+    """ms per decode step by rows and context, the slot cache beside the padded one (random K/V: a step's
+    cost does not depend on the values), and one step's profile."""
+    from bench.decode_step import filled_batch, step_ms
+
     engine, results = check.engine, []
     shapes = [(r, w) for w in (1024, 4096) for r in (1, 8, 32, 128)] if check.gpu else [(1, 256), (8, 256)]
     free = torch.cuda.mem_get_info(check.device)[0] if check.gpu else None
-    steps = 16 if check.gpu else 4
+    steps = 8 if check.gpu else 2
     for rows, width in shapes:
         if check.expired():
-            return {"steps": results, "cut_short": True}
-        if free is not None and rows * (width + steps) * engine.model.kv_bytes_per_token() * 3 > free:
+            return {"steps": results, "cut_short": True, "profile": None}
+        if free is not None and rows * width * engine.model.kv_bytes_per_token() * 3 > free:
             results.append({"rows": rows, "width": width, "skipped": "would not fit"})
             continue
-        batch = RunningBatch(engine.model)
-        for chunk in range(0, rows, 8):  # prefill in slices: a 128 x 4096 prefill at once is a memory peak
-            batch.join(synthetic_rows(engine, min(8, rows - chunk), width, steps))
-        batch.step()  # warm
-        times = []
-        for _ in range(steps - 2):
-            check.sync()
-            started = time.perf_counter()
-            batch.step()
-            check.sync()
-            times.append((time.perf_counter() - started) * 1e3)
-        memory = memory_bytes(check.device)
-        results.append({"rows": rows, "width": width, "ms_per_step": summarize(times), "memory": memory})
-        del batch
-        if check.gpu:
-            torch.cuda.empty_cache()
+        record: dict[str, Any] = {"rows": rows, "width": width}
+        for layout in ("slots", "padded"):
+            batch = filled_batch(engine, layout, rows, width)
+            record[f"{layout}_ms"] = summarize(step_ms(engine, batch, steps))
+            del batch
+            if check.gpu:
+                torch.cuda.empty_cache()
+        record["padded_over_slots"] = record["padded_ms"]["median"] / record["slots_ms"]["median"]
+        results.append(record)
     return {"steps": results, "profile": step_profile(check)}
 
 
@@ -399,7 +396,35 @@ def section_pruner(check: Check) -> dict[str, Any]:
                         "host_reads": dict(reads),
                     }
                 )
-    return {"calls": results}
+    return {"calls": results, "together": pruner_together(check, hidden)}
+
+
+def pruner_together(check: Check, hidden: int) -> list[dict[str, Any]]:
+    """16 Large pages pruned in one call (one admission's worth), per page, on the device."""
+    from pruning import RTPrune, prune_together
+
+    protected, newline, side = block_layout(*BLOCKS["large-421"])
+    protected, newline = protected.to(check.device), newline.to(check.device)
+    pages = [
+        (
+            torch.randn(421, hidden, device=check.device, dtype=check.engine.model.dtype),
+            torch.rand(3, side, side, device=check.device) * 2 - 1,
+        )
+        for _ in range(16)
+    ]
+    out = []
+    for retention in (0.8425, None):
+        calls = [(RTPrune(retention), x, protected, newline, image) for x, image in pages]
+        prune_together(calls)  # warm
+        check.sync()
+        started = time.perf_counter()
+        prune_together(calls)
+        check.sync()
+        per_page = (time.perf_counter() - started) * 1e3 / len(calls)
+        with count_host_reads() as reads:
+            prune_together(calls)
+        out.append({"retention": retention or "auto", "ms_per_page": per_page, "host_reads": dict(reads)})
+    return out
 
 
 def section_vision(check: Check) -> dict[str, Any]:

@@ -56,7 +56,7 @@ BLOCKS = {
 }
 
 
-def ops_per_page(device: torch.device, dtype: torch.dtype) -> list[dict]:
+def ops_per_page(device: torch.device, dtype: torch.dtype, repeats: int) -> list[dict]:
     """Aten ops and host reads per page of one RTPrune call on a Large block: the per-image walk, the
     batched path alone, and 16 pages together."""
     protected, newline, side = block_layout(*BLOCKS["large-421"])
@@ -79,6 +79,7 @@ def ops_per_page(device: torch.device, dtype: torch.dtype) -> list[dict]:
             run()  # warm (lazy inits are not the steady state)
             with count_aten_ops() as ops, count_host_reads() as reads:
                 run()
+            times = [time_ms(run, device) / n_pages for _ in range(repeats)]
             records.append(
                 {
                     "retention": "auto" if ratio is None else ratio,
@@ -87,11 +88,15 @@ def ops_per_page(device: torch.device, dtype: torch.dtype) -> list[dict]:
                     "aten_ops_per_page": sum(ops.values()) / n_pages,
                     "host_reads_per_call": sum(reads.values()),
                     "host_reads": dict(reads),
+                    "ms_per_page": summarize(times),
                 }
             )
-    print(f"{'retention':>9} {'path':>22} {'aten ops/page':>14} {'host reads/call':>16}")
+    print(f"{'retention':>9} {'path':>22} {'aten ops/page':>14} {'host reads/call':>16} {'ms/page':>8}")
     for r in records:
-        print(f"{r['retention']!s:>9} {r['path']:>22} {r['aten_ops_per_page']:>14.1f} {r['host_reads_per_call']:>16}")
+        print(
+            f"{r['retention']!s:>9} {r['path']:>22} {r['aten_ops_per_page']:>14.1f} {r['host_reads_per_call']:>16} "
+            f"{r['ms_per_page']['median']:>8.1f}"
+        )
     return records
 
 
@@ -106,7 +111,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.ops:
-        records = ops_per_page(device, dtype)
+        records = ops_per_page(device, dtype, args.repeats)
         write_json(args.out, {"device": machine_label(device), "dtype": args.dtype, "ops": records})
         return
     settings = [("rtprune", 0.8425), ("rtprune", None), ("norm", 0.8425), ("divprune", 0.8425)]

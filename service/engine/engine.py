@@ -4,10 +4,11 @@ upload image -> preprocess -> encode (vision + projector) -> prune -> assemble p
 -> generate -> postprocess. Each step is a module of this package; this file only
 strings them together and times them. It offers the walk whole (:meth:`OCREngine.run`,
 :meth:`OCREngine.run_batch`, for the CLI, the evaluation harness and the benchmarks) and in
-steps (:meth:`OCREngine.prepare` -> :class:`RunningBatch` join/step/remove ->
-:meth:`OCREngine.finish`) for the HTTP service's scheduler, which joins pages between decode
-steps. Both run the same functions, so every number measures the served path. The engine
-knows nothing of HTTP or queues.
+steps for the HTTP service's scheduler, which joins pages between decode steps:
+:meth:`OCREngine.prepare_on_host` (the host's work, on the scheduler's preprocessing threads) ->
+:meth:`OCREngine.prepare` (vision, pruning of all pages at once, prompts) -> a decoding batch's
+join/step/remove -> :meth:`OCREngine.page_result`. Both run the same functions, so every number
+measures the served path. The engine knows nothing of HTTP or queues.
 """
 
 from __future__ import annotations
