@@ -131,7 +131,9 @@ def test_multi_page_stats_count_shared_batch_work_once(client):
     total = body["stats"]["latency_ms"]
     stages = ("preprocess", "vision", "prune", "assemble", "prefill", "decode")
     assert total["total"] <= wall_ms
-    assert total["queue"] + sum(total[s] for s in stages) <= wall_ms  # nothing counted twice
+    # each stage's time is the union of its pages' spans: shared work counts once, so no stage exceeds the
+    # request's wall time (different stages may overlap: pages are preprocessed while others decode)
+    assert all(total[s] <= wall_ms for s in ("queue", *stages))
     page_decode = sum(p["stats"]["latency_ms"]["decode"] for p in body["pages"])
     assert total["decode"] < page_decode  # the four pages decoded together: their steps are shared
     out = body["stats"]["output_tokens"]
