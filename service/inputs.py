@@ -17,15 +17,16 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import threading
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import InvalidParameter, PayloadTooLarge
+
+log = logging.getLogger(__name__)
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
 PDF_DPI = 144
@@ -240,16 +241,16 @@ def _measure_pdf(
 # --- URLs: the JSON doors (chat, Mistral) name their image by URL ------------------------------------
 
 
-def bytes_of_url(url: str, max_bytes: int, allow_fetch: bool, timeout_s: float) -> bytes:
-    """The bytes a data URL holds, or an http(s) URL serves when fetching is allowed (size limit,
-    timeout). Runs in a worker thread (a fetch blocks). InvalidParameter (422) or PayloadTooLarge (413)
-    for anything else."""
+def bytes_of_url(url: str, max_bytes: int, allow_fetch: bool, timeout_s: float, policy=None) -> bytes:
+    """The bytes a data URL holds, or an http(s) URL serves when fetching is allowed (see
+    :mod:`service.outbound`: public addresses only unless allowed, no redirects, one deadline, a size
+    cap). Runs in a worker thread (a fetch blocks). InvalidParameter (422) or PayloadTooLarge (413)."""
     if url.startswith("data:"):
         return _data_url_bytes(url, max_bytes)
     if url.startswith(("http://", "https://")):
         if not allow_fetch:
             raise InvalidParameter("image_url: fetching http(s) URLs is off on this server; send a data URL")
-        return _fetch(url, max_bytes, timeout_s)
+        return _fetch(url, max_bytes, timeout_s, policy)
     raise InvalidParameter("image_url must be a data URL (or http(s) where the server allows fetching)")
 
 
@@ -260,17 +261,29 @@ def _data_url_bytes(url: str, max_bytes: int) -> bytes:
     if len(payload) * 3 // 4 > max_bytes:
         raise PayloadTooLarge(f"the image exceeds the {max_bytes:,}-byte upload limit")
     try:
-        return base64.b64decode(payload, validate=True)
+        return decode_base64(payload)
     except (binascii.Error, ValueError):
         raise InvalidParameter("image_url: the data URL is not valid base64") from None
 
 
-def _fetch(url: str, limit: int, timeout_s: float) -> bytes:
+def decode_base64(text: str) -> bytes:
+    """Base64 as browsers and tools emit it: line-wrapped (MIME), unpadded, or in the URL-safe alphabet;
+    any other character is an error."""
+    text = "".join(text.split()).replace("-", "+").replace("_", "/")
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+FETCH_FAILED = "image_url could not be fetched"  # one answer for every failure: no port scanner
+
+
+def _fetch(url: str, limit: int, timeout_s: float, policy) -> bytes:
+    from service.outbound import OutboundRefused, OutboundTooLarge, Policy, request
+
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            data = response.read(limit + 1)
-    except (urllib.error.URLError, TimeoutError, ValueError) as exc:
-        raise InvalidParameter(f"image_url could not be fetched: {exc}") from None
-    if len(data) > limit:
-        raise PayloadTooLarge(f"the image exceeds the {limit:,}-byte upload limit")
+        data = request(url, policy or Policy(), deadline_s=timeout_s, max_bytes=limit)
+    except OutboundTooLarge:
+        raise PayloadTooLarge(f"the image exceeds the {limit:,}-byte upload limit") from None
+    except OutboundRefused as exc:
+        log.info("image fetch refused or failed: %s", exc)
+        raise InvalidParameter(FETCH_FAILED) from None
     return data

@@ -49,7 +49,17 @@ class ServiceSettings(BaseSettings):
     allow_url_fetch: bool = Field(
         False, description="let chat requests name http(s) image URLs for the server to fetch (off: data URLs only)"
     )
-    fetch_timeout_s: float = Field(10.0, gt=0, description="timeout of such a fetch; its size limit is the upload's")
+    fetch_timeout_s: float = Field(
+        10.0, gt=0, description="deadline of such a fetch, connect to last byte; its size limit is the upload's"
+    )
+    outbound_allow_networks: str = Field(
+        "",
+        description="networks (CIDR, comma-separated) that image fetches and webhooks may reach although they are "
+        "loopback, private, link-local or reserved; default none (public addresses only)",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="signs every webhook body (HMAC-SHA256, X-RTPrune-Signature) so a receiver can trust it"
+    )
     max_concurrent_requests: int = Field(
         256, ge=1, description="requests in flight at once (health and metrics exempt); more get 503"
     )
@@ -95,7 +105,12 @@ class ServiceSettings(BaseSettings):
     )
     job_retention_s: float = Field(86_400.0, gt=0, description="a job is deleted this long after its last change")
     jobs_max_bytes: int = Field(5_000_000_000, ge=1, description="uploads stored for jobs, all together; more get 503")
-    jobs_per_key: int = Field(100, ge=1, description="jobs one API key (or everyone, without keys) may hold; more 429")
+    jobs_per_key: int = Field(
+        100,
+        ge=1,
+        description="unfinished jobs one API key may hold; more 429. Without RTPRUNE_API_KEY the key is whatever a "
+        "client sends, so this is no limit: set a key on a shared server",
+    )
     allow_webhooks: bool = Field(False, description="let a job name a webhook URL the server POSTs to when it ends")
     warmup: bool = Field(
         True,
@@ -141,10 +156,22 @@ class ServiceSettings(BaseSettings):
     def apply_threads(self) -> int:
         return apply_threads(self.threads)
 
+    def outbound_policy(self):
+        """Where image fetches and webhooks may connect (:mod:`service.outbound`)."""
+        from service.outbound import Policy
+
+        return Policy.from_setting(self.outbound_allow_networks.split(","))
+
     @model_validator(mode="after")
     def _check(self) -> ServiceSettings:
         if self.api_key is not None and not self.api_key.get_secret_value():
             self.api_key = None  # an empty RTPRUNE_API_KEY means no key, not a key that is empty
+        if self.webhook_secret is not None and not self.webhook_secret.get_secret_value():
+            self.webhook_secret = None
+        try:
+            self.outbound_policy()
+        except ValueError as exc:
+            raise ValueError(f"outbound_allow_networks: {exc}") from None
         if self.decoder == "vllm" and not self.vllm_url:
             raise ValueError("decoder=vllm needs the vLLM server's URL: set RTPRUNE_VLLM_URL (--vllm-url)")
         if self.max_replicas is not None and self.max_replicas < (self.replicas or 1):

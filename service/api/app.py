@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,9 +26,12 @@ from service.api.middleware import (
 from service.api.openapi import describe_uploads_as_multipart
 from service.engine import OCREngine
 from service.jobs import JobRunner, JobStore
+from service.jobs.webhooks import Webhooks
 from service.metrics import Metrics
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
+
+FETCH_THREADS = 8  # image fetches at once; more wait (each has its own deadline)
 
 
 def default_loader(settings: ServiceSettings) -> Callable[[], OCREngine]:
@@ -51,6 +55,11 @@ def job_runner(settings: ServiceSettings, scheduler: Scheduler) -> JobRunner:
         lambda data, page_range: open_upload(data, settings, page_range),
         retention_s=settings.job_retention_s,
         retry_after_s=settings.retry_after_s,
+        webhooks=Webhooks(
+            settings.allow_webhooks,
+            settings.outbound_policy(),
+            settings.webhook_secret.get_secret_value() if settings.webhook_secret else None,
+        ),
     )
 
 
@@ -86,6 +95,7 @@ def create_app(
             await app.state.jobs.stop()  # stored state untouched: the next start resumes
             await run_in_threadpool(scheduler.stop)
             app.state.jobs.store.close()
+            app.state.fetch_pool.shutdown(wait=False, cancel_futures=True)
 
     # /docs and /redoc from assets in the fastapi-offline package: FastAPI's default pages load them
     # from a CDN and stay blank on an offline or air-gapped host, the kind that often runs a GPU service
@@ -98,6 +108,8 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    # image fetches run here, not on the threads that read uploads (a slow server must not stall those)
+    app.state.fetch_pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="rtprune-fetch")
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(mistral_ocr.router)  # JSON bodies only; before the form route of the same path

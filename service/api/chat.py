@@ -120,7 +120,7 @@ async def chat_completions(
     engine = scheduler.ensure_ready()
     chosen, url = chat_options(body)
     options, notes = door_options(engine, chosen)  # e.g. compact positions on the vLLM decoder
-    document = await open_upload(await read_url(url, settings), settings, page_range=(1, 1))
+    document = await open_upload(await read_url(request, url, settings), settings, page_range=(1, 1))
     accepted_at = time.monotonic()
     pages = page_request(request, document, options, settings, accepted_at)
     skip = body.skip_special_tokens

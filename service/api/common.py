@@ -10,6 +10,7 @@ answer; everything between is the same call for all of them:
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -98,10 +99,13 @@ async def read_upload(
     return data, await open_upload(data, settings, page_range)
 
 
-async def read_url(url: str, settings: ServiceSettings) -> bytes:
-    """The bytes of a JSON door's data URL (or allowed http(s) URL), off the event loop."""
+async def read_url(request: Request, url: str, settings: ServiceSettings) -> bytes:
+    """The bytes of a JSON door's data URL (or allowed http(s) URL), off the event loop and off the threads
+    that read uploads: fetches have their own small pool, so slow servers cannot stall uploads."""
     limits = (settings.max_upload_bytes, settings.allow_url_fetch, settings.fetch_timeout_s)
-    return await run_in_threadpool(bytes_of_url, url, *limits)
+    pool = request.app.state.fetch_pool
+    call = functools.partial(bytes_of_url, url, *limits, settings.outbound_policy())
+    return await asyncio.get_running_loop().run_in_executor(pool, call)
 
 
 async def open_upload(data: bytes, settings: ServiceSettings, page_range: PageRange | None = None) -> Document:

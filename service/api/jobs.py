@@ -17,12 +17,15 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from service.api.common import ERROR_RESPONSES, OcrForm, build_response, door_options, read_upload
 from service.api.deps import get_scheduler, get_settings
+from service.api.middleware import api_key_of
 from service.engine import OcrOptions
 from service.errors import InvalidParameter, NotFinished, NotFound, Overloaded, TooManyJobs
 from service.jobs import JobRecord, JobRunner, JobStore, stored_page
+from service.outbound import OutboundRefused, resolve
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
 
@@ -52,14 +55,25 @@ class JobStatus(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="on creation: notes on the chosen options")
 
 
+def check_webhook(url: str, settings: ServiceSettings) -> None:
+    """422 unless the webhook's host resolves to addresses the outbound policy allows (public ones, or a
+    network of RTPRUNE_OUTBOUND_ALLOW_NETWORKS): a webhook must not reach into the service's network."""
+    try:
+        resolve(url, settings.outbound_policy())
+    except OutboundRefused:
+        raise InvalidParameter(
+            "webhook_url must name a public address (or one in RTPRUNE_OUTBOUND_ALLOW_NETWORKS)"
+        ) from None
+
+
 def get_runner(request: Request) -> JobRunner:
     return request.app.state.jobs
 
 
 def owner_of(request: Request) -> str:
     """Who a job belongs to: a digest of the caller's API key (everyone shares one without keys)."""
-    key = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-    return hashlib.sha256(key.strip().encode()).hexdigest()[:32] if key.strip() else "anonymous"
+    key = api_key_of(request.headers)
+    return hashlib.sha256(key.encode()).hexdigest()[:32] if key else "anonymous"
 
 
 def find(store: JobStore, job_id: str, request: Request) -> JobRecord:
@@ -94,10 +108,14 @@ async def create_job(
     options, notes = door_options(scheduler.ensure_ready(), form.chosen())
     if form.webhook_url and not settings.allow_webhooks:
         raise InvalidParameter("webhooks are off on this server (RTPRUNE_ALLOW_WEBHOOKS)")
+    if form.webhook_url:
+        await run_in_threadpool(check_webhook, form.webhook_url, settings)
     data, document = await read_upload(request, form, settings, form.page_range())  # every limit, before storing
     owner, store = owner_of(request), runner.store
-    if store.count(owner) >= settings.jobs_per_key:
-        raise TooManyJobs(f"this key holds {settings.jobs_per_key} jobs; wait for some to expire or delete them")
+    if store.count_unfinished(owner) >= settings.jobs_per_key:
+        raise TooManyJobs(
+            f"this key has {settings.jobs_per_key} unfinished jobs; wait for one to finish, or cancel one (DELETE)"
+        )
     if store.total_bytes() + len(data) > settings.jobs_max_bytes:
         raise Overloaded("job storage is full; retry later", headers={"Retry-After": str(settings.retry_after_s)})
     record = store.create(owner, options.model_dump(mode="json"), document.numbers, data, form.webhook_url)

@@ -84,6 +84,14 @@ class RequestContextMiddleware:
             )
 
 
+def api_key_of(headers: Headers) -> str:
+    """The key a request presents: ``X-API-Key``, or the token of ``Authorization: Bearer <key>`` (the
+    scheme in any case, as RFC 7235 allows), which OpenAI-compatible clients send."""
+    scheme, _, token = headers.get("authorization", "").strip().partition(" ")
+    bearer = token.strip() if scheme.lower() == "bearer" else ""
+    return (headers.get("x-api-key") or bearer).strip()
+
+
 class ApiKeyMiddleware:
     """When a key is configured, every path except health, metrics and docs needs ``X-API-Key``
     (or ``Authorization: Bearer <key>``, as OpenAI-compatible clients send it)."""
@@ -97,10 +105,7 @@ class ApiKeyMiddleware:
         if self.api_key is None or scope["type"] != "http" or path in OPEN_EXACT or path.startswith(OPEN_PATHS):
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        bearer = headers.get("authorization", "")
-        # X-API-Key, or the Authorization: Bearer header that OpenAI clients send
-        given = (headers.get("x-api-key") or bearer.removeprefix("Bearer ").strip()).encode()
+        given = api_key_of(Headers(scope=scope)).encode()
         if not hmac.compare_digest(given, self.api_key):  # constant time
             response = error_json(
                 401,

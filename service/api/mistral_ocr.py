@@ -31,7 +31,7 @@ from service.api.common import (
 from service.api.deps import get_scheduler, get_settings
 from service.engine.options import PageKnobs
 from service.errors import InvalidParameter
-from service.inputs import PDF_DPI
+from service.inputs import PDF_DPI, is_pdf
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
 
@@ -41,9 +41,16 @@ class JsonBodyRoute(APIRoute):
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child = super().matches(scope)
-        if match is Match.FULL and "json" not in Headers(scope=scope).get("content-type", ""):
+        if match is Match.FULL and not is_json(Headers(scope=scope).get("content-type", "")):
             return Match.NONE, {}
         return match, child
+
+
+def is_json(content_type: str) -> bool:
+    """A JSON media type (``application/json``, ``application/*+json``), parameters aside: a multipart
+    boundary that happens to contain "json" is still a form."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
 
 
 router = APIRouter(tags=["ocr"], route_class=JsonBodyRoute)
@@ -66,7 +73,9 @@ class MistralOcrRequest(BaseModel):
     model: str | None = None
     id: str | None = None
     document: DocumentUrl | ImageUrlDocument = Field(discriminator="type")
-    pages: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="0-based pages; default all")
+    pages: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="0-based pages; default all (an empty list selects nothing: 422)"
+    )
     include_image_base64: bool | None = Field(None, description="figures are not extracted: images stay empty")
     max_new_tokens: int | None = Field(None, ge=1, le=8192, description="rtprune-ocr: most tokens a page")
     rtprune: PageKnobs | None = Field(None, description="rtprune-ocr's page knobs (mode, pruner, retention, ...)")
@@ -108,13 +117,17 @@ async def mistral_ocr(
     engine = scheduler.ensure_ready()
     options, notes = door_options(engine, mistral_options(body))
     url = body.document.document_url if isinstance(body.document, DocumentUrl) else body.document.image_url
-    data = await read_url(url, settings)
-    document = await open_upload(data, settings)
-    if body.pages is not None:
-        missing = [p for p in body.pages if p >= len(document)]
+    data = await read_url(request, url, settings)
+    wanted = sorted(set(body.pages)) if body.pages is not None else None
+    # only the pages asked for are measured against the limits (1-based range of the PDF, then a selection)
+    span = (wanted[0] + 1, wanted[-1] + 1) if wanted and is_pdf(data) else None
+    document = await open_upload(data, settings, span)
+    if wanted is not None:
+        first = span[0] - 1 if span else 0
+        missing = [p for p in wanted if p - first >= len(document)]
         if missing:
-            raise InvalidParameter(f"pages {missing} are outside the document's {len(document)} pages (0-based)")
-        document = document.select(sorted(set(body.pages)))
+            raise InvalidParameter(f"pages {missing} are outside the document's pages (0-based)")
+        document = document.select([p - first for p in wanted])
     request_pages = page_request(request, document, options, settings, accepted_at)
     scheduler.submit(request_pages)
     results = await wait_for(request, request_pages, settings)

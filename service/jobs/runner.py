@@ -18,15 +18,16 @@ import contextlib
 import json
 import logging
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 
 from service.engine import Cancelled, OcrOptions, PageResult
 from service.errors import NotReady, Overloaded, to_service_error
 from service.inputs import Document
+from service.outbound import Policy
 from service.scheduler import PageRequest, Scheduler
 
 from .store import JobStore, runner_name
+from .webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 TERMINAL = ("done", "failed", "cancelled")
@@ -42,9 +43,11 @@ class JobRunner:
         *,
         retention_s: float,
         retry_after_s: int,
+        webhooks: Webhooks | None = None,
     ) -> None:
         self.store, self.scheduler, self.open_upload = store, scheduler, open_upload
         self.retention_s, self.retry_after_s = retention_s, retry_after_s
+        self.webhooks = webhooks or Webhooks(enabled=False, policy=Policy())
         self._tasks: dict[str, asyncio.Task] = {}
         self._live: dict[str, PageRequest] = {}  # job id -> its pages in the scheduler
         self._listeners: dict[str, set[asyncio.Queue]] = {}
@@ -141,7 +144,7 @@ class JobRunner:
         self.store.set_state(job_id, state, error)
         self._announce(job_id, "state", {"state": state, "error": error})
         if record.webhook:
-            asyncio.get_running_loop().run_in_executor(None, notify, record.webhook, job_id, state)
+            asyncio.get_running_loop().run_in_executor(None, self.webhooks.send, record.webhook, job_id, state)
 
     async def _run_pages(self, job_id: str, options: dict, numbers: list[int], remaining: list[int]) -> None:
         data = self.store.upload_path(job_id).read_bytes()
@@ -184,17 +187,6 @@ class JobRunner:
                     self._live[job_id].cancel.set()
                 log.info("job %s expired and was deleted", job_id)
             await asyncio.sleep(every_s)
-
-
-def notify(url: str, job_id: str, state: str) -> None:
-    """POST the job's final state to its webhook; failures are logged, never raised."""
-    body = json.dumps({"id": job_id, "state": state}).encode()
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=10):
-            pass
-    except Exception as exc:
-        log.warning("webhook %s for job %s failed: %s", url, job_id, exc)
 
 
 def stored_page(text: str) -> PageResult:

@@ -115,9 +115,11 @@ class JobStore:
             rows = self._db.execute("SELECT id FROM jobs WHERE state IN (?, ?) ORDER BY created", UNFINISHED)
             return [job_id for (job_id,) in rows.fetchall()]
 
-    def count(self, owner: str) -> int:
+    def count_unfinished(self, owner: str) -> int:
+        """Jobs of ``owner`` still queued or running (finished, failed and cancelled ones hold no slot)."""
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ?", (owner,)).fetchone()[0]
+            query = "SELECT COUNT(*) FROM jobs WHERE owner = ? AND state IN (?, ?)"
+            return self._db.execute(query, (owner, *UNFINISHED)).fetchone()[0]
 
     def total_bytes(self) -> int:
         with self._lock:

@@ -1,0 +1,199 @@
+"""URLs a client names (image fetches, webhooks) cannot reach into the service's network, hold its threads or
+map its ports. Every listener here runs on 127.0.0.1 and counts who connected."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from service.inputs import FETCH_FAILED
+from service.jobs.webhooks import Webhooks
+from service.outbound import Policy
+from tests.helpers import text_page
+from tests.test_api import client_for, png_bytes
+
+PNG = png_bytes(text_page((400, 300), lines=3))
+
+
+@contextmanager
+def listener(reply, host: str = "127.0.0.1"):
+    """A TCP server on ``host`` that answers each connection with ``reply(connection)``; yields (port, count)."""
+    server = socket.socket()
+    server.bind((host, 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    contacts: list[float] = []
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                continue
+            contacts.append(time.monotonic())
+            with connection:
+                connection.settimeout(5)
+                try:
+                    connection.recv(65536)
+                    reply(connection)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], contacts
+    finally:
+        stop.set()
+        thread.join(2)
+        server.close()
+
+
+def http_reply(status: str, body: bytes = b"", headers: str = ""):
+    def reply(connection):
+        head = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{headers}Connection: close\r\n\r\n"
+        connection.sendall(head.encode() + body)
+
+    return reply
+
+
+def chat(client, url: str):
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Free OCR."}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 2, "rtprune": {"mode": "tiny"}}
+    return client.post("/v1/chat/completions", json=body)
+
+
+@pytest.fixture(scope="module")
+def fetching(tiny_engine):
+    with client_for(tiny_engine, allow_url_fetch=True, fetch_timeout_s=1.5) as (client, _):
+        yield client
+
+
+def test_internal_addresses_in_every_notation_are_refused_and_never_contacted(fetching):
+    with listener(http_reply("200 OK", PNG, "Content-Type: image/png\r\n")) as (port, contacts):
+        hosts = ("127.0.0.1", "localhost", "0.0.0.0", "2130706433", "127.1", "0x7f.0.0.1", "[::1]")
+        hosts += ("[::ffff:127.0.0.1]",)
+        for host in hosts:
+            answer = chat(fetching, f"http://{host}:{port}/page.png")
+            assert answer.status_code == 422, (host, answer.text)
+            assert answer.json()["error"]["message"] == FETCH_FAILED, host
+        assert contacts == []
+
+
+def test_every_fetch_failure_reads_the_same_so_ports_cannot_be_mapped(tiny_engine):
+    allowed = {"allow_url_fetch": True, "fetch_timeout_s": 1.5, "outbound_allow_networks": "127.0.0.0/8"}
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: connection refused
+    with (
+        client_for(tiny_engine, **allowed) as (client, _),
+        listener(http_reply("404 Not Found")) as (missing, _),
+        listener(lambda c: c.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")) as (not_http, _),
+        listener(http_reply("200 OK", PNG)) as (good, _),
+    ):
+        messages = {
+            chat(client, f"http://127.0.0.1:{port}/x").json()["error"]["message"]
+            for port in (closed_port, missing, not_http)
+        }
+        assert messages == {FETCH_FAILED}  # refused, 404 and a non-HTTP service: one sentence, 422
+        assert chat(client, f"http://127.0.0.1:{good}/page.png").status_code == 200  # an allowed network works
+
+
+def test_redirects_are_not_followed(tiny_engine):
+    allowed = {"allow_url_fetch": True, "outbound_allow_networks": "127.0.0.1/32"}
+    with listener(http_reply("200 OK", PNG), host="127.0.0.2") as (inner, inner_contacts):
+        redirect = http_reply("302 Found", headers=f"Location: http://127.0.0.2:{inner}/secret.png\r\n")
+        with client_for(tiny_engine, **allowed) as (client, _), listener(redirect) as (outer, outer_contacts):
+            answer = chat(client, f"http://127.0.0.1:{outer}/page.png")
+        assert answer.status_code == 422 and len(outer_contacts) == 1
+        assert inner_contacts == []
+
+
+def test_a_server_that_drips_bytes_is_cut_off_at_the_deadline(tiny_engine):
+    def drip(connection):
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000:
+            connection.sendall(bytes([byte]))
+            time.sleep(0.3)
+
+    allowed = {"allow_url_fetch": True, "fetch_timeout_s": 1.5, "outbound_allow_networks": "127.0.0.1/32"}
+    with client_for(tiny_engine, **allowed) as (client, _), listener(drip) as (port, _):
+        started = time.monotonic()
+        answer = chat(client, f"http://127.0.0.1:{port}/slow.png")
+        assert answer.status_code == 422 and time.monotonic() - started < 4  # not 0.3 s a byte for ever
+
+
+def test_fetches_run_on_their_own_threads_not_the_upload_threads(tiny_engine, monkeypatch):
+    import service.outbound as outbound
+
+    threads: list[str] = []
+    original = outbound.request
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(outbound, "request", spy)
+    allowed = {"allow_url_fetch": True, "outbound_allow_networks": "127.0.0.1/32"}
+    with client_for(tiny_engine, **allowed) as (client, _), listener(http_reply("200 OK", PNG)) as (port, _):
+        assert chat(client, f"http://127.0.0.1:{port}/page.png").status_code == 200
+    assert threads and all(name.startswith("rtprune-fetch") for name in threads)
+
+
+def test_a_webhook_to_an_internal_address_is_refused_when_the_job_is_made(tiny_engine, tmp_path):
+    from tests.test_jobs import FAST, PDF, app_client, ready
+
+    with listener(http_reply("204 No Content")) as (port, contacts):
+        with app_client(tiny_engine, tmp_path, allow_webhooks=True) as client:
+            ready(client)
+            for host in ("127.0.0.1", "localhost", "2130706433"):
+                url = f"http://{host}:{port}/hook"
+                answer = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data={**FAST, "webhook_url": url})
+                assert answer.status_code == 422 and "public address" in answer.json()["error"]["message"], host
+        assert contacts == []
+
+
+def test_webhooks_are_signed_and_a_stored_one_stays_silent_once_webhooks_are_off():
+    policy = Policy.from_setting(["127.0.0.1/32"])
+    with listener(lambda connection: None) as (port, contacts):
+        off = Webhooks(enabled=False, policy=policy, secret="s3cret")
+        assert off.send(f"http://127.0.0.1:{port}/", "j1", "done") is False
+        assert contacts == []
+    raw: list[bytes] = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def serve():
+        connection, _ = server.accept()
+        with connection:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += connection.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            fields = dict(line.decode().lower().split(": ", 1) for line in head.split(b"\r\n")[1:])
+            while len(body) < int(fields["content-length"]):
+                body += connection.recv(65536)
+            raw.append(head + b"\r\n\r\n" + body)
+            connection.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    on = Webhooks(enabled=True, policy=policy, secret="s3cret")
+    assert on.send(f"http://127.0.0.1:{server.getsockname()[1]}/", "j1", "done")
+    thread.join(5)
+    server.close()
+    head, _, body = raw[0].partition(b"\r\n\r\n")
+    headers = dict(line.decode().split(": ", 1) for line in head.split(b"\r\n")[1:])
+    timestamp = headers["X-RTPrune-Timestamp"]
+    expected = hmac.new(b"s3cret", timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    assert headers["X-RTPrune-Signature"] == f"sha256={expected}"
+    assert json.loads(body) == {"id": "j1", "state": "done"}
