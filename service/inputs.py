@@ -54,25 +54,37 @@ class Document:
     """The pages of one upload, in order; ``page(i)`` gives the i-th as a PIL image.
 
     ``numbers`` are the pages' 1-based numbers in the uploaded file (a PDF page range
-    starts later than 1). Images are decoded up front; PDF pages render on demand.
+    starts later than 1); ``pixels`` each page's size in pixels as it will be decoded or rendered.
+    Nothing is held decoded while the document waits: an uploaded image keeps its encoded bytes
+    (checked once when it arrived) and is decoded again when its page is taken, PDF pages render
+    on demand. (Images made in memory, by tests and benchmarks, are kept as they are.)
     """
 
     numbers: list[int]
     _images: list[Image.Image] = field(default_factory=list, repr=False)
     _pdf: bytes | None = field(default=None, repr=False)
+    _encoded: bytes | None = field(default=None, repr=False)
+    pixels: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.pixels and self._images:
+            self.pixels = [image.width * image.height for image in self._images]
 
     def __len__(self) -> int:
         return len(self.numbers)
 
     def page(self, index: int) -> Image.Image:
-        if self._pdf is None:
-            return self._images[index]
-        return render_pdf_page(self._pdf, self.numbers[index] - 1)
+        if self._pdf is not None:
+            return render_pdf_page(self._pdf, self.numbers[index] - 1)
+        if self._encoded is not None:
+            return _open_image(self._encoded, max_pixels=self.pixels[index])
+        return self._images[index]
 
     def select(self, positions: list[int]) -> Document:
         """The same upload restricted to some of its pages (0-based positions, in the order given)."""
-        images = [self._images[p] for p in positions] if self._pdf is None else []
-        return Document([self.numbers[p] for p in positions], images, self._pdf)
+        images = [self._images[p] for p in positions] if self._images else []
+        pixels = [self.pixels[p] for p in positions] if self.pixels else []
+        return Document([self.numbers[p] for p in positions], images, self._pdf, self._encoded, pixels)
 
     def pages(self) -> list[Image.Image]:
         """Every page at once (the CLI and the evaluation harness; the service renders lazily)."""
@@ -115,17 +127,20 @@ def open_document(
     if not data:
         raise UploadError(422, "empty_file", "the uploaded file is empty")
     if is_pdf(data):
-        numbers = _measure_pdf(
+        numbers, pixels = _measure_pdf(
             data,
             max_pixels=max_pixels,
             max_pages=max_pdf_pages,
             max_total=max_document_pixels,
             page_range=page_range,
         )
-        return Document(numbers, _pdf=data)
+        return Document(numbers, _pdf=data, pixels=pixels)
     if page_range not in (None, (1, 1), (1, None)):
         raise UploadError(422, "invalid_page_range", "a page range applies to PDFs only; an image has one page")
-    return Document([1], _images=[_open_image(data, max_pixels=max_pixels)])
+    image = _open_image(data, max_pixels=max_pixels)  # every check, the pixels decoded once ...
+    size = image.width * image.height
+    image.close()  # ... and dropped: a queued page holds its encoded bytes only
+    return Document([1], _encoded=data, pixels=[size])
 
 
 def _open_image(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -188,8 +203,9 @@ def _measure_pdf(
     max_pages: int,
     max_total: int | None = None,
     page_range: tuple[int, int | None] | None,
-) -> list[int]:
-    """The 1-based numbers of the pages to OCR, after checking the range, page count and page sizes."""
+) -> tuple[list[int], list[int]]:
+    """The 1-based numbers of the pages to OCR and their pixels, after checking the range, page count and
+    page sizes."""
     import pypdfium2 as pdfium
 
     with PDFIUM_LOCK:
@@ -214,6 +230,7 @@ def _measure_pdf(
                 )
             scale = PDF_DPI / 72
             total = 0
+            sizes = []
             for index in range(first - 1, last):
                 width, height = pdf[index].get_size()
                 pixels = int(width * scale) * int(height * scale)
@@ -224,6 +241,7 @@ def _measure_pdf(
                         f"page {index + 1} renders to {pixels:,} pixels at {PDF_DPI} DPI; the limit is {max_pixels:,}",
                     )
                 total += pixels
+                sizes.append(pixels)
                 if max_total is not None and total > max_total:
                     raise UploadError(
                         413,
@@ -231,7 +249,7 @@ def _measure_pdf(
                         f"pages {first}-{index + 1} already render to {total:,} pixels at {PDF_DPI} DPI; the limit "
                         f"for one document is {max_total:,} (send fewer pages with a page range)",
                     )
-            return list(range(first, last + 1))
+            return list(range(first, last + 1)), sizes
         except pdfium.PdfiumError as exc:
             raise UploadError(422, "corrupt_file", f"the PDF could not be read: {exc}") from None
         finally:

@@ -70,6 +70,12 @@ class ServiceSettings(BaseSettings):
     queue_size: int = Field(
         128, ge=1, description="pages that may wait for the model; a document that does not fit gets 503"
     )
+    max_queued_pixels: int = Field(
+        2_000_000_000,
+        ge=4096,
+        description="pixels of all waiting pages once decoded (a waiting page holds only its encoded bytes); a "
+        "document that does not fit gets 503 with Retry-After",
+    )
     batching: Literal["continuous", "static"] = Field(
         "continuous",
         description="continuous: pages join and leave the running batch at every decode step; "

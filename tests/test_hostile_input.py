@@ -202,3 +202,37 @@ def test_an_unhandled_error_is_one_500_logged_once(tiny_engine, monkeypatch, cap
     assert response.json()["error"]["request_id"] == response.headers["x-request-id"]
     logged = [r for r in caplog.records if r.exc_info and "a bug in shaping" in str(r.exc_info[1])]
     assert len(logged) == 1
+
+
+def test_a_waiting_image_holds_its_encoded_bytes_not_its_pixels():
+    from service.inputs import open_document
+
+    image = Image.new("RGBA", (3000, 2000), (255, 255, 255, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    document = open_document(buffer.getvalue())
+    assert document._images == [] and document._encoded == buffer.getvalue()  # 24 MB decoded; KBs held
+    assert document.pixels == [3000 * 2000]
+    assert document.page(0).size == (3000, 2000)  # decoded when the scheduler takes the page
+
+
+def test_the_queue_refuses_pages_past_its_pixel_budget_with_retry_after():
+    from service.engine import OcrOptions
+    from service.errors import Overloaded
+    from service.inputs import Document
+    from service.scheduler import PageQueue, PageRequest
+
+    def request(pixels: int) -> PageRequest:
+        return PageRequest(Document([1], pixels=[pixels]), OcrOptions(), deadline=time.monotonic() + 60)
+
+    queue = PageQueue(capacity=100, max_pixels=100_000_000)
+    queue.put(request(40_000_000), retry_after_s=3)
+    queue.put(request(40_000_000), retry_after_s=3)
+    with pytest.raises(Overloaded) as refused:
+        queue.put(request(40_000_000), retry_after_s=3)
+    assert refused.value.status == 503 and refused.value.headers["Retry-After"] == "3"
+    assert "pixels" in refused.value.message and queue.pixels == 80_000_000
+    queue.take()
+    queue.put(request(40_000_000), retry_after_s=3)  # a page taken gives its pixels back
+    alone = PageQueue(capacity=100, max_pixels=1000)
+    alone.put(request(40_000_000), retry_after_s=3)  # an empty queue takes any document: it can always run

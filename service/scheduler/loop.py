@@ -68,6 +68,7 @@ class SchedulerConfig:
     retry_after_s: int = 2
     warmup: bool = True
     preprocess_threads: int = 2  # threads that render and preprocess pages ahead of admission
+    max_queued_pixels: int | None = None  # pixels of the waiting pages (decoded); None: no bound
 
 
 @dataclass(eq=False)
@@ -102,7 +103,7 @@ class Scheduler:
     ) -> None:
         self.config = config
         self._load_engine = load_engine
-        self._queue = PageQueue(config.queue_size)
+        self._queue = PageQueue(config.queue_size, config.max_queued_pixels)
         self._on_page = on_page or (lambda result: None)
         self._on_step = on_step or (lambda rows: None)
         self._on_fatal = on_fatal or (lambda exc: None)

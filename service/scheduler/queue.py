@@ -45,6 +45,10 @@ class PageRequest:
     def waiting_pages(self) -> int:
         return self.pages - self.next_page
 
+    @property
+    def waiting_pixels(self) -> int:
+        return sum(self.document.pixels[self.next_page :])
+
     def should_stop(self) -> bool:
         """Cancelled, past its deadline, or already settled (e.g. another page failed)."""
         return self.cancel.is_set() or self.future.done() or time.monotonic() > self.deadline
@@ -67,10 +71,12 @@ class PageRequest:
 class PageQueue:
     """Requests waiting for the model, counted in pages and served one page per request in turn."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_pixels: int | None = None) -> None:
         self.capacity = capacity
+        self.max_pixels = max_pixels  # pixels of the waiting pages, decoded (None: no bound)
         self._requests: deque[PageRequest] = deque()
         self._pages = 0
+        self._pixels = 0
         self._changed = threading.Condition()
 
     @property
@@ -81,18 +87,30 @@ class PageQueue:
     def full(self) -> bool:
         return self._pages >= self.capacity
 
+    @property
+    def pixels(self) -> int:
+        """Pixels the waiting pages will take once decoded or rendered."""
+        return self._pixels
+
     def put(self, request: PageRequest, retry_after_s: int) -> None:
-        """Queue all of ``request``'s pages, or refuse it whole (Overloaded, 503) if they do not fit."""
+        """Queue all of ``request``'s pages, or refuse it whole (Overloaded, 503) if they do not fit the page
+        slots or the pixel budget."""
         with self._changed:
             free = self.capacity - self._pages
+            retry = {"Retry-After": str(retry_after_s)}
             if request.pages > free:
                 what = "the queue is full" if free <= 0 else f"only {free} of {self.capacity} page slots are free"
+                raise Overloaded(f"{what} and the document has {request.pages} page(s); retry shortly", headers=retry)
+            pixels = sum(request.document.pixels)
+            if self.max_pixels is not None and self._pixels and self._pixels + pixels > self.max_pixels:
                 raise Overloaded(
-                    f"{what} and the document has {request.pages} page(s); retry shortly",
-                    headers={"Retry-After": str(retry_after_s)},
+                    f"the pages waiting already add up to {self._pixels:,} pixels of the {self.max_pixels:,} the "
+                    f"queue holds, and this document has {pixels:,}; retry shortly",
+                    headers=retry,
                 )
             self._requests.append(request)
             self._pages += request.pages
+            self._pixels += pixels
             self._changed.notify_all()
 
     def take(self) -> tuple[PageRequest, int] | None:
@@ -107,6 +125,7 @@ class PageQueue:
                 index = request.next_page
                 request.next_page += 1
                 self._pages -= 1
+                self._pixels -= request.document.pixels[index] if request.document.pixels else 0
                 if request.waiting_pages:
                     self._requests.append(request)  # back of the line: the next page is another request's
                 return request, index
@@ -119,12 +138,13 @@ class PageQueue:
             if gone:
                 self._requests = deque(request for request in self._requests if not request.should_stop())
                 self._pages = sum(request.waiting_pages for request in self._requests)
+                self._pixels = sum(request.waiting_pixels for request in self._requests)
             return gone
 
     def drain(self) -> list[PageRequest]:
         """Remove and return every waiting request."""
         with self._changed:
-            requests, self._requests, self._pages = list(self._requests), deque(), 0
+            requests, self._requests, self._pages, self._pixels = list(self._requests), deque(), 0, 0
             return requests
 
     def wait(self, timeout: float, pages: int = 1) -> bool:
