@@ -23,8 +23,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_json  # noqa: E402
-from service.loadtest import free_port, wait_ready  # noqa: E402
+from bench.common import write_json
+from service.loadtest import free_port, wait_ready
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -49,8 +49,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/out/queue_memory.json"))
     args = parser.parse_args()
     port = free_port()
-    command = [sys.executable, "-m", "service.cli", "serve", "--model", "tiny", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--no-warmup", "--log-level", "WARNING"]
+    command = [sys.executable, "-m", "service.cli", "--log-level", "WARNING", "serve", "--model", "tiny"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--no-warmup"]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -47,6 +47,9 @@ class UploadError(Exception):
 
 
 PDFIUM_LOCK = threading.Lock()  # every pypdfium2 call in this process holds it
+# Decoding an image holds all its pixels (160 MB for 40 megapixels in RGBA): sixteen uploads checked at once
+# would hold 2.5 GB. At most this many decode at once in the process; the others wait their turn.
+DECODE_SLOTS = threading.BoundedSemaphore(2)
 
 
 @dataclass
@@ -167,7 +170,7 @@ def _open_image(data: bytes, *, max_pixels: int) -> Image.Image:
             f"the image has {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
         )
     try:
-        with warnings.catch_warnings():
+        with DECODE_SLOTS, warnings.catch_warnings():  # a few full decodes at a time, whatever the traffic
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.seek(0)
             image.load()

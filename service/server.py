@@ -10,6 +10,7 @@ import uvicorn
 
 from service.api.app import create_app
 from service.connections import protocol_with_head_timeout, raise_open_file_limit
+from service.scheduler.memory import map_large_allocations
 from service.settings import ServiceSettings
 
 # record attributes that are not "extra" fields; uvicorn's color_message repeats the message with ANSI codes
@@ -68,6 +69,7 @@ def serve(settings: ServiceSettings) -> None:
     configure_logging(settings.log_json)
     threads = settings.apply_threads()
     open_files = raise_open_file_limit()
+    map_large_allocations()  # memory bounded by what is in use, not by how many threads once decoded
     logging.getLogger(__name__).info("torch uses %d CPU threads; up to %d open files", threads, open_files)
     holder: dict[str, uvicorn.Server] = {}
     failures: list[BaseException] = []

@@ -327,9 +327,9 @@ class OCREngine:
             )
             if pixels_only and self.device.type == "cuda":
                 pixels = _pinned(pixels)
-        task = dataclasses.replace(
-            task, prompt=prompt, pixels=pixels, visual_tokens=visual_token_count(pixels, self.model.version)
-        )
+        image = task.image if task.options.token_map else None  # the views are all the page needs now
+        n_visual = visual_token_count(pixels, self.model.version)
+        task = dataclasses.replace(task, image=image, prompt=prompt, pixels=pixels, visual_tokens=n_visual)
         self._check_room(task)
         return task
 

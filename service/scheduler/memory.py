@@ -28,6 +28,23 @@ def after_failed_call(exc: BaseException) -> None:
         torch.cuda.empty_cache()
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+LARGE_ALLOCATION = 1 << 20
+
+
+def map_large_allocations() -> None:
+    """Serve every allocation of 1 MB or more from its own mapping, returned to the OS when freed.
+
+    glibc raises its mmap threshold as large blocks are freed (up to 32 MB), after which image buffers
+    (Pillow allocates them in 16 MB blocks) come from per-thread heaps that keep their pages: resident
+    memory then grows with the number of threads that ever decoded an image, i.e. with traffic. A fixed
+    threshold keeps memory bounded by what is in use. Linux/glibc only; elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION)
+        libc.mallopt(M_TRIM_THRESHOLD, 4 * LARGE_ALLOCATION)
+
+
 def return_memory_to_os() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS stays at its peak after a
     large document); elsewhere a no-op."""
