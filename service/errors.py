@@ -90,6 +90,10 @@ class TooManyJobs(ServiceError):
     status, code = 429, "too_many_jobs"
 
 
+class TooManyStreams(ServiceError):
+    status, code = 429, "too_many_streams"
+
+
 class NotFinished(ServiceError):
     status, code = 409, "job_not_finished"
 

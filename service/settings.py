@@ -63,6 +63,15 @@ class ServiceSettings(BaseSettings):
     max_concurrent_requests: int = Field(
         256, ge=1, description="requests in flight at once (health and metrics exempt); more get 503"
     )
+    max_streams: int = Field(
+        512, ge=1, description="long-lived streams (job events, streamed chat) open at once; more get 503"
+    )
+    max_streams_per_client: int = Field(
+        16, ge=1, description="streams one client (its API key, else its address) may hold open; more get 429"
+    )
+    stream_idle_s: float = Field(
+        600.0, gt=0, description="a job's event stream that has had nothing to say this long ends (reconnect)"
+    )
     header_timeout_s: float = Field(
         10.0, gt=0, description="a connection whose request head has not arrived in this time is closed"
     )

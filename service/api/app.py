@@ -22,6 +22,7 @@ from service.api.middleware import (
     BodyLimitMiddleware,
     ConcurrencyLimitMiddleware,
     RequestContextMiddleware,
+    StreamLimits,
 )
 from service.api.openapi import describe_uploads_as_multipart
 from service.engine import OCREngine
@@ -108,6 +109,9 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.streams = StreamLimits(
+        total=settings.max_streams, per_client=settings.max_streams_per_client, retry_after_s=settings.retry_after_s
+    )
     # image fetches run here, not on the threads that read uploads (a slow server must not stall those)
     app.state.fetch_pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="rtprune-fetch")
     install_error_handlers(app)

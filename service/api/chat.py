@@ -18,10 +18,18 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.common import ERROR_RESPONSES, door_options, failure, open_upload, page_request, read_url, wait_for
+from service.api.common import (
+    ERROR_RESPONSES,
+    door_options,
+    event_stream,
+    failure,
+    open_upload,
+    page_request,
+    read_url,
+    wait_for,
+)
 from service.api.deps import get_scheduler, get_settings
 from service.engine import PageResult
 from service.engine.decode.sequence import TABLE_CELL_IDS
@@ -129,10 +137,14 @@ async def chat_completions(
         tokens: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         pages.on_token = lambda page, position, token: loop.call_soon_threadsafe(tokens.put_nowait, (position, token))
-        scheduler.submit(pages)
         usage = body.stream_options is None or body.stream_options.include_usage
-        stream = reply.stream(request, pages, tokens, usage, settings)
-        return StreamingResponse(stream, media_type="text/event-stream")
+        response, lease = event_stream(request, reply.stream(request, pages, tokens, usage, settings))
+        try:
+            scheduler.submit(pages)
+        except BaseException:
+            lease.release()
+            raise
+        return response
     scheduler.submit(pages)
     return reply.completion((await wait_for(request, pages, settings))[0])
 

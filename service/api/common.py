@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request, UploadFile
+from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict, Field, ValidationError
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine, OcrOptions, PageResult
@@ -158,6 +161,37 @@ def failure(exc: BaseException, pages: PageRequest, settings: ServiceSettings) -
         deadline_passed=time.monotonic() > pages.deadline,
         request_id=pages.request_id,
     )
+
+
+class StreamLease:
+    """One stream's place under the stream limits, given back once (when the stream ends, or if it never
+    starts)."""
+
+    def __init__(self, request: Request) -> None:
+        self._streams = request.app.state.streams
+        self._client: str | None = self._streams.acquire(request.scope)  # 429 or 503 when there is no room
+
+    def release(self) -> None:
+        if self._client is not None:
+            self._streams.release(self._client)
+            self._client = None
+
+
+def event_stream(request: Request, events: AsyncIterator[str]) -> tuple[StreamingResponse, StreamLease]:
+    """A server-sent event stream under the stream limits (:class:`~service.api.middleware.StreamLimits`),
+    counted from now until it ends, however it ends; 429 or 503 at once if there is no room. The lease is
+    the caller's to release if it never sends the response."""
+    lease = StreamLease(request)
+
+    async def counted() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            lease.release()
+
+    response = StreamingResponse(counted(), media_type="text/event-stream", background=BackgroundTask(lease.release))
+    return response, lease
 
 
 def random_weights_warnings(engine: OCREngine | None, model: str) -> list[str]:

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Form, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.api.common import ERROR_RESPONSES, OcrForm, build_response, door_options, read_upload
+from service.api.common import ERROR_RESPONSES, OcrForm, build_response, door_options, event_stream, read_upload
 from service.api.deps import get_scheduler, get_settings
 from service.api.middleware import api_key_of
 from service.engine import OcrOptions
@@ -166,12 +166,16 @@ async def cancel_job(job_id: str, request: Request, runner: Annotated[JobRunner,
 @router.get("/v1/jobs/{job_id}/events", summary="Server-sent events: one per finished page, then the final state")
 async def job_events(job_id: str, request: Request, runner: Annotated[JobRunner, Depends(get_runner)]):
     record = find(runner.store, job_id, request)
-    return StreamingResponse(events(runner, record, request), media_type="text/event-stream")
+    idle_s = request.app.state.settings.stream_idle_s
+    return event_stream(request, events(runner, record, request, idle_s))[0]
 
 
-async def events(runner: JobRunner, record: JobRecord, request: Request) -> AsyncIterator[str]:
+async def events(runner: JobRunner, record: JobRecord, request: Request, idle_s: float) -> AsyncIterator[str]:
+    """Page events as pages finish, then the final state; a stream with nothing to say for ``idle_s`` ends
+    with an ``idle`` event (reconnect to go on: the stream starts again from the stored pages)."""
     queue = runner.subscribe(record.id)  # first, so nothing between the snapshot and now is missed
     sent: set[int] = set()
+    last_news = time.monotonic()
 
     def stored_pages() -> list[str]:  # pages finished by any process sharing the store
         done = sorted((p, at) for p, at in runner.store.done_at(record.id).items() if p not in sent)
@@ -182,9 +186,13 @@ async def events(runner: JobRunner, record: JobRecord, request: Request) -> Asyn
         state = runner.store.get(record.id).state
         while True:
             for event in stored_pages():
+                last_news = time.monotonic()
                 yield event
             if state not in ("queued", "running"):
                 break
+            if time.monotonic() - last_news > idle_s:
+                yield sse("idle", {"after_s": idle_s, "state": state})
+                return
             try:  # this process's runner announces pages and the end; the store has them all
                 kind, data = await asyncio.wait_for(queue.get(), 1.0)
                 if kind == "state":

@@ -8,6 +8,7 @@ body limit can act while the upload is being read.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import re
@@ -194,10 +195,63 @@ class ConcurrencyLimitMiddleware:
             await overloaded(scope, message, self.retry_after_s)(scope, receive, send)
             return
         self.in_flight += 1
+        held = True
+
+        async def sending(message: Message) -> None:
+            nonlocal held
+            if held and message["type"] == "http.response.start" and _is_event_stream(message):
+                held = False  # a stream is counted by the stream limits, not as a request in flight
+                self.in_flight -= 1
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, sending)
         finally:
-            self.in_flight -= 1
+            if held:
+                self.in_flight -= 1
+
+
+def _is_event_stream(message: Message) -> bool:
+    return any(
+        name == b"content-type" and value.startswith(b"text/event-stream") for name, value in message["headers"]
+    )
+
+
+class StreamLimits:
+    """Long-lived streams (job events, streamed chat) have their own limits, per client and in total, so that
+    one client holding hundreds of them cannot make every other request 503. A client is the API key it
+    presents, or its address."""
+
+    def __init__(self, *, total: int, per_client: int, retry_after_s: int) -> None:
+        self.total, self.per_client, self.retry_after_s = total, per_client, retry_after_s
+        self.open: dict[str, int] = {}
+
+    def acquire(self, scope: Scope) -> str:
+        """Count one more stream of this request's client, or refuse it: 429 past the client's share, 503
+        past the total (both with Retry-After)."""
+        from service.errors import Overloaded, TooManyStreams
+
+        client = self.client_of(scope)
+        retry = {"Retry-After": str(self.retry_after_s)}
+        if self.open.get(client, 0) >= self.per_client:
+            raise TooManyStreams(f"this client has {self.per_client} open streams; close one first", headers=retry)
+        if sum(self.open.values()) >= self.total:
+            raise Overloaded(f"{self.total} streams are open; retry shortly", headers=retry)
+        self.open[client] = self.open.get(client, 0) + 1
+        return client
+
+    def release(self, client: str) -> None:
+        self.open[client] -= 1
+        if not self.open[client]:
+            del self.open[client]
+
+    @staticmethod
+    def client_of(scope: Scope) -> str:
+        key = api_key_of(Headers(scope=scope))
+        if key:
+            return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        host = (scope.get("client") or ("-", 0))[0]
+        return f"address:{host}"
 
 
 def overloaded(scope: Scope, message: str, retry_after_s: int):

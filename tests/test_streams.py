@@ -1,0 +1,73 @@
+"""Long-lived streams have limits of their own: one client holding many cannot starve everyone else's
+requests, a client's share is bounded, and a stream with nothing to say ends."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import httpx
+
+from service.api.app import create_app
+from service.settings import ServiceSettings
+from tests.helpers import GatedEngine, live_server
+from tests.test_jobs import FAST, PDF
+
+
+def started_job(client: httpx.Client, base: str) -> str:
+    answer = client.post(f"{base}/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST)
+    assert answer.status_code == 202, answer.text
+    return answer.json()["id"]
+
+
+def finish(client: httpx.Client, base: str, job: str, gated: GatedEngine) -> None:
+    """Cancel the job and open the gate while the service still runs, so no page is left mid-way at exit."""
+    client.delete(f"{base}/v1/jobs/{job}")
+    gated.gate.set()
+    deadline = time.monotonic() + 30
+    while client.get(f"{base}/v1/jobs/{job}").json()["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_streams_do_not_count_as_requests_in_flight_and_have_a_share_per_client(tiny_engine, tmp_path):
+    gated = GatedEngine(tiny_engine)
+    gated.gate.clear()  # jobs stay unfinished: their event streams stay open
+    settings = ServiceSettings(
+        model="tiny", warmup=False, log_json=False, jobs_dir=tmp_path, max_concurrent_requests=3,
+        max_streams=10, max_streams_per_client=3,
+    )  # fmt: skip
+    app = create_app(settings, load_engine=lambda: gated)
+    try:
+        with live_server(app) as base, httpx.Client(timeout=30) as client, contextlib.ExitStack() as streams:
+            job = started_job(client, base)
+            for _ in range(3):  # as many streams as requests may be in flight
+                stream = streams.enter_context(client.stream("GET", f"{base}/v1/jobs/{job}/events"))
+                assert stream.status_code == 200
+            fourth = client.get(f"{base}/v1/jobs/{job}/events")
+            assert fourth.status_code == 429 and fourth.json()["error"]["code"] == "too_many_streams"
+            assert fourth.headers["retry-after"]
+            for _ in range(3):  # the streams hold no request slot: ordinary requests still answer
+                assert client.get(f"{base}/v1/jobs/{job}").status_code == 200
+            other = client.get(f"{base}/v1/jobs/{job}/events", headers={"X-API-Key": "someone else"})
+            assert other.status_code in (200, 404)  # another client's share (the job is not theirs: 404)
+            finish(client, base, job, gated)
+    finally:
+        gated.gate.set()
+
+
+def test_a_stream_with_nothing_to_say_ends_after_the_idle_cap(tiny_engine, tmp_path):
+    gated = GatedEngine(tiny_engine)
+    gated.gate.clear()
+    settings = ServiceSettings(model="tiny", warmup=False, log_json=False, jobs_dir=tmp_path, stream_idle_s=1.0)
+    app = create_app(settings, load_engine=lambda: gated)
+    try:
+        with live_server(app) as base, httpx.Client(timeout=30) as client:
+            job = started_job(client, base)
+            started = time.monotonic()
+            with client.stream("GET", f"{base}/v1/jobs/{job}/events") as stream:
+                text = "".join(stream.iter_text())
+            assert "event: idle" in text and time.monotonic() - started < 10
+            finish(client, base, job, gated)
+    finally:
+        gated.gate.set()
