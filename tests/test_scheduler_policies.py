@@ -207,3 +207,16 @@ def test_a_sticky_device_error_while_preparing_pages_answers_them_and_stops():
             time.sleep(0.01)
     assert isinstance(to_service_error(request.future.exception(), retry_after_s=2), DeviceFailed)
     assert len(fatal) == 1
+
+
+def test_retry_after_is_estimated_from_the_queue_and_how_fast_pages_finish():
+    engine = FakeEngine(step_s=0.005)
+    backlog = pages(300, 4)
+    with running(engine, [backlog], max_batch_size=1, batch_wait_ms=0, queue_size=400) as scheduler:
+        assert scheduler.retry_after_s() == 2  # nothing finished yet: the configured value
+        while len(backlog.results) < 20:
+            time.sleep(0.01)
+        estimate, waiting = scheduler.retry_after_s(), scheduler.queued_pages
+        backlog.cancel.set()
+    assert waiting > 200 and estimate > 2  # hundreds of pages wait: more than the constant 2 s
+    assert estimate <= 600

@@ -128,7 +128,7 @@ def create_app(
         AdmissionMiddleware,
         paths={"/v1/ocr", "/v1/chat/completions"},
         full=lambda: hasattr(app.state, "scheduler") and app.state.scheduler.queue_full(),
-        retry_after_s=settings.retry_after_s,
+        retry_after_s=lambda: app.state.scheduler.retry_after_s(),
     )
     app.add_middleware(
         ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests, retry_after_s=settings.retry_after_s

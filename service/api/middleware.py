@@ -163,15 +163,18 @@ class BodyLimitMiddleware:
 class AdmissionMiddleware:
     """A full page queue answers an upload 503 with Retry-After before a byte of its body is read."""
 
-    def __init__(self, app: ASGIApp, *, paths: set[str], full: Callable[[], bool], retry_after_s: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, paths: set[str], full: Callable[[], bool], retry_after_s: Callable[[], int]
+    ) -> None:
         self.app = app
         self.paths = paths
         self.full = full
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = retry_after_s  # estimated from the queue and how fast pages finish
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths and self.full():
-            await overloaded(scope, "the queue is full; retry shortly", self.retry_after_s)(scope, receive, send)
+            answer = overloaded(scope, "the queue is full; retry shortly", self.retry_after_s())
+            await answer(scope, receive, send)
             return
         await self.app(scope, receive, send)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -117,6 +118,7 @@ class Scheduler:
         self._running: dict[int, Admitted] = {}  # id(sequence) -> page in the batch
         self._batch: DecodeBatch | None = None
         self._step_times: deque[float] = deque(maxlen=4096)
+        self._finished_at: deque[float] = deque(maxlen=4096)  # when pages finished: the rate the queue drains
         self.state: Literal["loading", "ready", "failed", "draining", "stopped"] = "loading"
         self.error: str | None = None
         self.engine: OCREngine | None = None
@@ -150,7 +152,7 @@ class Scheduler:
     def submit(self, request: PageRequest) -> None:
         """Queue a request's pages, or refuse it at once: not ready, or its pages do not fit the queue."""
         self.ensure_ready()
-        self._queue.put(request, self.config.retry_after_s)
+        self._queue.put(request, self.retry_after_s())
 
     def begin_shutdown(self, grace_s: float) -> None:
         """Stop admitting; answer waiting requests 503; let running pages finish within ``grace_s``."""
@@ -192,6 +194,16 @@ class Scheduler:
     def batch_tokens(self) -> int:
         batch = self._batch
         return batch.tokens_in_use if batch is not None else 0
+
+    def retry_after_s(self, window_s: float = 60.0, most_s: int = 600) -> int:
+        """When a refused client may expect room: the pages waiting over the rate pages finished in the last
+        ``window_s`` (the configured Retry-After while nothing has finished), at most ``most_s``."""
+        now = time.monotonic()
+        recent = [t for t in list(self._finished_at) if now - t <= window_s]
+        if not recent:
+            return self.config.retry_after_s
+        rate = len(recent) / max(now - recent[0], 1.0)  # pages a second
+        return int(min(most_s, max(self.config.retry_after_s, math.ceil(self._queue.pages / rate))))
 
     def steps_per_s(self, window_s: float = 5.0) -> float:
         now = time.monotonic()
@@ -441,6 +453,7 @@ class Scheduler:
             if r is None:
                 continue
             result = self.engine.page_result(r.page)
+            self._finished_at.append(time.monotonic())
             if isinstance(result, BaseException):
                 r.request.fail(result)
                 continue
