@@ -236,3 +236,64 @@ def test_the_queue_refuses_pages_past_its_pixel_budget_with_retry_after():
     queue.put(request(40_000_000), retry_after_s=3)  # a page taken gives its pixels back
     alone = PageQueue(capacity=100, max_pixels=1000)
     alone.put(request(40_000_000), retry_after_s=3)  # an empty queue takes any document: it can always run
+
+
+def test_openapi_lists_the_jobs_upload_as_multipart_and_every_answer_a_route_gives(tiny_engine):
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False)
+    schema = create_app(settings, load_engine=lambda: tiny_engine).openapi()
+    upload = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
+    assert list(upload) == ["multipart/form-data"]  # /docs and generated clients can submit a job
+    assert "404" in schema["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]
+    assert "400" in schema["paths"]["/v1/chat/completions"]["post"]["responses"]
+
+
+def test_a_body_that_is_not_json_is_a_400_that_says_so(tiny_engine):
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False)
+    with TestClient(create_app(settings, load_engine=lambda: tiny_engine)) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.02)
+        for path in ("/v1/chat/completions", "/v1/ocr"):
+            answer = client.post(path, content=b"{not json", headers={"Content-Type": "application/json"})
+            assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json", path
+            assert answer.json()["error"]["message"].startswith("the request body is not valid JSON")
+
+
+def test_a_multipart_boundary_that_contains_json_is_still_a_form(tiny_engine):
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False)
+    with TestClient(create_app(settings, load_engine=lambda: tiny_engine)) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.02)
+        boundary = "json-boundary-1234"
+
+        def part(name: str, value: bytes, extra: str = "") -> bytes:
+            head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{extra}\r\n\r\n'
+            return head.encode() + value + b"\r\n"
+
+        body = part("file", encoded("PNG"), '; filename="p.png"') + part("mode", b"tiny")
+        body += part("max_new_tokens", b"2") + f"--{boundary}--\r\n".encode()
+        content_type = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        answer = client.post("/v1/ocr", content=body, headers=content_type)
+        assert answer.status_code == 200, answer.text
+
+
+def test_data_urls_accept_what_browsers_and_base64_tools_emit():
+    import base64
+
+    from service.inputs import decode_base64
+
+    data = bytes(range(256)) * 3 + b"x"
+    standard = base64.b64encode(data).decode()
+    assert decode_base64(standard) == data
+    assert decode_base64(base64.encodebytes(data).decode()) == data  # MIME: wrapped at 76 with newlines
+    assert decode_base64(standard.rstrip("=")) == data  # unpadded
+    assert decode_base64(base64.urlsafe_b64encode(data).decode()) == data  # the URL-safe alphabet
+    with pytest.raises(ValueError):
+        decode_base64(standard[:10] + "*" + standard[10:])
+
+
+def test_the_bearer_scheme_is_accepted_in_any_case(tiny_engine):
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False, api_key="k3y")
+    with TestClient(create_app(settings, load_engine=lambda: tiny_engine)) as client:
+        for header in ("Bearer k3y", "bearer k3y", "BEARER  k3y"):
+            assert client.get("/v1/models", headers={"Authorization": header}).status_code == 200, header
+        assert client.get("/v1/models", headers={"Authorization": "Basic k3y"}).status_code == 401

@@ -41,10 +41,13 @@ PageRange = tuple[int, int | None]
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
+        400: "the body is not valid JSON (JSON routes)",
         401: "missing or wrong X-API-Key",
+        404: "no such job, or another key's (job routes)",
         413: "upload, image or PDF over a limit",
         415: "unsupported file type",
         422: "invalid parameter or corrupt file",
+        429: "too many unfinished jobs or open streams for this client",
         499: "client closed the request",
         500: "internal error",
         503: "not ready, queue full, shutting down or out of memory (Retry-After)",

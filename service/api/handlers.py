@@ -71,6 +71,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     details = [
         {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
     ]
+    if any(d["type"] == "json_invalid" for d in details):  # not a parameter problem: the body is not JSON
+        at = next((d["loc"][-1] for d in details if d["type"] == "json_invalid"), None)
+        where = f" (at character {at})" if isinstance(at, int) else ""
+        return error_response(request, 400, "invalid_json", f"the request body is not valid JSON{where}")
     return error_response(request, 422, "invalid_parameter", validation_message(details), details=details)
 
 

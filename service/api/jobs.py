@@ -97,7 +97,12 @@ def status_of(record: JobRecord, store: JobStore) -> JobStatus:
     )
 
 
-@router.post("/v1/jobs", status_code=202, summary="Start an OCR job (the form of /v1/ocr); 202 at once")
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    summary="Start an OCR job (the form of /v1/ocr); 202 at once",
+    responses=ERROR_RESPONSES,
+)
 async def create_job(
     request: Request,
     form: Annotated[JobForm, Form()],
@@ -129,7 +134,9 @@ async def job_status(job_id: str, request: Request, runner: Annotated[JobRunner,
     return status_of(find(runner.store, job_id, request), runner.store)
 
 
-@router.get("/v1/jobs/{job_id}/result", summary="A finished job's result (as /v1/ocr answers)")
+@router.get(
+    "/v1/jobs/{job_id}/result", summary="A finished job's result (as /v1/ocr answers)", responses=ERROR_RESPONSES
+)
 async def job_result(
     job_id: str,
     request: Request,
@@ -155,7 +162,9 @@ async def job_result(
     )
 
 
-@router.delete("/v1/jobs/{job_id}", summary="Cancel a job (finished pages stay until it expires)")
+@router.delete(
+    "/v1/jobs/{job_id}", summary="Cancel a job (finished pages stay until it expires)", responses=ERROR_RESPONSES
+)
 async def cancel_job(job_id: str, request: Request, runner: Annotated[JobRunner, Depends(get_runner)]) -> JobStatus:
     record = find(runner.store, job_id, request)
     if record.state not in ("done", "failed", "cancelled"):
@@ -163,7 +172,11 @@ async def cancel_job(job_id: str, request: Request, runner: Annotated[JobRunner,
     return status_of(runner.store.get(job_id), runner.store)
 
 
-@router.get("/v1/jobs/{job_id}/events", summary="Server-sent events: one per finished page, then the final state")
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    summary="Server-sent events: one per finished page, then the final state",
+    responses=ERROR_RESPONSES,
+)
 async def job_events(job_id: str, request: Request, runner: Annotated[JobRunner, Depends(get_runner)]):
     record = find(runner.store, job_id, request)
     idle_s = request.app.state.settings.stream_idle_s

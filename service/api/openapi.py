@@ -4,8 +4,9 @@ A route that takes a pydantic model as ``Form()`` is described as
 ``application/x-www-form-urlencoded``, so ``/docs`` "Try it out" cannot upload a file and
 generated clients send the wrong content type. Upload routes are multipart; this moves their
 request body there (the schema itself, limits and patterns included, comes from the form
-model). ``/v1/ocr`` also takes a JSON body (Mistral's OCR shape, a second route that FastAPI
-cannot list under the same path and method): it is added as a second content type.
+model); ``/v1/jobs`` takes the same form. ``/v1/ocr`` also takes a JSON body (Mistral's OCR shape, a
+second route that FastAPI cannot list under the same path and method): it is added as a second content
+type.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-UPLOAD_PATHS = ("/v1/ocr",)
+UPLOAD_PATHS = ("/v1/ocr", "/v1/jobs")
 
 
 def describe_uploads_as_multipart(app: FastAPI) -> None:
