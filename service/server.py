@@ -9,7 +9,12 @@ import sys
 import uvicorn
 
 from service.api.app import create_app
-from service.connections import protocol_with_head_timeout, raise_open_file_limit
+from service.connections import (
+    EveryFileLimitOnceASecond,
+    connection_cap,
+    protocol_with_head_timeout,
+    raise_open_file_limit,
+)
 from service.scheduler.memory import map_large_allocations
 from service.settings import ServiceSettings
 
@@ -70,6 +75,7 @@ def serve(settings: ServiceSettings) -> None:
     threads = settings.apply_threads()
     open_files = raise_open_file_limit()
     map_large_allocations()  # memory bounded by what is in use, not by how many threads once decoded
+    logging.getLogger("asyncio").addFilter(EveryFileLimitOnceASecond())
     logging.getLogger(__name__).info("torch uses %d CPU threads; up to %d open files", threads, open_files)
     holder: dict[str, uvicorn.Server] = {}
     failures: list[BaseException] = []
@@ -87,7 +93,7 @@ def serve(settings: ServiceSettings) -> None:
         port=settings.port,
         log_config=None,
         workers=1,
-        http=protocol_with_head_timeout(settings.header_timeout_s),
+        http=protocol_with_head_timeout(settings.header_timeout_s, connection_cap(open_files)),
         timeout_keep_alive=5,
         timeout_graceful_shutdown=settings.shutdown_grace_s + 5,  # the scheduler answers everyone within the grace
     )

@@ -297,3 +297,63 @@ def test_the_bearer_scheme_is_accepted_in_any_case(tiny_engine):
         for header in ("Bearer k3y", "bearer k3y", "BEARER  k3y"):
             assert client.get("/v1/models", headers={"Authorization": header}).status_code == 200, header
         assert client.get("/v1/models", headers={"Authorization": "Basic k3y"}).status_code == 401
+
+
+def test_connections_past_the_cap_are_closed_at_once_and_logged_once_a_second(caplog):
+    import logging
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from service.connections import protocol_with_head_timeout
+    from service.loadtest import free_port
+
+    app = FastAPI()
+
+    @app.get("/ping")
+    def ping() -> dict:
+        return {"ok": True}
+
+    port = free_port()
+    protocol = protocol_with_head_timeout(30, max_connections=3)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, http=protocol))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        time.sleep(0.2)
+        with caplog.at_level(logging.WARNING, logger="service.connections"):
+            extra = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+            for sock in extra:
+                sock.settimeout(5)
+                assert sock.recv(1) == b""  # closed by the server at once, not left hanging
+                sock.close()
+        warnings = [r for r in caplog.records if "connections are open" in r.getMessage()]
+        assert len(warnings) == 1  # five refusals within a second: one line
+        idle.pop().close()
+        time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/ping", timeout=5).json() == {"ok": True}
+    finally:
+        for sock in idle:
+            sock.close()
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_running_out_of_file_descriptors_is_logged_once_a_second():
+    import errno
+    import logging
+
+    from service.connections import EveryFileLimitOnceASecond
+
+    only = EveryFileLimitOnceASecond()
+
+    def record(error: OSError | None, message: str = "socket.accept() out of system resource") -> logging.LogRecord:
+        exc_info = (type(error), error, None) if error else None
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, (), exc_info)
+
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    assert [only.filter(record(emfile)) for _ in range(100)].count(True) == 1
+    assert only.filter(record(None, "an unrelated error"))  # everything else passes
