@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import time
 
 import httpx
 import schemathesis
@@ -146,3 +147,76 @@ def test_mutated_files_never_cause_a_server_error(tiny_engine):
     assert sum(statuses.values()) == MUTATION_CASES
     assert set(statuses) & {413, 415, 422} and 200 in statuses  # both refusals and survivable mutations
     assert after <= before * 1.10 + 20, f"RSS grew from {before:.0f} MB to {after:.0f} MB"
+
+
+def json_door_body(door: str, data: bytes, rng: random.Random) -> object:
+    """A real chat or Mistral body around ``data`` (an image or PDF, maybe mutated), base64 in one of the
+    forms clients send, and sometimes one structural fault."""
+    import base64
+
+    encoded = rng.choice(
+        [
+            base64.b64encode(data).decode(),
+            base64.urlsafe_b64encode(data).decode(),
+            base64.b64encode(data).decode().rstrip("="),
+            base64.encodebytes(data).decode(),
+        ]
+    )
+    url = f"data:image/png;base64,{encoded}"
+    if door == "chat":
+        content = [{"type": "text", "text": "Free OCR."}, {"type": "image_url", "image_url": {"url": url}}]
+        body: dict = {"messages": [{"role": "user", "content": content}], "max_tokens": 1, "rtprune": {"mode": "tiny"}}
+    else:
+        document = {"type": "image_url", "image_url": url} if rng.random() < 0.5 else {
+            "type": "document_url",
+            "document_url": url.replace("image/png", "application/pdf"),
+        }
+        body = {"model": "x", "document": document, "max_new_tokens": 1, "rtprune": {"mode": "tiny"}}
+    fault = rng.randrange(8)
+    if fault == 0:
+        body.pop(rng.choice(list(body)))
+    elif fault == 1:
+        body[rng.choice(list(body))] = rng.choice([None, 7, "x", [], {}, -1e308, "a" * 10_000])
+    elif fault == 2:
+        body["unexpected"] = {"nested": [1, 2, 3]}
+    elif fault == 3 and door == "mistral":
+        body["pages"] = rng.choice([[], [-1], [10_000], "0-2", [0, 0, 0]])
+    elif fault == 4:
+        return rng.choice([[], "text", 12, None])  # not an object at all
+    return body
+
+
+def test_mutated_real_bodies_through_chat_mistral_and_jobs_never_cause_a_server_error(tiny_engine):
+    rng = random.Random(20261202)
+    seeds = seed_files()
+    statuses: dict[str, dict[int, int]] = {"chat": {}, "mistral": {}, "jobs": {}}
+    cases = max(30, MUTATION_CASES // 3)
+    with live_server(service_app(tiny_engine)) as base, httpx.Client(base_url=base, timeout=60) as client:
+        for i in range(cases):
+            door = ("chat", "mistral", "jobs")[i % 3]
+            name = list(seeds)[i % len(seeds)]
+            data = seeds[name] if rng.random() < 0.3 else mutate(seeds[name], rng)
+            if door == "jobs":
+                response = client.post("/v1/jobs", files={"file": (name, data)}, data=FAST)
+                if response.status_code == 202:  # a stored job: its status and result must not 5xx either
+                    job = response.json()["id"]
+                    for _ in range(200):
+                        state = client.get(f"/v1/jobs/{job}").json()["state"]
+                        if state not in ("queued", "running"):
+                            break
+                        time.sleep(0.05)
+                    assert client.get(f"/v1/jobs/{job}/result").status_code < 500
+            else:
+                path = "/v1/chat/completions" if door == "chat" else "/v1/ocr"
+                response = client.post(path, json=json_door_body(door, data, rng))
+            counts = statuses[door]
+            counts[response.status_code] = counts.get(response.status_code, 0) + 1
+            assert response.status_code < 500, f"{door} case {i}: {response.status_code} {response.text[:300]}"
+            if response.status_code >= 400:
+                error = response.json()["error"]
+                assert error["code"] and error["message"] and "\n" not in error["message"]
+        assert client.get("/healthz").status_code == 200
+    print(f"\nreal-body fuzzing: {cases} cases, statuses {statuses}")
+    for door, counts in statuses.items():
+        assert sum(counts.values()) >= cases // 3 - 1, door
+        assert any(code < 300 for code in counts) and any(code >= 400 for code in counts), (door, counts)
