@@ -218,3 +218,20 @@ def test_streamed_deltas_add_up_to_the_whole_text_across_multi_byte_characters(t
         assert "\ufffd" not in delta
     assert "".join(sent) == tokenizer.decode(tokens) == text
     assert shown == len(tokens)
+
+
+def test_the_mistral_route_refuses_an_empty_page_list_and_measures_only_the_pages_asked_for(tiny_engine):
+    import base64
+
+    from tests.helpers import text_pdf
+    from tests.test_api import client_for
+
+    pdf = text_pdf(3, lines=3, size=(612, 792))  # a letter page renders to 1.9 MP at 144 DPI
+    with client_for(tiny_engine, max_document_pixels=3_000_000) as (client, _):  # one page fits, three do not
+        url = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+        body = {"document": {"type": "document_url", "document_url": url}, "max_new_tokens": 1}
+        empty = client.post("/v1/ocr", json={**body, "pages": []})
+        assert empty.status_code == 422 and "pages" in empty.json()["error"]["message"]
+        assert client.post("/v1/ocr", json=body).status_code == 413  # the whole document is over the budget
+        one = client.post("/v1/ocr", json={**body, "pages": [1]})
+        assert one.status_code == 200 and [p["index"] for p in one.json()["pages"]] == [1]

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.helpers import serve_process, text_pdf
+from tests.helpers import GatedEngine, serve_process, text_pdf
 
 FAST = {"mode": "tiny", "max_new_tokens": "5"}
 PDF = text_pdf(3, lines=3)
@@ -206,3 +206,24 @@ def test_one_runner_holds_a_jobs_lease_until_it_stops_renewing_or_its_process_is
     assert second.claim(job.id, alive, ttl_s=30)  # taken over at once, long before the hour is up
     first.delete_older_than(time.time() + 1)
     assert second.claim(job.id, "other-host:1:b", ttl_s=30)  # deleted with its job: a stale lease is not kept
+
+
+def test_a_cancelled_job_frees_its_place_in_the_quota(tiny_engine, tmp_path):
+    gated = GatedEngine(tiny_engine)
+    gated.gate.clear()  # the first job stays unfinished until it is cancelled
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False, jobs_dir=tmp_path, jobs_per_key=1)
+    try:
+        with TestClient(create_app(settings, load_engine=lambda: gated)) as client:
+            ready(client)
+            first = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST)
+            assert first.status_code == 202
+            refused = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST)
+            assert refused.status_code == 429 and "unfinished" in refused.json()["error"]["message"]
+            client.delete(f"/v1/jobs/{first.json()['id']}")
+            wait_state(client.get, first.json()["id"])
+            gated.gate.set()
+            second = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST)
+            assert second.status_code == 202  # the cancelled job holds no slot (it did until it expired)
+            wait_state(client.get, second.json()["id"])
+    finally:
+        gated.gate.set()
