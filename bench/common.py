@@ -104,3 +104,17 @@ def count_aten_ops() -> Iterator[collections.Counter]:
 
     with Counting():
         yield counts
+
+
+def run_together(target: Callable[[], Any], copies: int) -> float:
+    """Run ``copies`` threads of ``target`` at once and wait for all; returns the wall seconds."""
+    import threading
+    import time
+
+    threads = [threading.Thread(target=target) for _ in range(copies)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started

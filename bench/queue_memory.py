@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_json
+from bench.common import run_together, write_json
 from service.loadtest import free_port, wait_ready
 
 
@@ -73,12 +73,7 @@ def main() -> None:
 
         sampler = threading.Thread(target=sample)
         sampler.start()
-        started = time.monotonic()
-        posts = [threading.Thread(target=post) for _ in range(args.images)]
-        for thread in posts:
-            thread.start()
-        for thread in posts:
-            thread.join()
+        seconds = run_together(post, args.images)
         done.set()
         sampler.join()
         peak = rss_mb(server.pid, "VmHWM")
@@ -87,7 +82,7 @@ def main() -> None:
             "png_bytes_each": len(png),
             "decoded_mb_each": 7300 * 5466 * 4 / 2**20,
             "statuses": sorted(statuses),
-            "seconds": time.monotonic() - started,
+            "seconds": seconds,
             "rss_idle_mb": idle,
             "rss_max_sampled_mb": max(samples),
             "rss_peak_mb": peak,

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from bench.batching import page_png, percentile
-from bench.common import write_json
+from bench.common import run_together, write_json
 from service.loadtest import free_port, wait_ready
 
 SETUPS = {  # name -> extra serve flags; every setup gets the machine's CPUs in all
@@ -74,13 +74,7 @@ def measure(base: str, args: argparse.Namespace, page: bytes) -> dict:
                 with lock:
                     latencies.append(elapsed)
 
-    started = time.perf_counter()
-    users = [threading.Thread(target=user) for _ in range(args.users)]
-    for thread in users:
-        thread.start()
-    for thread in users:
-        thread.join()
-    wall = time.perf_counter() - started
+    wall = run_together(user, args.users)
     return {
         "single_median_ms": statistics.median(single) * 1e3,
         "single_ms": [round(s * 1e3, 2) for s in single],
