@@ -357,3 +357,15 @@ def test_running_out_of_file_descriptors_is_logged_once_a_second():
     emfile = OSError(errno.EMFILE, "Too many open files")
     assert [only.filter(record(emfile)) for _ in range(100)].count(True) == 1
     assert only.filter(record(None, "an unrelated error"))  # everything else passes
+
+
+def test_a_page_range_with_any_whitespace_reads_as_its_numbers():
+    """The form's pattern allows whitespace around the numbers (tabs, newlines too: found by schema fuzzing)."""
+    from service.api.common import OcrForm
+
+    def page_range(pages: str):
+        return OcrForm.model_construct(pages=pages).page_range()
+
+    assert page_range("2-\t\n\x0b\r\x0c") == (2, None)
+    assert page_range(" 3 ") == (3, 3)
+    assert page_range("\t1\n-\n4 ") == (1, 4)

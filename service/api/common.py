@@ -77,7 +77,7 @@ class OcrForm(OcrOptions):
     def page_range(self) -> PageRange | None:
         if self.pages is None:
             return None
-        first, _, last = self.pages.replace(" ", "").partition("-")
+        first, _, last = "".join(self.pages.split()).partition("-")  # the pattern allows any whitespace
         if not _:  # a single page
             return int(first), int(first)
         return int(first), int(last) if last else None
