@@ -30,11 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine_label, summarize, write_json
 from bench.pages import document_page
 from service.engine import OCREngine, OcrOptions
-from service.engine.assemble import PromptInputs
 from service.engine.decode.batch import RunningBatch
-from service.engine.decode.sequence import NGramGuard, Sequence
 from service.engine.decode.slots import SlotCache
-from service.engine.stats import StageTimer
+from service.scheduler.capacity import step_times_ms, synthetic_sequences
 
 ROWS = (1, 4, 8, 16)
 WIDTHS = (512, 2048, 4096)
@@ -47,13 +45,9 @@ def filled_batch(engine: OCREngine, layout: str, rows: int, width: int) -> Runni
     config, model = engine.model.text_config, engine.model
     heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
     shape = (rows, heads, width, head_dim)
-    zero = torch.zeros(1, config.hidden_size, device=engine.device, dtype=model.dtype)
-    sequences = []
-    for _ in range(rows):
-        prompt = PromptInputs(zero.expand(width, -1), torch.arange(width, device=engine.device), width)
-        sequence = Sequence(prompt, 10**6, NGramGuard(0, 0), StageTimer())
+    sequences = synthetic_sequences(engine, rows, width, budget=10**6)
+    for sequence in sequences:
         sequence.tokens.append(0)  # the prefill's token: the cache holds the prompt, the step feeds this one
-        sequences.append(sequence)
     batch = RunningBatch(model, cache=layout)
     if layout == "slots":
         cache = SlotCache(config.num_hidden_layers)
@@ -76,18 +70,6 @@ def filled_batch(engine: OCREngine, layout: str, rows: int, width: int) -> Runni
     return batch
 
 
-def step_ms(engine: OCREngine, batch: RunningBatch, steps: int) -> list[float]:
-    timer = StageTimer(engine.device)
-    batch.step()  # warm
-    times = []
-    for _ in range(steps):
-        before = timer.ms["decode"]
-        with timer.stage("decode"):
-            batch.step()
-        times.append(timer.ms["decode"] - before)
-    return times
-
-
 def fits(engine: OCREngine, rows: int, width: int, cache_budget_gb: float) -> bool:
     return rows * width * engine.model.kv_bytes_per_token() * 1.25 <= cache_budget_gb * 2**30
 
@@ -104,7 +86,7 @@ def measure(engine: OCREngine, args) -> list[dict]:
             for round_ in range(args.rounds):  # alternate, so machine noise hits both alike
                 for layout in ("slots", "padded") if round_ % 2 == 0 else ("padded", "slots"):
                     batch = filled_batch(engine, layout, rows, width)
-                    samples[layout] += step_ms(engine, batch, args.steps)
+                    samples[layout] += step_times_ms(engine, batch, args.steps)
                     del batch
                     gc.collect()
             slots, padded = (summarize(samples[k])["median"] for k in ("slots", "padded"))

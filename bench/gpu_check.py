@@ -44,21 +44,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import count_host_reads, summarize
+from bench.common import count_host_reads, summarize, time_ms
 from bench.pages import document_page
 from bench.prefill_batch import run_batch_axis
 from bench.pruner import BLOCKS, block_layout
 from pruning import build_pruner
 from service.engine import OCREngine, OcrOptions
-from service.engine.assemble import PromptInputs
 from service.engine.decode import batch as batch_module
 from service.engine.decode.batch import RunningBatch
-from service.engine.decode.sequence import NGramGuard, Sequence
 from service.engine.device import memory_bytes
 from service.engine.engine import PageTask
 from service.engine.names import MODES_BY_VERSION
 from service.engine.preprocess import preprocess
 from service.engine.stats import StageTimer
+from service.scheduler.capacity import step_times_ms, synthetic_sequences
 from service.scheduler.memory import default_batch_tokens
 
 # Each section's share of the budget; a section may finish early, and what it leaves goes to the rest.
@@ -305,20 +304,10 @@ def section_prefill(check: Check) -> dict[str, Any]:
     return {"batch_axis": records, "wall_vs_kernel": kernels}
 
 
-def synthetic_rows(engine: OCREngine, rows: int, width: int, steps: int) -> list[Sequence]:
-    hidden = engine.model.text_config.hidden_size
-    sequences = []
-    for _ in range(rows):
-        embeds = torch.randn(width, hidden, device=engine.device, dtype=engine.model.dtype) * 0.02
-        prompt = PromptInputs(embeds, torch.arange(width, device=engine.device), width)
-        sequences.append(Sequence(prompt, steps + 2, NGramGuard(0, 0), StageTimer()))
-    return sequences
-
-
 def section_decode(check: Check) -> dict[str, Any]:
     """ms per decode step by rows and context, the slot cache beside the padded one (random K/V: a step's
     cost does not depend on the values), and one step's profile."""
-    from bench.decode_step import filled_batch, step_ms
+    from bench.decode_step import filled_batch
 
     engine, results = check.engine, []
     shapes = [(r, w) for w in (1024, 4096) for r in (1, 8, 32, 128)] if check.gpu else [(1, 256), (8, 256)]
@@ -333,7 +322,7 @@ def section_decode(check: Check) -> dict[str, Any]:
         record: dict[str, Any] = {"rows": rows, "width": width}
         for layout in ("slots", "padded"):
             batch = filled_batch(engine, layout, rows, width)
-            record[f"{layout}_ms"] = summarize(step_ms(engine, batch, steps))
+            record[f"{layout}_ms"] = summarize(step_times_ms(engine, batch, steps))
             del batch
             if check.gpu:
                 torch.cuda.empty_cache()
@@ -346,7 +335,7 @@ def step_profile(check: Check) -> dict[str, Any] | None:
     """Where one step of 8 rows x 1024 goes: kernel time, the KV cache's concatenation, host reads."""
     engine = check.engine
     batch = RunningBatch(engine.model)
-    batch.join(synthetic_rows(engine, 8, 1024 if check.gpu else 128, 8))
+    batch.join(synthetic_sequences(engine, 8, 1024 if check.gpu else 128, budget=10))
     batch.step()
     with count_host_reads() as reads:
         batch.step()
@@ -378,13 +367,8 @@ def section_pruner(check: Check) -> dict[str, Any]:
                     return {"calls": results, "cut_short": True}
                 pruner = build_pruner("rtprune", retention)
                 pruner(features, *masks, image)  # warm
-                times = []
-                for _ in range(10):
-                    check.sync()
-                    started = time.perf_counter()
-                    pruner(features, *masks, image)
-                    check.sync()
-                    times.append((time.perf_counter() - started) * 1e3)
+                call = functools.partial(pruner, features, *masks, image)
+                times = [time_ms(call, where) for _ in range(10)]
                 with count_host_reads() as reads:
                     pruner(features, *masks, image)
                 results.append(
@@ -416,11 +400,7 @@ def pruner_together(check: Check, hidden: int) -> list[dict[str, Any]]:
     for retention in (0.8425, None):
         calls = [(RTPrune(retention), x, protected, newline, image) for x, image in pages]
         prune_together(calls)  # warm
-        check.sync()
-        started = time.perf_counter()
-        prune_together(calls)
-        check.sync()
-        per_page = (time.perf_counter() - started) * 1e3 / len(calls)
+        per_page = time_ms(lambda c=calls: prune_together(c), check.device) / len(calls)
         with count_host_reads() as reads:
             prune_together(calls)
         out.append({"retention": retention or "auto", "ms_per_page": per_page, "host_reads": dict(reads)})
@@ -439,11 +419,7 @@ def section_vision(check: Check) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(check.device)
         before = memory_bytes(check.device)["allocated"]
         engine.model.encode(views)  # warm
-        check.sync()
-        started = time.perf_counter()
-        engine.model.encode(views)
-        check.sync()
-        ms = (time.perf_counter() - started) * 1e3
+        ms = time_ms(lambda v=views: engine.model.encode(v), check.device)
         peak = memory_bytes(check.device)["peak"] - before if check.gpu else None
         estimate = sum(engine.model.vision_bytes(v) for v in views)
         results.append(

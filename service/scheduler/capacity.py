@@ -59,21 +59,32 @@ def default_row_cap(engine: OCREngine, kv_budget: int | None) -> int:
 @torch.inference_mode()
 def measure_step_ms(engine: OCREngine, rows: int, width: int = 256, steps: int = 3) -> float:
     """Median wall time of a decode step of ``rows`` synthetic rows ``width`` tokens wide, on the device."""
-    hidden = engine.model.text_config.hidden_size
     batch = RunningBatch(engine.model)
-    sequences = []
-    for _ in range(rows):
-        embeds = torch.zeros(width, hidden, device=engine.device, dtype=engine.model.dtype)
-        prompt = PromptInputs(embeds, torch.arange(width, device=engine.device), width)
-        sequences.append(Sequence(prompt, steps + 3, NGramGuard(0, 0), StageTimer()))
+    sequences = synthetic_sequences(engine, rows, width, budget=steps + 3)
     for start in range(0, rows, 32):
         batch.join(sequences[start : start + 32])
+    times = step_times_ms(engine, batch, steps)
+    batch.remove(list(batch.rows))
+    return sorted(times)[len(times) // 2]
+
+
+def synthetic_sequences(engine: OCREngine, rows: int, width: int, budget: int) -> list[Sequence]:
+    """``rows`` prompts of ``width`` tokens for timing decode steps (zero embeddings: a step's cost does not
+    depend on the values), each allowed ``budget`` new tokens."""
+    zero = torch.zeros(1, engine.model.text_config.hidden_size, device=engine.device, dtype=engine.model.dtype)
+    positions = torch.arange(width, device=engine.device)
+    prompt = PromptInputs(zero.expand(width, -1), positions, width)
+    return [Sequence(prompt, budget, NGramGuard(0, 0), StageTimer()) for _ in range(rows)]
+
+
+def step_times_ms(engine: OCREngine, batch: RunningBatch, steps: int) -> list[float]:
+    """Wall time of each of ``steps`` decode steps after a warm one, the device synchronised around each."""
+    timer = StageTimer(engine.device)
     batch.step()  # warm
     times = []
     for _ in range(steps):
-        timer = StageTimer(engine.device)  # synchronises the device around the step
+        before = timer.ms["decode"]
         with timer.stage("decode"):
             batch.step()
-        times.append(timer.ms["decode"])
-    batch.remove(list(batch.rows))
-    return sorted(times)[len(times) // 2]
+        times.append(timer.ms["decode"] - before)
+    return times
