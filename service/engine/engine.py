@@ -155,10 +155,10 @@ class OCREngine:
         )
         if vllm_url is None:
             return engine
-        decoder = VllmServer(vllm_url, timeout_s=vllm_timeout_s)
-        decoder.connect()
+        engine.decoder = VllmServer(vllm_url, timeout_s=vllm_timeout_s)
+        engine.decoder.connect()
         ocr_model.release_decoder_layers()
-        return cls(ocr_model, decoder, max_vision_bytes=max_vision_bytes)
+        return engine
 
     @property
     def facts(self) -> DeviceFacts:

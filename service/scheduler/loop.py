@@ -152,7 +152,7 @@ class Scheduler:
     def submit(self, request: PageRequest) -> None:
         """Queue a request's pages, or refuse it at once: not ready, or its pages do not fit the queue."""
         self.ensure_ready()
-        self._queue.put(request, self.retry_after_s())
+        self._queue.put(request, self.retry_after_s)  # estimated only when the queue refuses
 
     def begin_shutdown(self, grace_s: float) -> None:
         """Stop admitting; answer waiting requests 503; let running pages finish within ``grace_s``."""

@@ -92,22 +92,24 @@ class PageQueue:
         """Pixels the waiting pages will take once decoded or rendered."""
         return self._pixels
 
-    def put(self, request: PageRequest, retry_after_s: int) -> None:
+    def put(self, request: PageRequest, retry_after_s: int | Callable[[], int]) -> None:
         """Queue all of ``request``'s pages, or refuse it whole (Overloaded, 503) if they do not fit the page
-        slots or the pixel budget."""
+        slots or the pixel budget. ``retry_after_s`` may be a function: it is then asked only on a refusal."""
         with self._changed:
             free = self.capacity - self._pages
-            retry = {"Retry-After": str(retry_after_s)}
+            pixels = sum(request.document.pixels)
+            refusal = None
             if request.pages > free:
                 what = "the queue is full" if free <= 0 else f"only {free} of {self.capacity} page slots are free"
-                raise Overloaded(f"{what} and the document has {request.pages} page(s); retry shortly", headers=retry)
-            pixels = sum(request.document.pixels)
-            if self.max_pixels is not None and self._pixels and self._pixels + pixels > self.max_pixels:
-                raise Overloaded(
+                refusal = f"{what} and the document has {request.pages} page(s); retry shortly"
+            elif self.max_pixels is not None and self._pixels and self._pixels + pixels > self.max_pixels:
+                refusal = (
                     f"the pages waiting already add up to {self._pixels:,} pixels of the {self.max_pixels:,} the "
-                    f"queue holds, and this document has {pixels:,}; retry shortly",
-                    headers=retry,
+                    f"queue holds, and this document has {pixels:,}; retry shortly"
                 )
+            if refusal is not None:
+                retry = retry_after_s() if callable(retry_after_s) else retry_after_s
+                raise Overloaded(refusal, headers={"Retry-After": str(retry)})
             self._requests.append(request)
             self._pages += request.pages
             self._pixels += pixels
