@@ -197,9 +197,9 @@ def event_stream(request: Request, events: AsyncIterator[str]) -> tuple[Streamin
     return response, lease
 
 
-def random_weights_warnings(engine: OCREngine | None, model: str) -> list[str]:
+def random_weights_warnings(random_weights: bool, model: str) -> list[str]:
     """The warning every answer made on a random preset carries."""
-    return [RANDOM_WEIGHTS_WARNING.format(name=model)] if engine is not None and engine.random_weights else []
+    return [RANDOM_WEIGHTS_WARNING.format(name=model)] if random_weights else []
 
 
 def build_response(
@@ -213,8 +213,7 @@ def build_response(
 ) -> OcrResponse:
     """The /v1/ocr answer: pages, their markdown joined, request statistics and every warning."""
     pages = [PageOut(page=number, **r.model_dump()) for number, r in zip(numbers, results, strict=True)]
-    warnings = [RANDOM_WEIGHTS_WARNING.format(name=model)] if random_weights else []
-    warnings += notes + [
+    warnings = random_weights_warnings(random_weights, model) + notes + [
         f"page {p.page} stopped at max_new_tokens ({options.max_new_tokens}) or the position limit"
         for p in pages
         if p.stats.finish_reason == "length"

@@ -8,7 +8,6 @@ key's job is a 404, like a job that does not exist.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.common import ERROR_RESPONSES, OcrForm, build_response, door_options, event_stream, read_upload
 from service.api.deps import get_scheduler, get_settings
-from service.api.middleware import api_key_of
+from service.api.middleware import key_digest
 from service.engine import OcrOptions
 from service.errors import InvalidParameter, NotFinished, NotFound, Overloaded, TooManyJobs
 from service.jobs import JobRecord, JobRunner, JobStore, stored_page
@@ -72,8 +71,7 @@ def get_runner(request: Request) -> JobRunner:
 
 def owner_of(request: Request) -> str:
     """Who a job belongs to: a digest of the caller's API key (everyone shares one without keys)."""
-    key = api_key_of(request.headers)
-    return hashlib.sha256(key.encode()).hexdigest()[:32] if key else "anonymous"
+    return key_digest(request.headers) or "anonymous"
 
 
 def find(store: JobStore, job_id: str, request: Request) -> JobRecord:

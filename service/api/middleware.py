@@ -93,6 +93,12 @@ def api_key_of(headers: Headers) -> str:
     return (headers.get("x-api-key") or bearer).strip()
 
 
+def key_digest(headers: Headers) -> str | None:
+    """Who presents the request, as far as keys tell: a digest of its API key (never the key), or None."""
+    key = api_key_of(headers)
+    return hashlib.sha256(key.encode()).hexdigest()[:32] if key else None
+
+
 class ApiKeyMiddleware:
     """When a key is configured, every path except health, metrics and docs needs ``X-API-Key``
     (or ``Authorization: Bearer <key>``, as OpenAI-compatible clients send it)."""
@@ -250,9 +256,9 @@ class StreamLimits:
 
     @staticmethod
     def client_of(scope: Scope) -> str:
-        key = api_key_of(Headers(scope=scope))
-        if key:
-            return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        digest = key_digest(Headers(scope=scope))
+        if digest:
+            return f"key:{digest}"
         host = (scope.get("client") or ("-", 0))[0]
         return f"address:{host}"
 

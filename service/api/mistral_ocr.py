@@ -135,7 +135,7 @@ async def mistral_ocr(
         MistralPage(index=number - 1, markdown=result.markdown, dimensions=_dimensions(result))
         for number, result in zip(document.numbers, results, strict=True)
     ]
-    warnings = random_weights_warnings(engine, settings.model)
+    warnings = random_weights_warnings(engine.random_weights, settings.model)
     return MistralOcrResponse(
         pages=pages,
         model=body.model or settings.model,
