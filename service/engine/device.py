@@ -60,6 +60,14 @@ def is_device_broken(exc: BaseException) -> bool:
     return any(marker in str(exc) for marker in STICKY_MARKERS)
 
 
+def on_device(values: list, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device``: through pinned memory and without waiting, on a GPU."""
+    tensor = torch.tensor(values)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def prepare_device(device: torch.device, *, memory_fraction: float | None = None) -> None:
     """Settings for a CUDA device, before the model's first allocation; nothing on the CPU.
 

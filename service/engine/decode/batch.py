@@ -34,6 +34,7 @@ import torch
 from transformers import DynamicCache
 
 from ..assemble import PromptInputs, extend_prompt
+from ..device import on_device
 from ..model import OcrModel
 from ..stats import shared_stage
 from .sequence import EOS_ID, Generation, Sequence
@@ -141,7 +142,7 @@ class RunningBatch:
             return []
         started = time.perf_counter()
         rows = list(self._slots)
-        positions = _on_device([[seq.prompt.next_position + len(seq.tokens) - 1] for seq in rows], self.model.device)
+        positions = on_device([[seq.prompt.next_position + len(seq.tokens) - 1] for seq in rows], self.model.device)
         bans = _bans(rows, self.model.device)  # before the forward: the host does not wait for it
         width = self.width
         if self.layout == "slots":
@@ -173,9 +174,9 @@ class RunningBatch:
         if all(n == width for n in lengths):
             return None
         columns = torch.arange(width, device=self.model.device)[None, :]
-        sizes = _on_device(lengths, self.model.device)[:, None]
-        if self.layout == "slots":  # right-padded: a row's tokens are its first columns
-            return (columns < sizes)[:, None, None, :]
+        if self.layout == "slots":  # right-padded: a row's tokens are its first columns, and the one it writes
+            return (columns <= self._cache.write_columns[:, None])[:, None, None, :]  # already on the device
+        sizes = on_device(lengths, self.model.device)[:, None]
         return (columns >= width - sizes)[:, None, None, :]  # left-padded: its last columns
 
     def _crop(self, width: int) -> None:
@@ -234,14 +235,6 @@ class RunningBatch:
         self._last = self._last[torch.tensor(order, device=self.model.device)]
 
 
-def _on_device(values: list, device: torch.device) -> torch.Tensor:
-    """A small host list as a tensor on ``device``: through pinned memory and without waiting, on a GPU."""
-    tensor = torch.tensor(values)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
 def _bans(rows: list[Sequence], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(row, token) pairs each row's n-gram guard forbids next, on the device; None when nothing is banned."""
     rows_idx, token_idx = [], []
@@ -251,7 +244,7 @@ def _bans(rows: list[Sequence], device: torch.device) -> tuple[torch.Tensor, tor
         token_idx += sorted(banned)
     if not rows_idx:
         return None
-    both = _on_device([rows_idx, token_idx], device)  # one copy for both
+    both = on_device([rows_idx, token_idx], device)  # one copy for both
     return both[0], both[1]
 
 
@@ -278,7 +271,7 @@ def _prefill_mask(pads: list[int], length: int, device: torch.device) -> torch.T
         return None
     positions = torch.arange(length, device=device)
     causal = positions[None, :] <= positions[:, None]  # (L, L)
-    real = positions[None, :] >= _on_device(pads, device)[:, None]  # (B, L)
+    real = positions[None, :] >= on_device(pads, device)[:, None]  # (B, L)
     mask = (causal[None] & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
     return mask[:, None]
 

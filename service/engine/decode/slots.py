@@ -26,6 +26,8 @@ import torch
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 
+from ..device import on_device
+
 MIN_COLUMNS = 64
 MIN_ROWS = 8  # first buffers hold this many rows: pages join a few at a time
 
@@ -88,7 +90,7 @@ class SlotCache(Cache):
         """Where this step writes: column ``len_i`` of every row."""
         self._reserve(self.rows, self.width)
         self.write_rows = torch.arange(self.rows, device=device)
-        self.write_columns = torch.tensor(self.lengths, device=device)
+        self.write_columns = on_device(self.lengths, device)  # the batch's step mask reads it too
 
     def end_step(self) -> None:
         """The step succeeded: every row holds one more token."""
