@@ -1,4 +1,9 @@
-"""Map every error onto the one error schema; installed once by the app factory."""
+"""Map every error onto the one error schema; installed once by the app factory.
+
+Invalid parameters are 422 on this service's own routes (FastAPI's convention, and Mistral's on its
+OCR route) and 400 on the OpenAI-compatible routes, as OpenAI and vLLM answer them: the ``openai``
+client then raises ``BadRequestError`` with ``type`` and ``param``, as it would against OpenAI.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import ErrorInfo, ErrorResponse, ServiceError, validation_message
+from service.errors import ErrorInfo, ErrorResponse, ServiceError, error_type, field_path, validation_message
 from service.inputs import UploadError
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,9 @@ class UploadStalled(StarletteHTTPException):
         self.code = "request_timeout"
 
 
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
+
+
 def error_json(
     status: int,
     code: str,
@@ -40,10 +48,19 @@ def error_json(
     *,
     headers: dict[str, str] | None = None,
     details: list[dict[str, Any]] | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
-    """The one error body: handlers and the plain-ASGI middlewares (which have no Request) both use it."""
-    body = ErrorResponse(error=ErrorInfo(code=code, message=message, request_id=request_id, details=details))
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+    """The one error body: handlers and the plain-ASGI middlewares (which have no Request) both use it.
+    ``param`` is kept even when None (OpenAI's bodies always have it)."""
+    info = ErrorInfo(
+        code=code, message=message, type=error_type(status), param=param, request_id=request_id, details=details
+    )
+    detail = [{"loc": d["loc"], "msg": d["msg"], "type": d["type"]} for d in details] if details else None
+    if detail is None and code == "invalid_parameter":  # a check of ours, not pydantic's: one entry
+        detail = [{"loc": ["body", *(param.split(".") if param else [])], "msg": message, "type": code}]
+    body = ErrorResponse(error=info, detail=detail).model_dump(exclude_none=True)
+    body["error"].setdefault("param", None)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def error_response(
@@ -54,13 +71,16 @@ def error_response(
     *,
     headers: dict[str, str] | None = None,
     details: list[dict[str, Any]] | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None) if request is not None else None
-    return error_json(status, code, message, request_id, headers=headers, details=details)
+    if status == 422 and request is not None and request.url.path.startswith(OPENAI_PATHS):
+        status = 400  # OpenAI's and vLLM's status for an invalid parameter
+    return error_json(status, code, message, request_id, headers=headers, details=details, param=param)
 
 
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    return error_response(request, exc.status, exc.code, exc.message, headers=exc.headers)
+    return error_response(request, exc.status, exc.code, exc.message, headers=exc.headers, param=exc.param)
 
 
 async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
@@ -69,13 +89,33 @@ async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     details = [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")).removeprefix("Value error, "), "type": e["type"]}
+        for e in exc.errors()
     ]
     if any(d["type"] == "json_invalid" for d in details):  # not a parameter problem: the body is not JSON
         at = next((d["loc"][-1] for d in details if d["type"] == "json_invalid"), None)
         where = f" (at character {at})" if isinstance(at, int) else ""
         return error_response(request, 400, "invalid_json", f"the request body is not valid JSON{where}")
-    return error_response(request, 422, "invalid_parameter", validation_message(details), details=details)
+    message = validation_message(details, known_fields(request, details[0]["loc"] if details else []))
+    at_fault = next((d for d in details if d["type"] == "extra_forbidden"), details[0] if details else None)
+    param = field_path(at_fault["loc"]) if at_fault else None
+    return error_response(request, 422, "invalid_parameter", message, details=details, param=param or None)
+
+
+def known_fields(request: Request, loc: list) -> list[str]:
+    """The field names a request body may have at ``loc`` (its parent object), for "did you mean":
+    read from the route's body model, following nested models along the location."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    for part in [p for p in loc[1:-1] if isinstance(p, str)]:
+        inner = getattr(model, "model_fields", {}).get(part)
+        model = next((a for a in _members(inner.annotation) if hasattr(a, "model_fields")), None) if inner else None
+    return list(getattr(model, "model_fields", {}))
+
+
+def _members(annotation: Any) -> list[Any]:
+    """A type and the members of a union (``Model | None``)."""
+    return [annotation, *getattr(annotation, "__args__", ())]
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

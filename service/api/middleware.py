@@ -26,6 +26,7 @@ log = logging.getLogger("rtprune_ocr.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/redoc", "/static/")
 OPEN_EXACT = {"/"}  # the try-out page; its API calls carry the key
+PROBE_PATHS = ("/healthz", "/readyz", "/metrics")  # logged at DEBUG
 
 
 class RequestContextMiddleware:
@@ -70,7 +71,9 @@ class RequestContextMiddleware:
             if scope["path"] in ("/v1/ocr", "/v1/chat/completions", "/v1/jobs"):
                 self.metrics.requests.labels(str(status)).inc()
                 self.metrics.request_seconds.observe(elapsed)
-            log.info(
+            quiet = scope["path"] in PROBE_PATHS  # a probe every few seconds is not news (its 503 while loading either)
+            log.log(
+                logging.DEBUG if quiet else logging.INFO,
                 "%s %s %s",
                 scope["method"],
                 scope["path"],
@@ -117,9 +120,9 @@ class ApiKeyMiddleware:
             response = error_json(
                 401,
                 "unauthorized",
-                "missing or wrong X-API-Key header",
+                "missing or wrong API key: send it as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
                 scope.get("state", {}).get("request_id"),
-                headers={"WWW-Authenticate": "X-API-Key"},
+                headers={"WWW-Authenticate": 'Bearer realm="rtprune-ocr"'},
             )
             await response(scope, receive, send)
             return
