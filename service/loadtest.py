@@ -6,12 +6,13 @@ Without ``--host`` it first starts ``rtprune-ocr serve --model tiny`` on a free 
 
 from __future__ import annotations
 
-import csv
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -43,20 +44,39 @@ def wait_ready(
     raise RuntimeError(f"{base} did not become ready within {timeout:.0f} s")
 
 
-def summarize(stats_csv: Path) -> dict[str, float]:
-    """Locust's own final statistics: the aggregated row (every HTTP request; the server's reported values
-    are kept out of it) and the back-pressure row."""
-    with stats_csv.open() as handle:
-        rows = {row["Name"]: row for row in csv.DictReader(handle)}
-    total = rows.get("Aggregated", {})
+BACKPRESSURE = "POST /v1/ocr [503 back-pressure]"  # the locustfile's name for a 503 with Retry-After
+
+
+def summarize(stats_json: Path, started: float) -> dict[str, float]:
+    """Locust's own final statistics (``--json-file``, written once every user has stopped, so requests
+    that end after the run's window count, as in locust's table; the CSV is written before them): every
+    HTTP request (the server's reported values are kept out of them), and the back-pressure 503s. The rate
+    is over the run, from ``started`` (a wall-clock time) to the last answer."""
+    entries = json.loads(stats_json.read_text())
+    times: Counter[int] = Counter()
+    for entry in entries:
+        times.update({int(ms): count for ms, count in entry["response_times"].items()})
+    requests = sum(e["num_requests"] for e in entries)
+    ended = max((e["last_request_timestamp"] or 0 for e in entries), default=0.0)
     return {
-        "requests": int(total.get("Request Count", 0) or 0),
-        "failures": int(total.get("Failure Count", 0) or 0),
-        "backpressure": int(rows.get("POST /v1/ocr [503 back-pressure]", {}).get("Request Count", 0) or 0),
-        "median_ms": float(total.get("Median Response Time", 0) or 0),
-        "p95_ms": float(total.get("95%", 0) or 0),
-        "requests_per_s": float(total.get("Requests/s", 0) or 0),
+        "requests": requests,
+        "failures": sum(e["num_failures"] for e in entries),
+        "backpressure": sum(e["num_requests"] for e in entries if e["name"] == BACKPRESSURE),
+        "median_ms": percentile(times, 0.5),
+        "p95_ms": percentile(times, 0.95),
+        "requests_per_s": requests / (ended - started) if ended > started else 0.0,
     }
+
+
+def percentile(histogram: Counter[int], q: float) -> float:
+    """The q-quantile of locust's response-time histogram (milliseconds -> count); 0 when empty."""
+    total = sum(histogram.values())
+    seen = 0
+    for ms in sorted(histogram):
+        seen += histogram[ms]
+        if seen >= q * total:
+            return float(ms)
+    return 0.0
 
 
 def run_loadtest(
@@ -119,25 +139,35 @@ def run_loadtest(
             host,
             "--csv",
             str(out / "locust"),
+            "--json-file",
+            str(out / "locust_stats"),  # locust adds .json
             "--html",
             str(out / "report.html"),
             "--only-summary",
             "--stop-timeout",
             "60",
         ]
+        started = time.time()
         result = subprocess.run(command, capture_output=True, text=True)
         (out / "locust.log").write_text(result.stdout + result.stderr)
     finally:
         if server is not None:
             server.terminate()
             server.wait(timeout=60)
-    stats = summarize(out / "locust_stats.csv")
+    stats = summarize(out / "locust_stats.json", started)
     line = (
         f"loadtest: {stats['requests']} requests, {stats['failures']} failed, {stats['backpressure']} back-pressure "
         f"503s, median {stats['median_ms']:.0f} ms, p95 {stats['p95_ms']:.0f} ms, {stats['requests_per_s']:.2f} "
         f"req/s, {users} users, {duration_s} s against {host}"
     )
+    if stats["requests"] < 3 * users:
+        needed = 3 * stats["median_ms"] / 1e3 if stats["requests"] else None
+        line += (
+            f"\nnote: only {stats['requests']} requests for {users} users: too few to measure latency or "
+            "throughput; run at least a few requests per user"
+            + (f" (--duration {needed:.0f} or more here)" if needed else "")
+        )
     (out / "summary.txt").write_text(line + "\n")
     print(line)
-    print(f"reports: {out / 'report.html'}, {out / 'locust_stats.csv'}, {out / 'locust_server_stats.csv'}")
+    print(f"reports: {out / 'report.html'}, {out / 'locust_stats.json'}, {out / 'locust_server_stats.csv'}")
     return 0 if stats["requests"] > 0 and stats["failures"] == 0 and result.returncode == 0 else 1
