@@ -11,6 +11,7 @@ from service.engine.device import memory_bytes
 from service.engine.stats import STAGES, PageStats
 
 if TYPE_CHECKING:
+    from service.engine.options import OcrOptions
     from service.scheduler import Scheduler
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -21,17 +22,22 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("rtprune_requests", "OCR requests by HTTP status", ["status"], registry=r)
-        self.pages = Counter("rtprune_pages", "pages OCR'd", registry=r)
+        page = ["mode", "pruner"]  # what a page asked for: the knobs that change its cost
+        self.pages = Counter("rtprune_pages", "pages OCR'd, by mode and pruner", page, registry=r)
         self.stage_seconds = Histogram(
-            "rtprune_stage_seconds", "per-page latency by stage", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
+            "rtprune_stage_seconds", "per-page latency by stage and mode", ["stage", "mode"], buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.request_seconds = Histogram(
             "rtprune_request_seconds", "end-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.visual_tokens = Counter(
-            "rtprune_visual_tokens", "visual tokens before (in) and after (kept) pruning", ["kind"], registry=r
+            "rtprune_visual_tokens",
+            "visual tokens before (in) and after (kept) pruning, by mode and pruner",
+            ["kind", *page],
+            registry=r,
         )
-        self.output_tokens = Counter("rtprune_output_tokens", "generated tokens", registry=r)
+        self.output_tokens = Counter("rtprune_output_tokens", "generated tokens, by mode and pruner", page, registry=r)
         self.queue_depth = Gauge("rtprune_queue_depth", "pages waiting for the model (queued pages)", registry=r)
         self.in_flight = Gauge("rtprune_in_flight", "requests with a page running", registry=r)
         self.running_pages = Gauge("rtprune_running_pages", "pages in the running batch or about to join", registry=r)
@@ -59,15 +65,16 @@ class Metrics:
         for kind in ("allocated", "reserved", "peak"):
             self.gpu_memory.labels(kind).set_function(functools.partial(gpu_memory, scheduler, kind))
 
-    def observe_page(self, stats: PageStats) -> None:
-        self.pages.inc()
+    def observe_page(self, stats: PageStats, options: OcrOptions) -> None:
+        """One finished page, labelled with its mode and pruner (a few values each: bounded series)."""
+        mode, pruner = options.mode.value, options.pruner
+        self.pages.labels(mode, pruner).inc()
         latency = stats.latency_ms
-        for stage in STAGES:
-            self.stage_seconds.labels(stage).observe(getattr(latency, stage) / 1e3)
-        self.stage_seconds.labels("total").observe(latency.total / 1e3)
-        self.visual_tokens.labels("in").inc(stats.visual_tokens)
-        self.visual_tokens.labels("kept").inc(stats.visual_tokens_kept)
-        self.output_tokens.inc(stats.output_tokens)
+        for stage in (*STAGES, "total"):
+            self.stage_seconds.labels(stage, mode).observe(getattr(latency, stage) / 1e3)
+        self.visual_tokens.labels("in", mode, pruner).inc(stats.visual_tokens)
+        self.visual_tokens.labels("kept", mode, pruner).inc(stats.visual_tokens_kept)
+        self.output_tokens.labels(mode, pruner).inc(stats.output_tokens)
 
 
 def gpu_memory(scheduler: Scheduler, kind: str) -> int:

@@ -40,7 +40,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Literal
 
-from service.engine import Cancelled, OCREngine, PageResult
+from service.engine import Cancelled, OCREngine, OcrOptions, PageResult
 from service.engine.decode.contract import DecodeBatch
 from service.engine.device import DeviceLost
 from service.engine.engine import PageTask, PreparedPage
@@ -98,14 +98,14 @@ class Scheduler:
         load_engine: Callable[[], OCREngine],
         config: SchedulerConfig,
         *,
-        on_page: Callable[[PageResult], None] | None = None,
+        on_page: Callable[[PageResult, OcrOptions], None] | None = None,
         on_step: Callable[[int], None] | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.config = config
         self._load_engine = load_engine
         self._queue = PageQueue(config.queue_size, config.max_queued_pixels)
-        self._on_page = on_page or (lambda result: None)
+        self._on_page = on_page or (lambda result, options: None)
         self._on_step = on_step or (lambda rows: None)
         self._on_fatal = on_fatal or (lambda exc: None)
         self._thread = threading.Thread(target=self._main, name="rtprune-scheduler", daemon=True)
@@ -457,7 +457,7 @@ class Scheduler:
             if isinstance(result, BaseException):
                 r.request.fail(result)
                 continue
-            self._on_page(result)
+            self._on_page(result, r.request.options)
             r.request.record(r.index, result)
 
     # --- failure and shutdown -----------------------------------------------------------------------
