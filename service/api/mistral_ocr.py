@@ -1,20 +1,26 @@
 """``POST /v1/ocr`` with a JSON body: the shape of Mistral's OCR API, which LiteLLM's OCR call speaks.
 
-``{"model": ..., "document": {"type": "document_url" | "image_url", ...}, "pages": [0, 2]}``
+``{"model": ..., "document": {"type": "document_url" | "image_url", ...}, "pages": [0, 2] | "0,2-4"}``
 -> ``{"pages": [{"index", "markdown", "images", "dimensions"}], "model", "usage_info"}``.
 The content type selects it: a JSON body comes here, a multipart form to the form route,
 which stays exactly as it is. Both share the walk (limits, scheduler, errors) and the
 statistics (in an extra ``rtprune`` field here).
+
+Every field of Mistral's OCR request is accepted, so its SDK works with its defaults (it always
+sends ``include_blocks``): the ones that change nothing here are named in a warning; the ones
+this service cannot honour (annotations, files in Mistral's store) are a 422 that says why.
 """
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WrapValidator
 from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import Scope
@@ -62,23 +68,126 @@ class DocumentUrl(BaseModel):
     document_name: str | None = None
 
 
+class ImageUrl(BaseModel):
+    url: str
+    detail: str | None = None
+
+
 class ImageUrlDocument(BaseModel):
     type: Literal["image_url"]
-    image_url: str = Field(description="data:image/...;base64,... (or http(s) where fetching is allowed)")
+    image_url: str | ImageUrl = Field(
+        description="data:image/...;base64,... (or http(s) where fetching is allowed), or {url: ...}"
+    )
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
+
+
+class FileDocument(BaseModel):
+    type: Literal["file"]
+    file_id: str
+
+
+PAGE_LIST = re.compile(r"^\s*\d{1,5}\s*(-\s*\d{1,5}\s*)?(,\s*\d{1,5}\s*(-\s*\d{1,5}\s*)?)*$")
+PageNumber = Annotated[int, Field(ge=0, le=99_999)]
+
+
+def _pages_in_words(value: Any, handler: Callable[[Any], Any]) -> Any:
+    try:
+        return handler(value)
+    except ValueError:
+        raise ValueError(
+            "pages must be a list of 0-based page numbers, or a string of numbers and ranges such as '0,2-4'"
+        ) from None
+
+
+def parse_pages(pages: list[int] | str) -> list[int]:
+    """Mistral's page selection, 0-based: a list, or a string such as ``"0,2-4"`` (ranges inclusive).
+    InvalidParameter for a reversed range or a selection of nothing."""
+    if isinstance(pages, list):
+        return sorted(set(pages))
+    if not PAGE_LIST.match(pages):
+        raise InvalidParameter(
+            f"pages {pages[:40]!r} is not a page list: write numbers and ranges such as '0,2-4' (0-based)",
+            param="pages",
+        )
+    wanted: set[int] = set()
+    for part in pages.split(","):
+        first, _, last = "".join(part.split()).partition("-")
+        low, high = int(first), int(last or first)
+        if high < low:
+            raise InvalidParameter(f"pages: the range {low}-{high} runs backwards", param="pages")
+        wanted.update(range(low, high + 1))
+    return sorted(wanted)
+
+
+# Mistral's fields that change nothing here: accepted when set, and named in a warning (field -> why)
+WITHOUT_EFFECT = {
+    "include_image_base64": "figures are not extracted: images stay empty",
+    "image_limit": "figures are not extracted",
+    "image_min_size": "figures are not extracted",
+    "table_format": "tables come as the model writes them (HTML inside the markdown)",
+    "extract_header": "headers stay in the markdown",
+    "extract_footer": "footers stay in the markdown",
+    "include_blocks": "block boxes are not returned (the grounding task's boxes are in rtprune-ocr's form answer)",
+    "confidence_scores_granularity": "confidence scores are not computed",
+}
+# ... and those it cannot honour: a 422 when set (field -> why)
+UNSUPPORTED = {
+    "bbox_annotation_format": "annotations need a model that follows a JSON schema; DeepSeek-OCR transcribes pages",
+    "document_annotation_format": "annotations need a model that follows a JSON schema; DeepSeek-OCR transcribes pages",
+    "document_annotation_prompt": "annotations need a model that follows a JSON schema; DeepSeek-OCR transcribes pages",
+}
 
 
 class MistralOcrRequest(BaseModel):
+    """Mistral's OCR request, every field of it (mistralai 3.7), plus this service's own two."""
+
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
+    model: str | None = Field(None, description="any id is accepted; the answer names the model that ran")
     id: str | None = None
-    document: DocumentUrl | ImageUrlDocument = Field(discriminator="type")
-    pages: list[Annotated[int, Field(ge=0)]] | None = Field(
-        None, min_length=1, description="0-based pages; default all (an empty list selects nothing: 422)"
+    document: DocumentUrl | ImageUrlDocument | FileDocument = Field(discriminator="type")
+    pages: Annotated[list[PageNumber] | str, WrapValidator(_pages_in_words)] | None = Field(
+        None, description="0-based pages: a list, or numbers and ranges such as '0,2-4'; default all"
     )
-    include_image_base64: bool | None = Field(None, description="figures are not extracted: images stay empty")
+    include_image_base64: bool | None = None
+    image_limit: int | None = None
+    image_min_size: int | None = None
+    bbox_annotation_format: dict[str, Any] | None = None
+    document_annotation_format: dict[str, Any] | None = None
+    document_annotation_prompt: str | None = None
+    table_format: Literal["markdown", "html"] | None = None
+    extract_header: bool | None = None
+    extract_footer: bool | None = None
+    include_blocks: bool | None = None
+    confidence_scores_granularity: Literal["word", "page", "block"] | None = None
     max_new_tokens: int | None = Field(None, ge=1, le=8192, description="rtprune-ocr: most tokens a page")
     rtprune: PageKnobs | None = Field(None, description="rtprune-ocr's page knobs (mode, pruner, retention, ...)")
+
+    def url(self) -> str:
+        """The document's URL; 422 for a file in Mistral's store, which this server cannot read."""
+        if isinstance(self.document, FileDocument):
+            raise InvalidParameter(
+                "document.file_id names a file in Mistral's store; send the document inline as a "
+                "document_url or image_url (a data: URL)",
+                param="document",
+            )
+        return self.document.document_url if isinstance(self.document, DocumentUrl) else self.document.url
+
+    def without_effect(self) -> list[str]:
+        """A warning for each field set that changes nothing here; 422 for one this server cannot honour."""
+        for field, why in UNSUPPORTED.items():
+            if getattr(self, field) is not None:
+                raise InvalidParameter(f"{field} is not supported: {why}", param=field)
+        return [f"{field} has no effect here: {why}" for field, why in WITHOUT_EFFECT.items() if _asked(self, field)]
+
+
+def _asked(body: MistralOcrRequest, field: str) -> bool:
+    """Whether a field asks for something (``include_blocks: false`` asks for nothing)."""
+    value = getattr(body, field)
+    return value is not None and value is not False and not (field == "table_format" and value == "html")
 
 
 class Dimensions(BaseModel):
@@ -115,10 +224,13 @@ async def mistral_ocr(
 ) -> MistralOcrResponse:
     accepted_at = time.monotonic()
     engine = scheduler.ensure_ready()
-    options, notes = door_options(engine, mistral_options(body))
-    url = body.document.document_url if isinstance(body.document, DocumentUrl) else body.document.image_url
+    ignored = body.without_effect()
+    url = body.url()
+    wanted = parse_pages(body.pages) if body.pages is not None else None
+    if wanted == []:
+        raise InvalidParameter("pages selects no page; leave it out to OCR every page", param="pages")
+    options, notes = door_options(engine, mistral_options(body), settings)
     data = await read_url(request, url, settings)
-    wanted = sorted(set(body.pages)) if body.pages is not None else None
     # only the pages asked for are measured against the limits (1-based range of the PDF, then a selection)
     span = (wanted[0] + 1, wanted[-1] + 1) if wanted and is_pdf(data) else None
     document = await open_upload(data, settings, span)
@@ -126,7 +238,7 @@ async def mistral_ocr(
         first = span[0] - 1 if span else 0
         missing = [p for p in wanted if p - first >= len(document)]
         if missing:
-            raise InvalidParameter(f"pages {missing} are outside the document's pages (0-based)")
+            raise InvalidParameter(f"pages {missing} are outside the document's pages (0-based)", param="pages")
         document = document.select([p - first for p in wanted])
     request_pages = page_request(request, document, options, settings, accepted_at)
     scheduler.submit(request_pages)
@@ -138,9 +250,9 @@ async def mistral_ocr(
     warnings = random_weights_warnings(engine.random_weights, settings.model)
     return MistralOcrResponse(
         pages=pages,
-        model=body.model or settings.model,
+        model=settings.model,
         usage_info=UsageInfo(pages_processed=len(pages), doc_size_bytes=len(data)),
-        rtprune={"pages": [r.stats.model_dump(mode="json") for r in results], "warnings": warnings + notes},
+        rtprune={"pages": [r.stats.model_dump(mode="json") for r in results], "warnings": warnings + notes + ignored},
     )
 
 
