@@ -22,7 +22,7 @@ from service.api.common import ERROR_RESPONSES, OcrForm, build_response, door_op
 from service.api.deps import get_scheduler, get_settings
 from service.api.middleware import key_digest
 from service.engine import OcrOptions
-from service.errors import InvalidParameter, NotFinished, NotFound, Overloaded, TooManyJobs
+from service.errors import InvalidParameter, JobCancelled, JobFailed, NotFinished, NotFound, Overloaded, TooManyJobs
 from service.jobs import JobRecord, JobRunner, JobStore, stored_page
 from service.outbound import OutboundRefused, resolve
 from service.scheduler import Scheduler
@@ -108,7 +108,7 @@ async def create_job(
     runner: Annotated[JobRunner, Depends(get_runner)],
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ) -> JSONResponse:
-    options, notes = door_options(scheduler.ensure_ready(), form.chosen())
+    options, notes = door_options(scheduler.ensure_ready(), form.chosen(), settings)
     if form.webhook_url and not settings.allow_webhooks:
         raise InvalidParameter("webhooks are off on this server (RTPRUNE_ALLOW_WEBHOOKS)")
     if form.webhook_url:
@@ -124,7 +124,8 @@ async def create_job(
     record = store.create(owner, options.model_dump(mode="json"), document.numbers, data, form.webhook_url)
     runner.run(record.id)
     body = status_of(record, store).model_copy(update={"warnings": notes}).model_dump(mode="json")
-    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
+    location = str(request.url_for("job_status", job_id=record.id))  # absolute, as RFC 9110 prefers
+    return JSONResponse(body, status_code=202, headers={"Location": location})
 
 
 @router.get("/v1/jobs/{job_id}", summary="A job's state and progress in pages", responses=ERROR_RESPONSES)
@@ -143,9 +144,12 @@ async def job_result(
     scheduler: Annotated[Scheduler, Depends(get_scheduler)],
 ):
     record = find(runner.store, job_id, request)
+    if record.state == "cancelled":
+        raise JobCancelled("the job was cancelled; it has no result (its status lists the pages it finished)")
+    if record.state == "failed":
+        raise JobFailed(f"the job failed: {record.error or 'no reason was recorded'}")
     if record.state != "done":
-        detail = f": {record.error}" if record.error else ""
-        raise NotFinished(f"the job is {record.state}{detail}")
+        raise NotFinished(f"the job is {record.state}; its result is ready when the state is done")
     done = runner.store.pages(job_id)
     results = [stored_page(done[p][0]) for p in range(len(record.numbers))]
     random_weights = bool(scheduler.engine and scheduler.engine.random_weights)
@@ -177,35 +181,58 @@ async def cancel_job(job_id: str, request: Request, runner: Annotated[JobRunner,
 )
 async def job_events(job_id: str, request: Request, runner: Annotated[JobRunner, Depends(get_runner)]):
     record = find(runner.store, job_id, request)
-    idle_s = request.app.state.settings.stream_idle_s
-    return event_stream(request, events(runner, record, request, idle_s))[0]
+    settings = request.app.state.settings
+    after = resume_point(request.headers.get("last-event-id"))
+    stream = events(runner, record, request, settings.stream_idle_s, settings.sse_keepalive_s, after)
+    return event_stream(request, stream)[0]
 
 
-async def events(runner: JobRunner, record: JobRecord, request: Request, idle_s: float) -> AsyncIterator[str]:
-    """Page events as pages finish, then the final state; a stream with nothing to say for ``idle_s`` ends
-    with an ``idle`` event (reconnect to go on: the stream starts again from the stored pages)."""
+def resume_point(last_event_id: str | None) -> int:
+    """How many page events a reconnecting client has seen: its ``Last-Event-ID`` (0 without one)."""
+    try:
+        return max(0, int(last_event_id or 0))
+    except ValueError:
+        raise InvalidParameter("Last-Event-ID must be the id of an event this stream sent (a number)") from None
+
+
+async def events(
+    runner: JobRunner, record: JobRecord, request: Request, idle_s: float, keepalive_s: float, after: int = 0
+) -> AsyncIterator[str]:
+    """Page events as pages finish, then the final state. Page events are numbered in the order the pages
+    finished (``id: 1``, ``2``, ...), so a client that reconnects with ``Last-Event-ID: n`` gets the pages
+    after its n-th; the end event has no id (a reconnect after it replays it). While a page runs the stream
+    sends a ``: keep-alive`` comment every ``keepalive_s`` (proxies cut silent streams); one with no news
+    for ``idle_s`` ends with an ``idle`` event (reconnect to go on)."""
     queue = runner.subscribe(record.id)  # first, so nothing between the snapshot and now is missed
-    sent: set[int] = set()
-    last_news = time.monotonic()
+    seen: set[int] = set()  # pages numbered so far, those the client had seen included
+    last_news = last_sent = time.monotonic()
 
-    def stored_pages() -> list[str]:  # pages finished by any process sharing the store
-        done = sorted((p, at) for p, at in runner.store.done_at(record.id).items() if p not in sent)
-        sent.update(p for p, _ in done)
-        return [sse("page", {"page": record.numbers[p], "done_at": at}) for p, at in done]
+    def stored_pages() -> list[str]:  # pages finished by any process sharing the store, in the order they did
+        done = sorted((at, p) for p, at in runner.store.done_at(record.id).items() if p not in seen)
+        out = []
+        for at, p in done:
+            seen.add(p)
+            if len(seen) > after:
+                out.append(sse("page", {"page": record.numbers[p], "done_at": at}, event_id=len(seen)))
+        return out
 
     try:
         state = runner.store.get(record.id).state
         while True:
             for event in stored_pages():
-                last_news = time.monotonic()
+                last_news = last_sent = time.monotonic()
                 yield event
             if state not in ("queued", "running"):
                 break
-            if time.monotonic() - last_news > idle_s:
+            now = time.monotonic()
+            if now - last_news > idle_s:
                 yield sse("idle", {"after_s": idle_s, "state": state})
                 return
+            if now - last_sent >= keepalive_s:
+                last_sent = now
+                yield ": keep-alive\n\n"
             try:  # this process's runner announces pages and the end; the store has them all
-                kind, data = await asyncio.wait_for(queue.get(), 1.0)
+                kind, data = await asyncio.wait_for(queue.get(), min(1.0, keepalive_s))
                 if kind == "state":
                     state = data["state"]
             except TimeoutError:  # this process may not be the one running the job: look at the store
@@ -218,5 +245,6 @@ async def events(runner: JobRunner, record: JobRecord, request: Request, idle_s:
         runner.unsubscribe(record.id, queue)
 
 
-def sse(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+def sse(event: str, data: dict, event_id: int | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
