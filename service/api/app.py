@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -80,7 +81,7 @@ def create_app(
         scheduler = Scheduler(
             load_engine or default_loader(settings),
             settings.scheduler_config(),
-            on_page=lambda result: metrics.observe_page(result.stats),
+            on_page=lambda result, options: metrics.observe_page(result.stats, options),
             on_step=lambda rows: metrics.decode_steps.inc(),
             on_fatal=on_fatal,
         )
@@ -109,6 +110,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.started_at = int(time.time())  # the model card's `created`
     app.state.streams = StreamLimits(
         total=settings.max_streams, per_client=settings.max_streams_per_client, retry_after_s=settings.retry_after_s
     )

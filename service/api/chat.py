@@ -4,8 +4,11 @@ One user turn with one image (a data URL; http(s) only when ``RTPRUNE_ALLOW_URL_
 and a task prompt such as "Free OCR." or "<image>\\n<|grounding|>Convert the document to
 markdown.". vLLM's knobs (``vllm_xargs``: ngram_size, window_size, whitelist_token_ids;
 ``skip_special_tokens``) map onto ours; our own (mode, pruner, retention, positions, max_crops)
-go in ``rtprune``. Decoding is greedy: a temperature other than 0 is a 422, never silently
-ignored. The page walks the same way as ``/v1/ocr`` (limits, scheduler, errors).
+go in ``rtprune``. The fields frameworks send by habit (``user``, ``metadata``, ``stop``, penalties,
+``logprobs``, ``response_format``, ...) are accepted at their neutral values; any other value is a
+400 that says why, never silently ignored (decoding is greedy: ``temperature`` must be 0). Any model
+id is accepted (clients send their own) and the answer names the model that ran. The page walks the
+same way as ``/v1/ocr`` (limits, scheduler, errors).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from service.api.deps import get_scheduler, get_settings
 from service.engine import PageResult
 from service.engine.decode.sequence import TABLE_CELL_IDS
 from service.engine.options import PageKnobs
-from service.errors import InvalidParameter
+from service.errors import InvalidParameter, NotFound
 from service.scheduler import PageRequest, Scheduler
 from service.settings import ServiceSettings
 
@@ -70,17 +73,59 @@ class StreamOptions(BaseModel):
     include_usage: bool = True
 
 
+class ResponseFormat(BaseModel):
+    type: str = Field(description="only text: the answer is the page's markdown")
+
+
+def _not_set(value: Any) -> bool:
+    return not value  # None, False, 0, "", [], {}
+
+
+NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {  # field -> (is it neutral?, why other values fail)
+    "temperature": (lambda v: v == 0, "decoding is greedy: temperature must be 0 (sampling is not supported)"),
+    "top_p": (lambda v: v == 1, "decoding is greedy: top_p must be 1 (sampling is not supported)"),
+    "n": (lambda v: v == 1, "one choice per request: n must be 1"),
+    "stop": (_not_set, "stop sequences are not supported: a page ends at end-of-text or max_tokens"),
+    "frequency_penalty": (_not_set, "penalties are not supported (the n-gram guard in vllm_xargs stops loops); send 0"),
+    "presence_penalty": (_not_set, "penalties are not supported (the n-gram guard in vllm_xargs stops loops); send 0"),
+    "logit_bias": (_not_set, "logit_bias is not supported (vllm_xargs.whitelist_token_ids is)"),
+    "logprobs": (_not_set, "logprobs are not returned by this server"),
+    "top_logprobs": (_not_set, "logprobs are not returned by this server"),
+    "response_format": (lambda v: v.type == "text", "only response_format type text: the answer is markdown"),
+    "store": (_not_set, "completions are not stored by this server: store must be false"),
+    "tools": (_not_set, "tools are not supported: the model transcribes pages"),
+    "tool_choice": (lambda v: v == "none", "tools are not supported: tool_choice must be none"),
+}
+
+
 class ChatRequest(BaseModel):
+    """OpenAI's chat-completion body as this server reads it: unknown fields are refused by name; the
+    fields in :data:`NEUTRAL` are accepted at their neutral values only."""
+
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
+    model: str | None = Field(None, description="any id is accepted; the answer names the model that ran")
     messages: list[ChatMessage] = Field(min_length=1, max_length=1)
     max_tokens: int | None = Field(None, ge=1, le=8192)
     max_completion_tokens: int | None = Field(None, ge=1, le=8192)
     temperature: float | None = Field(None, description="only 0 (greedy) is supported")
     top_p: float | None = Field(None, description="only 1 is supported")
-    n: int | None = Field(None, ge=1, le=1)
-    seed: int | None = None
+    n: int | None = Field(None, description="only 1 is supported")
+    seed: int | None = Field(None, description="accepted and unused: decoding is greedy, so deterministic")
+    user: str | None = Field(None, description="accepted and unused")
+    metadata: dict[str, str] | None = Field(None, description="accepted and unused")
+    service_tier: str | None = Field(None, description="accepted and unused")
+    parallel_tool_calls: bool | None = Field(None, description="accepted and unused")
+    stop: str | list[str] | None = Field(None, description="only empty (no stop sequences)")
+    frequency_penalty: float | None = Field(None, description="only 0")
+    presence_penalty: float | None = Field(None, description="only 0")
+    logit_bias: dict[str, float] | None = Field(None, description="only empty")
+    logprobs: bool | None = Field(None, description="only false")
+    top_logprobs: int | None = Field(None, description="only 0")
+    response_format: ResponseFormat | None = Field(None, description='only {"type": "text"}')
+    store: bool | None = Field(None, description="only false")
+    tools: list[dict[str, Any]] | None = Field(None, description="only empty")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="only none")
     stream: bool = False
     stream_options: StreamOptions | None = None
     skip_special_tokens: bool = True
@@ -91,17 +136,19 @@ class ChatRequest(BaseModel):
 def chat_options(body: ChatRequest) -> tuple[dict[str, Any], str]:
     """The options a chat body chose (our field names) and its image URL; InvalidParameter for anything
     we cannot honour."""
-    if body.temperature not in (None, 0, 0.0) or body.top_p not in (None, 1, 1.0):
-        raise InvalidParameter("decoding is greedy: temperature must be 0 (and top_p 1); sampling is not supported")
+    refuse_non_neutral(body)
     content = body.messages[0].content
     parts = [ContentPart(type="text", text=content)] if isinstance(content, str) else content
     images = [p.image_url.url for p in parts if p.type == "image_url" and p.image_url]
     if len(images) != 1:
-        raise InvalidParameter(f"send exactly one image_url part; this message has {len(images)}")
+        raise InvalidParameter(f"send exactly one image_url part; this message has {len(images)}", param="messages")
     text = "\n".join(p.text for p in parts if p.type == "text" and p.text).strip()
     xargs = body.vllm_xargs or VllmXargs()
     if xargs.whitelist_token_ids is not None and set(xargs.whitelist_token_ids) != TABLE_CELL_IDS:
-        raise InvalidParameter(f"vllm_xargs.whitelist_token_ids: only {sorted(TABLE_CELL_IDS)} is supported")
+        raise InvalidParameter(
+            f"vllm_xargs.whitelist_token_ids: only {sorted(TABLE_CELL_IDS)} is supported",
+            param="vllm_xargs.whitelist_token_ids",
+        )
     knobs = body.rtprune.model_dump(exclude_unset=True) if body.rtprune else {}  # unset: the engine's defaults
     prompt = None if not text else text if "<image>" in text else f"<image>\n{text}"
     chosen = {**knobs, "prompt": prompt, "ngram_size": xargs.ngram_size}
@@ -111,9 +158,32 @@ def chat_options(body: ChatRequest) -> tuple[dict[str, Any], str]:
     return chosen, images[0]
 
 
+def refuse_non_neutral(body: ChatRequest) -> None:
+    """InvalidParameter (400 here) naming the first field set to a value other than its neutral one."""
+    for field, (neutral, why) in NEUTRAL.items():
+        value = getattr(body, field)
+        if value is not None and not neutral(value):
+            raise InvalidParameter(why, param=field)
+
+
+def model_card(request: Request) -> dict:
+    """The served model as OpenAI lists it; ``created`` is when this server started."""
+    settings = request.app.state.settings
+    created = request.app.state.started_at
+    return {"id": settings.model, "object": "model", "created": created, "owned_by": "rtprune-ocr"}
+
+
 @router.get("/v1/models", summary="The served model (OpenAI-compatible)")
-async def models(settings: Annotated[ServiceSettings, Depends(get_settings)]) -> dict:
-    return {"object": "list", "data": [{"id": settings.model, "object": "model", "owned_by": "rtprune-ocr"}]}
+async def models(request: Request) -> dict:
+    return {"object": "list", "data": [model_card(request)]}
+
+
+@router.get("/v1/models/{model_id:path}", summary="One model (OpenAI-compatible)", responses=ERROR_RESPONSES)
+async def model(model_id: str, request: Request) -> dict:
+    card = model_card(request)
+    if model_id != card["id"]:
+        raise NotFound(f"this server serves {card['id']!r}, not {model_id!r}", param="model")
+    return card
 
 
 @router.post(
@@ -127,12 +197,11 @@ async def chat_completions(
 ):
     engine = scheduler.ensure_ready()
     chosen, url = chat_options(body)
-    options, notes = door_options(engine, chosen)  # e.g. compact positions on the vLLM decoder
+    options, notes = door_options(engine, chosen, settings)  # e.g. compact positions on the vLLM decoder
     document = await open_upload(await read_url(request, url, settings), settings, page_range=(1, 1))
     accepted_at = time.monotonic()
     pages = page_request(request, document, options, settings, accepted_at)
-    skip = body.skip_special_tokens
-    reply = Reply(body.model or settings.model, engine.detokenizer(skip), engine.strip_special if skip else None, notes)
+    reply = Reply(settings.model, engine.detokenizer(body.skip_special_tokens), notes)
     if body.stream:
         tokens: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -152,16 +221,10 @@ async def chat_completions(
 class Reply:
     """Shapes chat.completion objects and chunks from a page's result and tokens."""
 
-    def __init__(
-        self,
-        model: str,
-        detokenize: Callable[[list[int]], str],
-        strip_special: Callable[[str], str] | None,
-        warnings: list[str] | None = None,
-    ) -> None:
+    def __init__(self, model: str, detokenize: Callable[[list[int]], str], warnings: list[str] | None = None) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.model, self.detokenize, self.strip_special, self.warnings = model, detokenize, strip_special, warnings
+        self.model, self.detokenize, self.warnings = model, detokenize, warnings
 
     def _base(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
@@ -189,10 +252,9 @@ class Reply:
         }
 
     def completion(self, page: PageResult) -> dict:
-        content = self.strip_special(page.text) if self.strip_special else page.text
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": content},
+            "message": {"role": "assistant", "content": self.text(page.tokens)},  # decoded as the stream decodes
             "finish_reason": FINISH[page.stats.finish_reason],
         }
         return {
@@ -213,23 +275,30 @@ class Reply:
     ) -> AsyncIterator[str]:
         """Server-sent events: a role chunk, text deltas as tokens are decoded, a final chunk, [DONE].
         A client that leaves cancels the work (the generator is closed and the page cancelled). A failure
-        after the status line is an ``error`` event with the code and message a plain request gets."""
+        after the status line is an ``error`` event with the code and message a plain request gets. While
+        the page waits in the queue, a ``: keep-alive`` comment every ``sse_keepalive_s`` keeps proxies
+        from cutting the stream (clients ignore comments)."""
         future = asyncio.wrap_future(pages.future)
         generated: list[int] = []
         shown = 0  # tokens whose text has been sent
         try:
             yield self.chunk({"role": "assistant", "content": ""})
+            last_sent = time.monotonic()
             while not (future.done() and tokens.empty()):
                 try:
                     position, token = await asyncio.wait_for(tokens.get(), timeout=0.1)
                 except TimeoutError:
                     if time.monotonic() > pages.deadline or await request.is_disconnected():
                         return
+                    if time.monotonic() - last_sent >= settings.sse_keepalive_s:
+                        last_sent = time.monotonic()
+                        yield ": keep-alive\n\n"
                     continue
                 if position == len(generated):  # each position once, in order
                     generated.append(token)
                     delta, shown = self.delta(generated, shown)
                     if delta:
+                        last_sent = time.monotonic()
                         yield self.chunk({"content": delta})
             try:
                 page = future.result()[0]

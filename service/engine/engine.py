@@ -96,11 +96,17 @@ class PageResult(BaseModel):
     preview: str | None = Field(None, description="page preview as a JPEG data URL; only with token_map=true")
     _spans: dict[str, list[tuple[float, float]]] = PrivateAttr(default_factory=dict)  # stage -> wall-clock spans
     _page_size: tuple[int, int] = PrivateAttr(default=(0, 0))
+    _tokens: list[int] = PrivateAttr(default_factory=list)
 
     @property
     def page_size(self) -> tuple[int, int]:
         """(width, height) of the page as it was OCR'd, in pixels."""
         return self._page_size
+
+    @property
+    def tokens(self) -> list[int]:
+        """The generated token ids (a door that decodes them itself, e.g. chat with skip_special_tokens)."""
+        return self._tokens
 
 
 def _pinned(page: PreparedImage) -> PreparedImage:
@@ -169,7 +175,9 @@ class OCREngine:
     def decoder_name(self) -> str:
         return "vllm" if self.decoder is not None else "transformers"
 
-    def resolve_options(self, chosen: dict[str, Any]) -> tuple[OcrOptions, list[str]]:
+    def resolve_options(
+        self, chosen: dict[str, Any], *, random_cap: int | None = None
+    ) -> tuple[OcrOptions, list[str]]:
         """The options a page runs with on this engine, from the fields a caller set, and notes on the
         chosen ones without effect; ValueError for anything this model or decoder cannot run (see
         :func:`.options.resolve_options`: every front door and the CLI make this one call)."""
@@ -179,6 +187,7 @@ class OCREngine:
             random_weights=self.random_weights,
             decoder=self.decoder_name,
             check_decoder=self._check_decoder_options if self.decoder is not None else None,
+            random_cap=random_cap,
         )
 
     @staticmethod
@@ -186,14 +195,12 @@ class OCREngine:
         check_options(options.positions, options.guard())
 
     def detokenizer(self, skip_special_tokens: bool) -> Callable[[list[int]], str]:
-        """Token ids -> text, as a streaming front door shows them (the tokenizer stays in the engine)."""
-        return lambda tokens: self.model.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
-
-    def strip_special(self, text: str) -> str:
-        """Raw text (special tokens kept) as decoding with ``skip_special_tokens`` would give it."""
-        for special in self.model.tokenizer.all_special_tokens:
-            text = text.replace(special, "")
-        return text
+        """Token ids -> text as a front door shows them, streamed or whole (the same function for both, so
+        one request gets one text): end-of-text is never shown; ``skip_special_tokens`` also drops the
+        grounding tags, as vLLM's option of that name does. The tokenizer stays in the engine."""
+        tokenizer = self.model.tokenizer
+        eos = tokenizer.eos_token_id
+        return lambda tokens: tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=skip_special_tokens)
 
     @property
     def name(self) -> str:
@@ -445,6 +452,7 @@ class OCREngine:
         )
         result._spans = {stage: list(spans) for stage, spans in task.timer.intervals.items()}
         result._page_size = block.page.size
+        result._tokens = list(seq.outcome.tokens)
         if task.options.token_map:
             merges = task.options.pruner == "rtprune"
             result.token_map = build_token_map(block, pruned, merges, self.model.version)
