@@ -18,6 +18,7 @@ import base64
 import binascii
 import io
 import logging
+import re
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -112,6 +113,21 @@ def render_pdf_page(data: bytes, index: int) -> Image.Image:
             pdf.close()
 
 
+PageRange = tuple[int, int | None]  # 1-based, inclusive; None: to the end
+PAGE_RANGE = re.compile(r"^\s*\d{1,5}\s*(-\s*\d{0,5}\s*)?$")  # '3', '2-5', '2-' (whitespace allowed)
+PAGE_RANGE_HELP = "a page or a range of pages, 1-based: '3', '2-5' or '2-' (to the end)"
+
+
+def parse_page_range(text: str) -> PageRange:
+    """A PDF page range as the form and the CLI write it; ValueError (one sentence) if it is not one."""
+    if not PAGE_RANGE.match(text):
+        raise ValueError(f"pages must be {PAGE_RANGE_HELP}; got {text[:40]}")
+    first, dash, last = "".join(text.split()).partition("-")
+    if not dash:  # a single page
+        return int(first), int(first)
+    return int(first), int(last) if last else None
+
+
 def is_pdf(data: bytes) -> bool:
     return data[:1024].lstrip().startswith(b"%PDF")
 
@@ -128,7 +144,7 @@ def open_document(
 
     Every limit is checked here, before any PDF page is rendered."""
     if not data:
-        raise UploadError(422, "empty_file", "the uploaded file is empty")
+        raise UploadError(422, "empty_file", "the file is empty")
     if is_pdf(data):
         numbers, pixels = _measure_pdf(
             data,
@@ -196,7 +212,7 @@ def _sniff_format(data: bytes) -> str:
         b"BM": "BMP",
         b"GIF8": "GIF",
     }
-    return next((name for magic, name in signatures.items() if data.startswith(magic)), "uploaded")
+    return next((name for magic, name in signatures.items() if data.startswith(magic)), "file's")
 
 
 def _measure_pdf(

@@ -56,6 +56,7 @@ class Limits(BaseModel):
     max_concurrent_requests: int
     queue_size: int = Field(description="pages that may wait for the model")
     request_timeout_s: float
+    max_new_tokens: int = Field(description="most new tokens a page may ask for (capped on a random-weights preset)")
 
 
 class Batching(BaseModel):

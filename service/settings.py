@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.names import DEFAULT_MODEL
+from service.engine.options import RANDOM_TOKEN_CAP
 
 
 class ServiceSettings(BaseSettings):
@@ -39,7 +40,9 @@ class ServiceSettings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="interface to listen on")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
-    api_key: SecretStr | None = Field(None, description="when set, /v1/* requires the X-API-Key header")
+    api_key: SecretStr | None = Field(
+        None, description="when set, /v1/* requires the key: Authorization: Bearer <key>, or X-API-Key"
+    )
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="largest accepted request body")
     max_image_pixels: int = Field(40_000_000, ge=4096, description="largest image or rendered PDF page, in pixels")
     max_pdf_pages: int = Field(50, ge=1, description="most PDF pages per request")
@@ -114,6 +117,16 @@ class ServiceSettings(BaseSettings):
         30.0, ge=0, description="on SIGTERM, how long running pages may finish; waiting requests get 503 at once"
     )
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline (queue + work); then 504")
+    random_max_new_tokens: int = Field(
+        RANDOM_TOKEN_CAP,
+        ge=1,
+        le=8192,
+        description="on a random-weights preset (tiny), the most new tokens a page may ask for; more is capped "
+        "with a warning (random weights never write end-of-text, so a page runs to its budget)",
+    )
+    sse_keepalive_s: float = Field(
+        15.0, gt=0, description="an event stream with nothing to send this long sends a comment (proxies cut idle ones)"
+    )
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503")
     jobs_dir: Path | None = Field(
         None, description="where asynchronous jobs are stored (default ~/.cache/rtprune-ocr/jobs); a volume in compose"

@@ -161,7 +161,8 @@ def test_health_ready_info_and_metrics(service):
     for name in (
         "rtprune_requests_total",
         "rtprune_stage_seconds_bucket",
-        'rtprune_visual_tokens_total{kind="kept"}',
+        'rtprune_visual_tokens_total{kind="kept",mode="tiny",pruner="rtprune"}',  # by mode and pruner
+        'rtprune_pages_total{mode="tiny",pruner="rtprune"}',
         "rtprune_output_tokens_total",
         "rtprune_queue_depth",
         "rtprune_in_flight",
@@ -334,7 +335,7 @@ def test_a_failing_request_does_not_take_down_the_service(tiny_engine):
 
 def test_deadline_is_504_and_cancels_the_generation(tiny_engine):
     engine = GatedEngine(tiny_engine)
-    with client_for(engine, request_timeout_s=1.0) as (client, app):
+    with client_for(engine, request_timeout_s=1.0, random_max_new_tokens=8192) as (client, app):
         start = time.perf_counter()
         response = post(client, {"max_new_tokens": "8192", "ngram_size": "0", "mode": "tiny"})
         assert_error(response, 504, "deadline_exceeded")
@@ -365,7 +366,7 @@ def test_request_id_is_echoed(service):
 
 def test_client_disconnect_cancels_the_work(tiny_engine):
     """A real uvicorn on loopback: a client that hangs up mid-generation stops the decode."""
-    app = create_app(settings(), load_engine=lambda: tiny_engine)
+    app = create_app(settings(random_max_new_tokens=8192), load_engine=lambda: tiny_engine)
     with live_server(app) as base:
         scheduler = app.state.scheduler
         boundary = "xyz"

@@ -58,6 +58,7 @@ def test_sigterm_refuses_waiting_requests_and_exits_within_the_grace(preset_cach
     import time
 
     args = ("--model", "tiny", "--device", "cpu", "--max-batch-size", "1", "--shutdown-grace-s", "3", "--no-warmup")
+    args += ("--random-max-new-tokens", "8192")  # a page that runs for a while
     path = tmp_path / "page.png"
     text_page((500, 400)).save(path)
     answers: dict[str, httpx.Response] = {}

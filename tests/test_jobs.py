@@ -46,7 +46,8 @@ def test_a_job_answers_202_at_once_and_its_result_equals_v1_ocr(tiny_engine, tmp
         accepted = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST)
         assert accepted.status_code == 202 and time.monotonic() - start < 2
         job_id = accepted.json()["id"]
-        assert accepted.headers["location"] == f"/v1/jobs/{job_id}" and accepted.json()["pages_total"] == 3
+        assert accepted.headers["location"] == f"http://testserver/v1/jobs/{job_id}"  # absolute
+        assert accepted.json()["pages_total"] == 3
         status = wait_state(client.get, job_id)
         assert status["state"] == "done" and status["pages_done"] == 3
         assert all(page["done_at"] for page in status["pages"])
@@ -73,7 +74,7 @@ def test_unknown_jobs_and_other_keys_jobs_are_404(tiny_engine, tmp_path):
 
 
 def test_cancelling_a_job_stops_its_pages(tiny_engine, tmp_path):
-    with app_client(tiny_engine, tmp_path) as client:
+    with app_client(tiny_engine, tmp_path, random_max_new_tokens=8192) as client:
         ready(client)
         long = {"mode": "tiny", "max_new_tokens": "8192", "ngram_size": "0"}
         job_id = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=long).json()["id"]
@@ -85,7 +86,7 @@ def test_cancelling_a_job_stops_its_pages(tiny_engine, tmp_path):
             assert time.monotonic() < deadline, "the cancelled job's pages kept running"
             time.sleep(0.05)
         result = client.get(f"/v1/jobs/{job_id}/result")
-        assert result.status_code == 409 and result.json()["error"]["code"] == "job_not_finished"
+        assert result.status_code == 409 and result.json()["error"]["code"] == "job_cancelled"
 
 
 def test_limits_per_key_and_storage(tiny_engine, tmp_path):
@@ -227,3 +228,40 @@ def test_a_cancelled_job_frees_its_place_in_the_quota(tiny_engine, tmp_path):
             wait_state(client.get, second.json()["id"])
     finally:
         gated.gate.set()
+
+
+def test_a_failed_job_has_its_own_code_and_says_why(tiny_engine, tmp_path):
+    gated = GatedEngine(tiny_engine)
+    gated.fail_next = RuntimeError("an internal detail")
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False, jobs_dir=tmp_path)
+    with TestClient(create_app(settings, load_engine=lambda: gated)) as client:
+        ready(client)
+        job_id = client.post("/v1/jobs", files={"file": ("p.pdf", text_pdf(1, lines=2))}, data=FAST).json()["id"]
+        assert wait_state(client.get, job_id)["state"] == "failed"
+        error = client.get(f"/v1/jobs/{job_id}/result").json()["error"]
+        assert error["code"] == "job_failed" and error["message"].startswith("the job failed: ")
+        assert "an internal detail" not in error["message"]  # the error table hides internals here too
+
+
+def test_job_events_keep_alive_while_a_page_runs_and_resume_after_last_event_id(tiny_engine, tmp_path):
+    """Proxies cut streams silent for a minute: a comment goes out while a page decodes. Page events carry
+    ids in the order the pages finished, so a reconnect with Last-Event-ID gets only what it missed."""
+    settings = dict(random_max_new_tokens=8192, sse_keepalive_s=0.2)
+    with app_client(tiny_engine, tmp_path, **settings) as client:
+        ready(client)
+        slow = {"mode": "tiny", "max_new_tokens": "120", "ngram_size": "0"}
+        job_id = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=slow).json()["id"]
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as events:
+            lines = []
+            for line in events.iter_lines():
+                lines.append(line)
+                if line.startswith("event: page"):
+                    break
+        assert ": keep-alive" in lines[: lines.index("event: page")], lines  # before the first page finished
+        assert lines[lines.index("event: page") - 1] == "id: 1"
+        wait_state(client.get, job_id)
+        with client.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "2"}) as events:
+            text = "".join(events.iter_text())
+        assert text.count("event: page") == 1 and "id: 3\n" in text and '"state": "done"' in text
+        bad = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "x"})
+        assert bad.status_code == 422 and bad.json()["error"]["param"] is None

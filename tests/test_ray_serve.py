@@ -116,6 +116,7 @@ def cluster(preset_cache, tmp_path_factory):
     metrics_port = free_port()
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in LIMITS.items()]
     args = ["--model", "tiny", "--replicas", "2", "--replica-metrics-port", str(metrics_port), *flags]
+    args += ["--random-max-new-tokens", "8192"]  # some tests need pages that run for seconds
     log = folder / "serve.log"
     started = time.monotonic()
     env = {"RAY_DEDUP_LOGS": "0"}  # Ray folds alike log lines of several replicas into one; keep each replica's

@@ -118,7 +118,7 @@ def test_upload_shows_markdown_stats_and_token_overlay(server, page_file, chromi
         assert not driver.find_element(By.ID, "ref-row").is_displayed()  # only for task "locate"
         assert "RANDOM weights" in driver.find_element(By.ID, "warnings").text
         stats = driver.find_element(By.ID, "token-stats").text
-        assert "of 273 reach the model" in stats and "grid tokens kept" in stats
+        assert "of 273 reach the model" in stats and "of 256 kept" in stats  # visual tokens; grid tokens
         assert "r_sim" in stats and "r_txt" in stats
         assert len(driver.find_elements(By.CSS_SELECTOR, "#latency-chart .bar")) == 7  # one bar a stage
         assert driver.find_element(By.ID, "markdown").text.strip()

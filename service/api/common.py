@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
 from fastapi import Request, UploadFile
 from fastapi.responses import StreamingResponse
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, WrapValidator
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
@@ -30,23 +30,30 @@ from service.errors import (
     to_service_error,
     validation_message,
 )
-from service.inputs import Document, bytes_of_url, open_document
+from service.inputs import (
+    PAGE_RANGE,
+    PAGE_RANGE_HELP,
+    Document,
+    PageRange,
+    bytes_of_url,
+    open_document,
+    parse_page_range,
+)
 from service.scheduler import PageRequest
 from service.schemas import PAGE_SEPARATOR, OcrResponse, PageOut, aggregate
 from service.settings import ServiceSettings
 
 DISCONNECT_POLL_S = 0.1
-PageRange = tuple[int, int | None]
 
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
-        400: "the body is not valid JSON (JSON routes)",
-        401: "missing or wrong X-API-Key",
+        400: "the body is not valid JSON (JSON routes); an invalid parameter (OpenAI-compatible routes)",
+        401: "missing or wrong API key (Authorization: Bearer, or X-API-Key)",
         404: "no such job, or another key's (job routes)",
         413: "upload, image or PDF over a limit",
         415: "unsupported file type",
-        422: "invalid parameter or corrupt file",
+        422: "invalid parameter or corrupt file (400 on the OpenAI-compatible routes, as OpenAI answers)",
         429: "too many unfinished jobs or open streams for this client",
         499: "client closed the request",
         500: "internal error",
@@ -54,6 +61,16 @@ ERROR_RESPONSES = {
         504: "deadline exceeded",
     }.items()
 }
+
+
+def _page_range_in_words(value: Any, handler: Callable[[Any], Any]) -> Any:
+    try:
+        return handler(value)
+    except ValueError:
+        raise ValueError(f"pages must be {PAGE_RANGE_HELP}; got {str(value)[:40]}") from None
+
+
+PageRangeText = Annotated[str, Field(pattern=PAGE_RANGE.pattern), WrapValidator(_page_range_in_words)]
 
 
 class OcrForm(OcrOptions):
@@ -64,31 +81,25 @@ class OcrForm(OcrOptions):
     file: UploadFile = Field(
         description="PNG, JPEG, WebP, TIFF, BMP, GIF, or PDF (one file part)", json_schema_extra={"format": "binary"}
     )
-    pages: str | None = Field(
-        None,
-        pattern=r"^\s*\d{1,5}\s*(-\s*\d{0,5}\s*)?$",
-        description="PDF pages, 1-based: '3', '2-5' or '2-' (to the end); default all",
-    )
+    pages: PageRangeText | None = Field(None, description=f"PDF pages: {PAGE_RANGE_HELP}; default all")
 
     def chosen(self) -> dict[str, Any]:
         """The engine options the caller set (the form's other fields, of subclasses too, left out)."""
         return self.model_dump(include=set(OcrOptions.model_fields), exclude_unset=True)
 
     def page_range(self) -> PageRange | None:
-        if self.pages is None:
-            return None
-        first, _, last = "".join(self.pages.split()).partition("-")  # the pattern allows any whitespace
-        if not _:  # a single page
-            return int(first), int(first)
-        return int(first), int(last) if last else None
+        return parse_page_range(self.pages) if self.pages is not None else None
 
 
-def door_options(engine: OCREngine, chosen: dict[str, Any]) -> tuple[OcrOptions, list[str]]:
+def door_options(
+    engine: OCREngine, chosen: dict[str, Any], settings: ServiceSettings
+) -> tuple[OcrOptions, list[str]]:
     """The one options call of every door: the caller's fields with this engine's defaults, validated in
-    one order (:meth:`OCREngine.resolve_options`), and the notes on chosen fields without effect.
-    InvalidParameter (422) in one sentence for anything that cannot run."""
+    one order (:meth:`OCREngine.resolve_options`), and the notes on chosen fields without effect (or
+    capped: a random preset's token budget). InvalidParameter (422) in one sentence for anything that
+    cannot run."""
     try:
-        return engine.resolve_options(chosen)
+        return engine.resolve_options(chosen, random_cap=settings.random_max_new_tokens)
     except ValidationError as exc:
         raise InvalidParameter(validation_message(exc.errors())) from None
     except ValueError as exc:

@@ -12,6 +12,7 @@ from pruning import PRUNERS
 from service import __version__
 from service.api.deps import get_metrics, get_scheduler, get_settings
 from service.engine import OcrOptions
+from service.engine.options import MAX_NEW_TOKENS
 from service.metrics import Metrics
 from service.scheduler import Scheduler
 from service.schemas import Batching, InfoResponse, Limits
@@ -52,7 +53,11 @@ async def info(
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ) -> InfoResponse:
     engine = scheduler.engine
-    defaults = OcrOptions().model_dump(mode="json", exclude={"ref", "prompt"})
+    # this engine's defaults (a random preset's small budget, the vLLM decoder's positions)
+    defaults = (engine.resolve_options({})[0] if engine else OcrOptions()).model_dump(
+        mode="json", exclude={"ref", "prompt"}
+    )
+    most_tokens = settings.random_max_new_tokens if engine and engine.random_weights else MAX_NEW_TOKENS
     return InfoResponse(
         service_version=__version__,
         model=settings.model,
@@ -64,7 +69,7 @@ async def info(
         modes=engine.modes if engine else [],
         pruners=list(PRUNERS),
         defaults=defaults,
-        limits=Limits(**settings.model_dump(include=set(Limits.model_fields))),
+        limits=Limits(**settings.model_dump(include=set(Limits.model_fields)), max_new_tokens=most_tokens),
         batching=Batching(
             mode=settings.batching,
             max_batch_tokens=scheduler.batch_tokens_limit,

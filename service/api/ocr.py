@@ -36,7 +36,7 @@ async def ocr(
 ) -> OcrResponse:
     accepted_at = time.monotonic()
     engine = scheduler.ensure_ready()
-    options, notes = door_options(engine, form.chosen())
+    options, notes = door_options(engine, form.chosen(), settings)
     _, document = await read_upload(request, form, settings, form.page_range())
     pages = page_request(request, document, options, settings, accepted_at)
     scheduler.submit(pages)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WrapValidator
 
 from .decode.sequence import NGramGuard
 from .names import MODES_BY_VERSION, PRUNER_NAMES, Mode, Positions, Task
@@ -25,7 +25,20 @@ POSITIONS_HELP = (
 )
 PrunerName = Literal["rtprune", "none", "random", "norm", "divprune"]
 assert PrunerName.__args__ == PRUNER_NAMES, "keep PrunerName in step with names.PRUNER_NAMES"
-Retention = Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"]
+
+
+def _retention_in_words(value: Any, handler: Callable[[Any], Any]) -> Any:
+    """One sentence for a bad retention, instead of one error per member of the union."""
+    try:
+        return handler(value)
+    except ValueError:
+        raise ValueError(f"retention must be a number in (0, 1] or 'auto'; got {str(value)[:40]}") from None
+
+
+Retention = Annotated[Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"], WrapValidator(_retention_in_words)]
+
+
+MAX_NEW_TOKENS = 8192  # DeepSeek-OCR's own budget, and the most a page may ask for
 
 
 class PageKnobs(BaseModel):
@@ -57,7 +70,10 @@ class OcrOptions(PageKnobs):
         examples=["<image>\nFree OCR."],
     )
     max_new_tokens: int = Field(
-        8192, ge=1, le=8192, description="most tokens generated for a page (32 by default on the random presets)"
+        MAX_NEW_TOKENS,
+        ge=1,
+        le=MAX_NEW_TOKENS,
+        description="most tokens generated for a page (on the random presets: 32 by default, at most 256 at the doors)",
     )
     ngram_size: int = Field(30, ge=0, le=512, description="no-repeat n-gram size; 0 disables the guard")
     ngram_window: int = Field(90, ge=0, le=8192, description="generated tokens the guard looks back over")
@@ -84,6 +100,7 @@ class OcrOptions(PageKnobs):
 
 
 RANDOM_MAX_NEW_TOKENS = 32  # random weights never write end-of-text: without a cap every page runs to 8192
+RANDOM_TOKEN_CAP = 256  # the most a page may ask for on a random preset at the doors (seconds, not minutes, on CPU)
 
 
 def resolve_options(
@@ -93,13 +110,16 @@ def resolve_options(
     random_weights: bool = False,
     decoder: str = "transformers",
     check_decoder: Callable[[OcrOptions], None] | None = None,
+    random_cap: int | None = None,
 ) -> tuple[OcrOptions, list[str]]:
     """The options a page runs with, from the fields a caller set explicitly (every door and the CLI pass
     only those), and a note for every chosen option that has no effect.
 
     One order for everyone: build and validate the caller's fields; apply the defaults that depend on
     the model and the decoder; check what needs the model (modes of this version, the prompt, the guard)
-    and the decoder (``check_decoder``). Raises ValueError (pydantic's ValidationError is one)."""
+    and the decoder (``check_decoder``). On random weights, ``random_cap`` caps what a caller may ask
+    (the doors pass it: a try-out asking for 8192 tokens would otherwise wait many minutes for text
+    that means nothing). Raises ValueError (pydantic's ValidationError is one)."""
     options = OcrOptions(**chosen)
     notes = []
     if decoder == "vllm" and "positions" not in chosen:  # vLLM numbers positions contiguously
@@ -110,6 +130,12 @@ def resolve_options(
             f"random weights never write end-of-text, so max_new_tokens defaults to {RANDOM_MAX_NEW_TOKENS} "
             "on this preset (set it to change that)"
         )
+    elif random_weights and random_cap is not None and options.max_new_tokens > random_cap:
+        notes.append(
+            f"max_new_tokens {options.max_new_tokens} is capped at {random_cap} on random weights, which never "
+            "write end-of-text (RTPRUNE_RANDOM_MAX_NEW_TOKENS raises the cap)"
+        )
+        options = options.model_copy(update={"max_new_tokens": random_cap})
     if options.pruner == "none" and "retention" in chosen:
         notes.append("retention is ignored with pruner=none: every visual token is kept")
     if "max_crops" in chosen and options.mode is not Mode.gundam:

@@ -95,8 +95,8 @@ function showPage(index) {
   $("markdown").innerHTML = renderMarkdown(page.markdown) || "<p class=\"muted\">(no text)</p>";
   const s = page.stats, req = s.retention_requested;
   const rows = [
-    ["retention", `${(100 * s.retention).toFixed(1)}% of ${s.grid_tokens} grid tokens kept (asked: ${req.value})`],
-    ["visual tokens", `${s.visual_tokens_kept} of ${s.visual_tokens} reach the model (${(100 * s.visual_share).toFixed(1)}%)`],
+    ["grid tokens (what retention prunes)", `${s.grid_tokens_kept} of ${s.grid_tokens} kept: ${(100 * s.retention).toFixed(1)}% (asked: ${req.value})`],
+    ["visual tokens (grid + newlines + separator)", `${s.visual_tokens_kept} of ${s.visual_tokens} reach the model (${(100 * s.visual_share).toFixed(1)}%)`],
   ];
   if (req.dynamic != null) rows.push(["dynamic ratio", `${req.dynamic.toFixed(4)} (r_sim ${req.r_sim.toFixed(4)}, r_txt ${req.r_txt.toFixed(4)})`]);
   rows.push(["prompt tokens", String(s.prompt_tokens)], ["output tokens", `${s.output_tokens} (${s.finish_reason})`],
@@ -136,7 +136,8 @@ async function run(event) {
     $("page-tabs").hidden = body.pages.length < 2;
     $("results").hidden = false;
     showPage(0);
-    setStatus(`Done: ${body.stats.visual_tokens_kept} of ${body.stats.visual_tokens} visual tokens kept, ${body.stats.latency_ms.total.toFixed(0)} ms.`);
+    const pages = body.pages.length === 1 ? "the page" : `all ${body.pages.length} pages`;
+    setStatus(`Done in ${body.stats.latency_ms.total.toFixed(0)} ms: ${body.stats.visual_tokens_kept} of ${body.stats.visual_tokens} visual tokens (grid + newlines + separators) of ${pages} reached the model.`);
   } catch (error) {
     setStatus(`Request failed: ${error}`);
   } finally {
@@ -176,4 +177,7 @@ fetch("/v1/info").then((r) => r.ok ? r.json() : null).then((info) => {
   if (!info) return;
   $("model-line").textContent = `Model ${info.model}${info.random_weights ? " (random weights: text is meaningless)" : ""} on ${info.device}`;
   for (const option of $("mode").options) option.disabled = info.modes.length > 0 && !info.modes.includes(option.value);
+  // the server's default budget (small on a random preset, which never writes end-of-text) and its cap
+  $("max-new-tokens").value = info.defaults.max_new_tokens;
+  $("max-new-tokens").max = info.limits.max_new_tokens;
 }).catch(() => {});
