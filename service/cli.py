@@ -1,4 +1,5 @@
-"""Command line: ``rtprune-ocr serve`` (HTTP service) and ``rtprune-ocr ocr IMAGE`` (one page)."""
+"""rtprune-ocr: DeepSeek-OCR with RTPrune visual-token pruning. `serve` starts the HTTP service, `ocr FILE`
+reads one image or PDF, `eval` and `loadtest` measure accuracy and load."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ def _retention(value: str) -> float | str:
         return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError("retention must be a number in (0, 1] or 'auto'") from None
+
+
+def _page_range(value: str) -> tuple[int, int | None]:
+    from service.inputs import parse_page_range
+
+    try:
+        return parse_page_range(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,10 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     ocr.add_argument("image", help="path to an image (PNG, JPEG, WebP, TIFF, BMP, GIF) or a PDF")
     _add_model_arguments(ocr)
     _add_option_arguments(ocr, OCR_FLAGS)
-    ocr.add_argument("--page", type=int, default=None, help="one page of a PDF (1-based) [default: every page]")
+    ocr.add_argument(
+        "--page",
+        "--pages",
+        dest="page",
+        type=_page_range,
+        default=None,
+        metavar="RANGE",
+        help="PDF pages, as the API takes them: '3', '2-5' or '2-' (1-based) [default: every page]",
+    )
     ocr.add_argument("--json", action="store_true", help="print one JSON object per page: markdown, text, boxes, stats")
     ocr.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)"
+        "--threads",
+        type=int,
+        default=None,
+        metavar="INT",
+        help="torch CPU threads; on a shared host give each process its share [default: the CPUs it may use]",
     )
 
     serve = commands.add_parser("serve", help="start the HTTP service; every flag is also an RTPRUNE_* variable")
@@ -136,51 +158,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_arguments(evaluate)
     _add_option_arguments(evaluate, ["mode"], mode="large")
-    evaluate.add_argument("--pruners", default="rtprune,norm,random,divprune")
-    evaluate.add_argument("--retention", default="1.0,0.9,0.8425,0.7,auto")
-    evaluate.add_argument("--limit", type=int, help="first N pages only")
-    evaluate.add_argument("--max-new-tokens", type=int, default=8192)
-    evaluate.add_argument("--out", type=Path, required=True)
-    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.add_argument(
+        "--pruners", default="rtprune,norm,random,divprune", help="comma-separated [default: %(default)s]"
+    )
+    evaluate.add_argument(
+        "--retention", default="1.0,0.9,0.8425,0.7,auto", help="comma-separated grid [default: %(default)s]"
+    )
+    evaluate.add_argument("--limit", type=int, metavar="N", help="first N pages only [default: all]")
+    evaluate.add_argument("--max-new-tokens", type=int, default=8192, metavar="INT", help="[default: %(default)s]")
+    evaluate.add_argument("--out", type=Path, required=True, help="folder for pages.csv, summary.json and the plot")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     synth = commands.add_parser("synth", help="write synthetic labelled pages (image + markdown)")
-    synth.add_argument("--out", type=Path, required=True)
-    synth.add_argument("--n", type=int, default=20)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", type=Path, required=True, help="folder to write to")
+    synth.add_argument("--n", type=int, default=20, help="pages [default: %(default)s]")
+    synth.add_argument("--seed", type=int, default=0, help="[default: %(default)s]")
 
     load = commands.add_parser("loadtest", help="locust load test, headless; starts a tiny server unless --host")
-    load.add_argument("--users", type=int, default=4)
-    load.add_argument("--duration", type=int, default=20, help="seconds")
-    load.add_argument("--out", type=Path, default=Path("load-report"))
+    load.add_argument("--users", type=int, default=4, help="concurrent users [default: %(default)s]")
+    load.add_argument(
+        "--duration",
+        type=int,
+        default=20,
+        help="seconds; make it several times one request's latency, or nothing is measured [default: %(default)s]",
+    )
+    load.add_argument("--out", type=Path, default=Path("load-report"), help="[default: %(default)s]")
     load.add_argument("--host", help="URL of a running service (default: start one on the tiny preset)")
     load.add_argument("--locustfile", type=Path, default=None, help="default: docker/locustfile.py of the checkout")
     return parser
 
 
 def run_ocr(args: argparse.Namespace) -> int:
-    from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine
-    from service.engine.engine import PageTask
-    from service.engine.options import resolve_options
-    from service.engine.stats import StageTimer
+    from service.engine.options import RANDOM_TOKEN_CAP, resolve_options
     from service.inputs import UploadError, open_document
-    from service.schemas import PAGE_SEPARATOR
-    from service.settings import apply_threads
 
     chosen = {name: getattr(args, name) for name in OCR_FLAGS if getattr(args, name) is not None}
-    try:
-        resolve_options(chosen)  # the checks that need no model, before the model loads
+    try:  # the options and the file first: a mistake is reported at once, before torch and the model load
+        resolve_options(chosen)
         with open(args.image, "rb") as handle:
-            document = open_document(handle.read(), page_range=(args.page, args.page) if args.page else None)
+            document = open_document(handle.read(), page_range=args.page)
     except ValidationError as exc:
         print(f"error: {readable(exc)}", file=sys.stderr)
         return 2
-    except (OSError, ValueError, UploadError) as exc:
+    except UploadError as exc:
+        print(f"error: {args.image}: {exc.message}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine
+    from service.engine.engine import PageTask
+    from service.engine.stats import StageTimer
+    from service.schemas import PAGE_SEPARATOR
+    from service.settings import apply_threads
+
     apply_threads(args.threads)
     engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype, vllm_url=args.vllm_url)
     try:
-        options, notes = engine.resolve_options(chosen)  # the doors' one call: this model's defaults and checks
+        # the doors' one call: this model's defaults and checks (and the random presets' token cap)
+        options, notes = engine.resolve_options(chosen, random_cap=RANDOM_TOKEN_CAP)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -208,12 +244,10 @@ def run_ocr(args: argparse.Namespace) -> int:
 
 
 def readable(exc: ValidationError) -> str:
-    """A pydantic error as a person reads it: one '--option: problem' line per error."""
-    lines = []
-    for error in exc.errors():
-        where = "--" + "-".join(str(part) for part in error["loc"]).replace("_", "-") if error["loc"] else "input"
-        lines.append(f"{where}: {error['msg']}")
-    return "; ".join(lines)
+    """A pydantic error in the sentence every door answers, fields named as flags (``--max-new-tokens``)."""
+    from service.errors import validation_message
+
+    return validation_message(exc.errors(), name=lambda field: "--" + field.replace("_", "-"))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -299,6 +333,7 @@ def run_load(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll or vLLM request
     from service.engine import ModelLoadError
 
     try:

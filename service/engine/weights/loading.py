@@ -83,6 +83,7 @@ def load_model(
 ) -> LoadedModel:
     """Load DeepSeek-OCR (v1 or v2) from a hub id, a local directory, or a preset name. ``memory_fraction``
     caps this process's share of a GPU (see :func:`..device.prepare_device`)."""
+    quiet_loading()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     prepare_device(torch_device, memory_fraction=memory_fraction)
@@ -90,6 +91,14 @@ def load_model(
         return _load_random_full(torch_device, torch_dtype, cache_dir)
     directory = tiny_checkpoint_dir(cache_dir, model) if model in ("tiny", "tiny-v2") else _checkpoint_directory(model)
     return _load_directory(directory, torch_device, torch_dtype, name=model, random_weights=model in RANDOM_PRESETS)
+
+
+def quiet_loading() -> None:
+    """No "Loading weights" / "Writing model shards" progress bars: they take a second at most, print on
+    every CLI run and fill server logs. The hub's download bar (minutes, once) is another and stays."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def _checkpoint_directory(model: str) -> Path:
