@@ -51,6 +51,60 @@ def test_the_readme_try_out_answers_in_seconds(preset_cache, tmp_path):
     assert "instantiate a model of type" not in messages and "tokenizer_class" not in messages
 
 
+def readme_python(marker: str) -> str:
+    """The fenced Python block after ``<!-- marker -->`` in the README."""
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"<!-- {marker} -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize(("marker", "printed"), [("chat-example", "<"), ("mistral-example", "[0, 1]")])
+def test_the_readme_client_examples_run_as_written_against_tiny_in_seconds(tiny_engine, marker, printed):
+    """The OpenAI and Mistral examples, unchanged but for the port, from the checkout as the README says;
+    the chat example asks for no max_tokens, so on tiny its page stops at the preset's small default."""
+    from tests.helpers import live_server
+
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False)
+    with live_server(create_app(settings, load_engine=lambda: tiny_engine)) as base:
+        code = readme_python(marker).replace("http://localhost:8000", base)
+        start = time.monotonic()
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        elapsed = time.monotonic() - start
+    assert result.returncode == 0, result.stderr
+    assert printed in result.stdout and elapsed < 30, (result.stdout, elapsed)
+
+
+def test_a_random_preset_caps_any_budget_and_the_page_reads_its_default(client):
+    """Random weights never write end-of-text: 8192 asked for means 256 run, said in a warning; /v1/info
+    gives the try-out page its default and its cap."""
+    info = client.get("/v1/info").json()
+    assert info["defaults"]["max_new_tokens"] == 32 and info["limits"]["max_new_tokens"] == 256
+    png = (ROOT / "docker" / "samples" / "letter-page.png").read_bytes()
+    body = client.post(
+        "/v1/ocr", files={"file": ("p.png", png)}, data={"mode": "tiny", "max_new_tokens": "8192", "ngram_size": "0"}
+    ).json()
+    assert body["pages"][0]["stats"]["output_tokens"] == 256
+    assert any("max_new_tokens 8192 is capped at 256" in w for w in body["warnings"]), body["warnings"]
+
+
+def test_the_cli_takes_page_ranges_and_checks_the_file_before_loading(tmp_path, preset_cache):
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(text_pdf(4, lines=2))
+    env = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache)}
+    base = [sys.executable, "-m", "service.cli", "ocr", "--model", "tiny", "--mode", "tiny", "--json"]
+    ranged = subprocess.run([*base, str(pdf), "--page", "2-3", "--max-new-tokens", "2"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert ranged.returncode == 0, ranged.stderr
+    assert [json.loads(line)["page"] for line in ranged.stdout.splitlines()] == [2, 3]
+    assert "Loading weights" not in ranged.stderr  # no progress bar on every run
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    for path, problem in [(empty, "the file is empty"), (tmp_path / "missing.png", "No such file")]:
+        start = time.monotonic()
+        run = subprocess.run([*base, str(path)], capture_output=True, text=True, env=env, timeout=60)
+        assert run.returncode == 2 and problem in run.stderr and "upload" not in run.stderr, run.stderr
+        assert time.monotonic() - start < 5  # before torch and the model: a second, not the load's 15
+
+
 def test_help_is_fast_and_never_imports_torch():
     code = (
         "import sys, contextlib, io\n"
@@ -90,7 +144,7 @@ def test_cli_errors_are_one_human_line(tmp_path):
         text=True,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: --max-new-tokens: Input should be greater than or equal to 1"]
+    assert result.stderr.strip().splitlines() == ["error: --max-new-tokens should be greater than or equal to 1"]
 
 
 def test_cli_does_a_whole_pdf_unless_page_narrows_it(tmp_path, preset_cache):
