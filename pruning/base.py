@@ -23,13 +23,26 @@ class TokenPruner:
     keep_ratio : float in (0, 1], or None
         Share of prunable (grid) tokens to keep. ``None`` selects RTPrune's dynamic ratio,
         which needs the global view passed as ``image``.
+
+    ``max_keep_ratio`` (an attribute, default None) caps the dynamic ratio: a server under load
+    keeps RTPrune's per-image choice but never above the cap (see :meth:`capped`).
     """
 
     name: ClassVar[str] = "base"
+    max_keep_ratio: float | None = None
 
     def __init__(self, keep_ratio: float | None = None) -> None:
         validate_keep_ratio(keep_ratio)
         self.keep_ratio = keep_ratio
+
+    def capped(self, max_keep_ratio: float | None) -> TokenPruner:
+        """This pruner with its ratio at most ``max_keep_ratio``: a fixed ratio is lowered to it, the dynamic
+        ratio is computed as usual and then capped (None: no cap). Returns ``self``."""
+        validate_keep_ratio(max_keep_ratio)
+        if max_keep_ratio is not None and self.keep_ratio is not None:
+            self.keep_ratio = min(self.keep_ratio, max_keep_ratio)
+        self.max_keep_ratio = max_keep_ratio
+        return self
 
     def __repr__(self) -> str:
         ratio = "auto" if self.keep_ratio is None else self.keep_ratio
@@ -94,7 +107,8 @@ class TokenPruner:
                 "the dynamic keep ratio (keep_ratio=None) needs the global view: pass image=<(3, S, S) tensor "
                 "in [-1, 1]>, or give a fixed keep_ratio"
             )
-        return dynamic_keep_ratio(x, image)
+        ratio, r_sim, r_txt = dynamic_keep_ratio(x, image)
+        return (min(ratio, self.max_keep_ratio) if self.max_keep_ratio is not None else ratio), r_sim, r_txt
 
 
 def check_shapes(

@@ -49,6 +49,7 @@ class Block:
     newline: torch.Tensor  # (n_tokens,) bool
     image: torch.Tensor | None = None  # (3, S, S), for the dynamic ratio
     keep_ratio: float | None = None  # None: the dynamic ratio
+    max_keep_ratio: float | None = None  # a cap on the dynamic ratio (a server under load); None: none
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,8 @@ def _ratios(
         r_txt = torch.stack(txt).double()
         # float32 terms, combined in float64: what the per-image walk computes in Python after reading them
         r_dyn = 1.0 - (1.0 - r_sim) * (1.0 - r_txt)
+        caps = [1.0 if b.max_keep_ratio is None else b.max_keep_ratio for b in blocks]
+        r_dyn = torch.minimum(r_dyn, torch.tensor(caps, dtype=torch.float64, device=x.device))
         flags = torch.tensor(dynamic, device=x.device)
         return torch.where(flags, r_dyn, fixed), r_sim, r_txt
     return fixed, r_sim, r_txt

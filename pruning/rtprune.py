@@ -81,7 +81,7 @@ class RTPrune(TokenPruner):
         protected, newline = check_shapes(features, protected, newline)
         if self.keep_ratio is None and image is None:
             self._resolve_ratio(features, image)  # raises the error that names what is missing
-        return Block(features, protected, newline, image, self.keep_ratio)
+        return Block(features, protected, newline, image, self.keep_ratio, self.max_keep_ratio)
 
     def select(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         keep, rest = top_k_by_norm(x, k)
