@@ -48,6 +48,16 @@ class Metrics:
         self.decode_steps = Counter("rtprune_decode_steps", "decode steps of the running batch", registry=r)
         self.steps_per_second = Gauge("rtprune_decode_steps_per_second", "decode steps/s over 5 s", registry=r)
         self.ready = Gauge("rtprune_ready", "1 when the model is loaded and warm", registry=r)
+        self.retention_level = Gauge(
+            "rtprune_adaptive_retention_level", "retention cap of pages admitted now (1: none, or off)", registry=r
+        )
+        self.queue_wait = Gauge(
+            "rtprune_queue_wait_seconds", "how long the page admitted last waited (the adaptive policy's signal)",
+            registry=r,
+        )
+        self.pages_adapted = Counter(
+            "rtprune_pages_adapted", "pages whose retention the adaptive policy lowered", ["mode"], registry=r
+        )
         self.gpu_memory = Gauge(
             "rtprune_gpu_memory_bytes", "GPU memory of this process: allocated, reserved, peak", ["kind"], registry=r
         )
@@ -62,6 +72,8 @@ class Metrics:
         self.batch_tokens_limit.set_function(lambda: scheduler.batch_tokens_limit or 0)
         self.steps_per_second.set_function(scheduler.steps_per_s)
         self.ready.set_function(lambda: 1 if scheduler.state == "ready" else 0)
+        self.retention_level.set_function(lambda: scheduler.retention_level)
+        self.queue_wait.set_function(lambda: scheduler.last_queue_wait_s)
         for kind in ("allocated", "reserved", "peak"):
             self.gpu_memory.labels(kind).set_function(functools.partial(gpu_memory, scheduler, kind))
 
@@ -75,6 +87,8 @@ class Metrics:
         self.visual_tokens.labels("in", mode, pruner).inc(stats.visual_tokens)
         self.visual_tokens.labels("kept", mode, pruner).inc(stats.visual_tokens_kept)
         self.output_tokens.labels(mode, pruner).inc(stats.output_tokens)
+        if stats.adaptation is not None and stats.adaptation.adapted:
+            self.pages_adapted.labels(mode).inc()
 
 
 def gpu_memory(scheduler: Scheduler, kind: str) -> int:

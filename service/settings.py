@@ -109,6 +109,16 @@ class ServiceSettings(BaseSettings):
     max_prefill_tokens: int = Field(
         8192, ge=1, description="visual tokens admitted per decode step, so a big document does not stall decoding"
     )
+    adaptive_target_wait_s: float | None = Field(
+        None,
+        gt=0,
+        description="adaptive retention: when pages wait longer than this in the queue, pages admitted from then "
+        "on are pruned harder (down to adaptive_floor), and the level steps back up as the queue drains; "
+        "default off",
+    )
+    adaptive_floor: float = Field(
+        0.5, gt=0, le=1, description="the lowest retention the adaptive policy caps a page at"
+    )
     batch_wait_ms: float = Field(5.0, ge=0, le=5000, description="how long an idle batch waits for more pages")
     preprocess_threads: int = Field(
         2, ge=1, le=64, description="threads that render and preprocess pages ahead of the model (off its thread)"

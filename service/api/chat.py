@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.common import (
     ERROR_RESPONSES,
+    adaptation_warnings,
     door_options,
     event_stream,
     failure,
@@ -262,7 +263,7 @@ class Reply:
             "choices": [choice],
             "usage": self.usage(page),
             "rtprune": page.stats.model_dump(mode="json"),
-            "warnings": self.warnings or [],
+            "warnings": [*(self.warnings or []), *adaptation_warnings([1], [page])],
         }
 
     def chunk(self, delta: dict, finish: str | None = None, **extra) -> str:
@@ -310,7 +311,7 @@ class Reply:
             if delta := self.text(generated[shown:]):
                 yield self.chunk({"content": delta})
             extra = {"usage": self.usage(page), "rtprune": page.stats.model_dump(mode="json")} if usage else {}
-            extra["warnings"] = self.warnings or []
+            extra["warnings"] = [*(self.warnings or []), *adaptation_warnings([1], [page])]
             yield self.chunk({}, FINISH[page.stats.finish_reason], **extra)
             yield "data: [DONE]\n\n"
         finally:

@@ -213,6 +213,20 @@ def random_weights_warnings(random_weights: bool, model: str) -> list[str]:
     return [RANDOM_WEIGHTS_WARNING.format(name=model)] if random_weights else []
 
 
+def adaptation_warnings(numbers: list[int], results: list[PageResult]) -> list[str]:
+    """A warning for each page whose retention the adaptive policy lowered under load, saying why."""
+    out = []
+    for number, result in zip(numbers, results, strict=True):
+        adaptation, stats = result.stats.adaptation, result.stats
+        if adaptation is not None and adaptation.adapted:
+            out.append(
+                f"page {number}: retention lowered to {stats.retention:g} (asked {stats.retention_requested.value}, "
+                f"cap {adaptation.cap:g}) because pages waited {adaptation.queue_wait_s:g} s for the model, over "
+                f"the {adaptation.target_wait_s:g} s target; send adapt=false to pin a page's retention"
+            )
+    return out
+
+
 def build_response(
     model: str,
     random_weights: bool,
@@ -224,7 +238,8 @@ def build_response(
 ) -> OcrResponse:
     """The /v1/ocr answer: pages, their markdown joined, request statistics and every warning."""
     pages = [PageOut(page=number, **r.model_dump()) for number, r in zip(numbers, results, strict=True)]
-    warnings = random_weights_warnings(random_weights, model) + notes + [
+    warnings = random_weights_warnings(random_weights, model) + notes + adaptation_warnings(numbers, results)
+    warnings += [
         f"page {p.page} stopped at max_new_tokens ({options.max_new_tokens}) or the position limit"
         for p in pages
         if p.stats.finish_reason == "length"

@@ -27,6 +27,7 @@ from starlette.types import Scope
 
 from service.api.common import (
     ERROR_RESPONSES,
+    adaptation_warnings,
     door_options,
     open_upload,
     page_request,
@@ -248,6 +249,7 @@ async def mistral_ocr(
         for number, result in zip(document.numbers, results, strict=True)
     ]
     warnings = random_weights_warnings(engine.random_weights, settings.model)
+    warnings += adaptation_warnings([p.index + 1 for p in pages], results)
     return MistralOcrResponse(
         pages=pages,
         model=settings.model,

@@ -40,7 +40,7 @@ from .options import OcrOptions, resolve_options
 from .postprocess import Box, decode_text, parse_boxes, to_markdown
 from .preprocess import PreparedImage, preprocess
 from .prompts import PromptIds, tokenize_prompt
-from .stats import PageStats, RetentionRequested, StageTimer, shared_stage
+from .stats import Adaptation, PageStats, RetentionRequested, StageTimer, shared_stage
 from .token_map import TokenMap, build_token_map, preview_data_url
 from .weights.loading import load_model
 
@@ -61,6 +61,7 @@ class PageTask:
     prompt: PromptIds | None = None  # the prompt's text tokens
     pixels: PreparedImage | None = None  # the views (uint8 from the service's threads), not yet on the device
     visual_tokens: int | None = None  # the page's visual block before pruning
+    adaptation: Adaptation | None = None  # a retention cap the scheduler set under load (None: as asked)
 
     @property
     def on_host_done(self) -> bool:
@@ -113,6 +114,18 @@ def _pinned(page: PreparedImage) -> PreparedImage:
     """The views in page-locked memory: their copy to the GPU does not make the host wait."""
     tiles = page.tiles.pin_memory() if page.tiles is not None else None
     return dataclasses.replace(page, global_view=page.global_view.pin_memory(), tiles=tiles)
+
+
+def _settled(adaptation: Adaptation | None, options: OcrOptions, pruned: PruneResult) -> Adaptation | None:
+    """The page's adaptation with ``adapted`` known: whether the cap lowered the ratio the page would have had
+    (its fixed retention, or RTPrune's own per-image ratio)."""
+    if adaptation is None:
+        return None
+    if options.retention == "auto":
+        asked = 1.0 - (1.0 - pruned.r_sim) * (1.0 - pruned.r_txt) if pruned.r_sim is not None else 1.0
+    else:
+        asked = float(options.retention)
+    return adaptation.model_copy(update={"adapted": adaptation.cap < asked})
 
 
 def _without_pixels(block: VisualBlock) -> VisualBlock:
@@ -292,7 +305,7 @@ class OCREngine:
         if not pages:
             return {}
         order = list(pages)
-        calls = [(self._pruner(pages[i][1].options), *self._prune_inputs(pages[i][0])) for i in order]
+        calls = [(self._pruner(pages[i][1]), *self._prune_inputs(pages[i][0])) for i in order]
         try:
             with shared_stage([pages[i][1].timer for i in order], "prune", self.model.device):
                 return dict(zip(order, prune_together(calls), strict=True))
@@ -309,9 +322,12 @@ class OCREngine:
         return out
 
     @staticmethod
-    def _pruner(options: OcrOptions):
+    def _pruner(task: PageTask):
+        """The page's pruner, at most at the cap the scheduler set under load (if any)."""
+        options = task.options
         keep_ratio = None if options.retention == "auto" else float(options.retention)
-        return build_pruner(options.pruner, keep_ratio)
+        cap = task.adaptation.cap if task.adaptation is not None and task.adaptation.cap < 1.0 else None
+        return build_pruner(options.pruner, keep_ratio).capped(cap)
 
     @staticmethod
     def _prune_inputs(block: VisualBlock) -> tuple[torch.Tensor, ...]:
@@ -446,6 +462,7 @@ class OCREngine:
             latency_ms=latency,
             decode_tokens_per_s=round(n_out / (latency.decode / 1e3), 3) if latency.decode > 0 else 0.0,
             finish_reason=seq.outcome.finish_reason,
+            adaptation=_settled(task.adaptation, task.options, pruned),
         )
         result = PageResult(
             markdown=to_markdown(text), text=text, boxes=parse_boxes(text, block.page.size), stats=stats

@@ -55,6 +55,11 @@ class PageKnobs(BaseModel):
     )
     positions: Positions = Field(Positions.original, description=POSITIONS_HELP)
     max_crops: int = Field(6, ge=2, le=9, description="most Gundam tiles")
+    adapt: bool = Field(
+        True,
+        description="under load the server may lower retention (if RTPRUNE_ADAPTIVE_TARGET_WAIT_S is set); "
+        "false pins this page's retention",
+    )
 
 
 class OcrOptions(PageKnobs):

@@ -43,6 +43,16 @@ class RetentionRequested(BaseModel):
     r_txt: float | None = Field(None, description="text density (edge share) of the global view")
 
 
+class Adaptation(BaseModel):
+    """Why a page's retention was capped under load (``RTPRUNE_ADAPTIVE_TARGET_WAIT_S``); absent when the
+    policy is off or the page is pinned (``adapt=false``, or pruner none)."""
+
+    adapted: bool = Field(description="the cap lowered this page's retention below what it asked for")
+    cap: float = Field(description="the most retention the server allowed this page when it was admitted")
+    queue_wait_s: float = Field(description="the load signal: how long this page waited in the queue")
+    target_wait_s: float = Field(description="the wait above which the policy prunes harder")
+
+
 class PageStats(BaseModel):
     visual_tokens: int = Field(description="visual block before pruning, newlines and separator included")
     visual_tokens_kept: int = Field(description="visual block after pruning")
@@ -60,6 +70,9 @@ class PageStats(BaseModel):
     latency_ms: LatencyMs
     decode_tokens_per_s: float
     finish_reason: Literal["eos", "length"] = Field(description="eos, or the max_new_tokens / position budget ran out")
+    adaptation: Adaptation | None = Field(
+        None, description="retention capped under load: the cap, the load signal, whether it lowered this page"
+    )
 
 
 @contextmanager

@@ -44,9 +44,10 @@ from service.engine import Cancelled, OCREngine, OcrOptions, PageResult
 from service.engine.decode.contract import DecodeBatch
 from service.engine.device import DeviceLost
 from service.engine.engine import PageTask, PreparedPage
-from service.engine.stats import StageTimer
+from service.engine.stats import Adaptation, StageTimer
 from service.errors import NotReady
 
+from .adaptive import AdaptiveRetention, RetentionPolicy
 from .capacity import CPU_ROWS, default_row_cap
 from .memory import after_failed_call, default_batch_tokens, return_memory_to_os
 from .queue import PageQueue, PageRequest
@@ -70,6 +71,8 @@ class SchedulerConfig:
     warmup: bool = True
     preprocess_threads: int = 2  # threads that render and preprocess pages ahead of admission
     max_queued_pixels: int | None = None  # pixels of the waiting pages (decoded); None: no bound
+    adaptive_target_wait_s: float | None = None  # lower retention when pages wait longer (None: off)
+    adaptive_floor: float = 0.5  # ... never below this
 
 
 @dataclass(eq=False)
@@ -126,6 +129,11 @@ class Scheduler:
         self.max_rows: int = config.max_batch_size or CPU_ROWS  # the row cap (measured on a GPU when loading)
         self._row_cap = self.max_rows  # lowered after a step ran out of memory, until the batch empties
         self._busy = False
+        self.adaptive = (
+            AdaptiveRetention(RetentionPolicy(config.adaptive_target_wait_s, config.adaptive_floor), time.monotonic())
+            if config.adaptive_target_wait_s
+            else None
+        )
 
     # --- the front door's side ---------------------------------------------------------------
 
@@ -359,10 +367,29 @@ class Scheduler:
                 return
             request, index = item
             accepted = time.monotonic()
-            future = self._pool.submit(self._host_page, request, index, accepted)
+            adaptation = self._adapt(request, accepted)
+            future = self._pool.submit(self._host_page, request, index, accepted, adaptation)
             self._host_work.append((request, index, future))
 
-    def _host_page(self, request: PageRequest, index: int, taken_at: float) -> PageTask:
+    def _adapt(self, request: PageRequest, taken_at: float) -> Adaptation | None:
+        """The retention cap of a page taken from the queue now, from how long it waited (None: policy off)."""
+        if self.adaptive is None:
+            return None
+        return self.adaptive.admit(request.options, taken_at - request.accepted_at, taken_at)
+
+    @property
+    def retention_level(self) -> float:
+        """The adaptive retention cap for pages admitted now (1.0: none, or the policy is off)."""
+        return self.adaptive.level if self.adaptive is not None else 1.0
+
+    @property
+    def last_queue_wait_s(self) -> float:
+        """How long the page admitted last waited in the queue (the adaptive policy's load signal)."""
+        return self.adaptive.last_wait_s if self.adaptive is not None else 0.0
+
+    def _host_page(
+        self, request: PageRequest, index: int, taken_at: float, adaptation: Adaptation | None = None
+    ) -> PageTask:
         """On a preprocessing thread: render the page (a PDF page now), preprocess it to uint8 views, tokenize
         its prompt. Never on the scheduler's thread, which only launches model work."""
         timer = StageTimer(self.engine.device)
@@ -370,7 +397,7 @@ class Scheduler:
         with timer.host_stage("preprocess"):
             image = request.document.page(index)
         on_token = functools.partial(request.on_token, index) if request.on_token is not None else None
-        task = PageTask(image, request.options, timer, request.should_stop, on_token)
+        task = PageTask(image, request.options, timer, request.should_stop, on_token, adaptation=adaptation)
         return self.engine.prepare_on_host(task, pixels_only=True)
 
     # --- join -----------------------------------------------------------------------------------------
