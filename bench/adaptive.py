@@ -72,6 +72,7 @@ def settings_for(engine: OCREngine, args, policy: bool) -> ServiceSettings:
         max_batch_size=args.batch_size,
         max_batch_tokens=args.budget_tokens,
         queue_size=args.queue_size,
+        max_pdf_pages=min(args.queue_size, 50),  # a small queue: single pages only here
         request_timeout_s=args.timeout_s,
         adaptive_target_wait_s=args.target_wait_s if policy else None,
         adaptive_floor=args.floor,

@@ -52,7 +52,7 @@ class Metrics:
             "rtprune_adaptive_retention_level", "retention cap of pages admitted now (1: none, or off)", registry=r
         )
         self.queue_wait = Gauge(
-            "rtprune_queue_wait_seconds", "how long the page admitted last waited (the adaptive policy's signal)",
+            "rtprune_queue_wait_seconds", "median queue wait of the pages admitted last (adaptive policy's signal)",
             registry=r,
         )
         self.pages_adapted = Counter(

@@ -25,7 +25,7 @@ policies = st.builds(
     target_wait_s=st.floats(min_value=0.01, max_value=60),
     floor=st.floats(min_value=0.05, max_value=1.0),
     step=st.floats(min_value=0.01, max_value=0.5),
-    hold_s=st.floats(min_value=0.0, max_value=5),
+    hold_s=st.floats(min_value=0.01, max_value=5),
 )
 knobs = st.builds(
     PageKnobs,
@@ -72,12 +72,12 @@ def test_the_cap_keeps_the_dynamic_ratio_below_it_and_lowers_only_what_is_above(
     import torch
 
     torch.manual_seed(0)
-    features, image = torch.randn(64, 16), torch.rand(3, 32, 32) * 2 - 1
-    free = build_pruner("rtprune", None)(features, image=image)
-    capped = build_pruner("rtprune", None).capped(free.keep_ratio / 2)(features, image=image)
+    features, image = torch.randn(64, 16), torch.rand(3, 64, 64) * 2 - 1
+    free = build_pruner("rtprune", None)(features, None, None, image)
+    capped = build_pruner("rtprune", None).capped(free.keep_ratio / 2)(features, None, None, image)
     assert capped.keep_ratio == pytest.approx(free.keep_ratio / 2) and capped.n_kept_prunable < free.n_kept_prunable
     assert (capped.r_sim, capped.r_txt) == (free.r_sim, free.r_txt)  # the page's own terms, reported as ever
-    loose = build_pruner("norm", None).capped(1.0)(features, image=image)
+    loose = build_pruner("norm", None).capped(1.0)(features, None, None, image)
     assert loose.keep_ratio == pytest.approx(free.keep_ratio)  # a cap above the ratio changes nothing
     assert build_pruner("norm", 0.3).capped(0.5).keep_ratio == 0.3
 
@@ -108,14 +108,14 @@ def test_a_burst_lowers_retention_says_so_and_a_quiet_queue_does_not(tiny_engine
             time.sleep(0.02)
         quiet = burst(client, 1)[0]["pages"][0]["stats"]
         assert quiet["adaptation"]["adapted"] is False and quiet["adaptation"]["cap"] == 1.0  # no queue, no cap
-        time.sleep(1.1)  # the policy changes at most once a second
-        answers = burst(client, 8)
+        time.sleep(1.1)  # the policy changes at most once per hold (0.5 s)
+        answers = burst(client, 8, retention="1.0")  # auto pages whose own ratio is under the cap keep it
         pages = [a["pages"][0]["stats"] for a in answers]
         adapted = [p for p in pages if p["adaptation"]["adapted"]]
         assert adapted, [p["adaptation"] for p in pages]
         for page in adapted:
             assert page["retention"] <= page["adaptation"]["cap"] + 0.01 and page["adaptation"]["cap"] >= 0.4
-            assert page["adaptation"]["queue_wait_s"] > 0.3
+        assert max(p["adaptation"]["queue_wait_s"] for p in adapted) > 0.3  # the signal that lowered it
         assert any("retention lowered to" in w for a in answers for w in a["warnings"])
         metrics = client.get("/metrics").text
         assert 'rtprune_pages_adapted_total{mode="tiny"}' in metrics

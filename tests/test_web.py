@@ -92,6 +92,8 @@ def run_ocr(driver, base: str, page_file: Path, *, keyboard: bool = False, as_jo
     driver.find_element(By.ID, "file").send_keys(str(page_file))
     Select(driver.find_element(By.ID, "mode")).select_by_value("base")
     max_tokens = driver.find_element(By.ID, "max-new-tokens")
+    # the server's own default and cap (a random preset: 32, at most 256), not a long wait for nothing
+    assert (max_tokens.get_attribute("value"), max_tokens.get_attribute("max")) == ("32", "256")
     max_tokens.clear()
     max_tokens.send_keys("8")
     if as_job:

@@ -49,7 +49,9 @@ class Adaptation(BaseModel):
 
     adapted: bool = Field(description="the cap lowered this page's retention below what it asked for")
     cap: float = Field(description="the most retention the server allowed this page when it was admitted")
-    queue_wait_s: float = Field(description="the load signal: how long this page waited in the queue")
+    queue_wait_s: float = Field(
+        description="the load signal when this page was admitted: the median queue wait of the pages admitted last"
+    )
     target_wait_s: float = Field(description="the wait above which the policy prunes harder")
 
 

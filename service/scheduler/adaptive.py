@@ -12,6 +12,8 @@ for that page's retention cap. Running pages keep their prompt: only pages not y
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass
 
 from service.engine.options import PageKnobs
@@ -22,16 +24,16 @@ from service.engine.stats import Adaptation
 class RetentionPolicy:
     """The retention cap for the next admissions, from how long admitted pages waited.
 
-    ``level`` is the cap in (floor, 1]: it steps down by ``step`` when a page waited longer than
-    ``target_wait_s``, and up by ``step`` for each ``hold_s`` that passed while pages waited less than
-    ``relax_ratio`` of the target (hysteresis: between the two it holds, so it does not oscillate). At
-    most one step down per ``hold_s``, so one burst does not drive it to the floor at once.
+    ``level`` is the cap in (floor, 1]: it steps down by ``step`` when the signal (the median wait of the
+    pages admitted last) is over ``target_wait_s``, and up by ``step`` for each ``hold_s`` that passed
+    while it was under ``relax_ratio`` of the target (hysteresis: between the two it holds, so it does not
+    oscillate). At most one step down per ``hold_s``, so one burst does not drive it to the floor at once.
     """
 
     target_wait_s: float
     floor: float = 0.5
     step: float = 0.1
-    hold_s: float = 1.0
+    hold_s: float = 0.5
     relax_ratio: float = 0.5
 
     def __post_init__(self) -> None:
@@ -39,6 +41,8 @@ class RetentionPolicy:
             raise ValueError("the adaptive retention target must be a positive number of seconds")
         if not 0 < self.floor <= 1:
             raise ValueError("the adaptive retention floor must be in (0, 1]")
+        if not (self.hold_s > 0 and 0 < self.step <= 1):
+            raise ValueError("the adaptive retention steps need hold_s > 0 and a step in (0, 1]")
 
     def next_level(self, level: float, wait_s: float, since_change_s: float) -> float:
         """The level after a page that waited ``wait_s`` was admitted, ``since_change_s`` after the last
@@ -63,29 +67,38 @@ class RetentionPolicy:
         return cap
 
 
+SIGNAL_PAGES = 5  # the load signal is the median wait of the pages admitted last: one unlucky page is not load
+
+
 class AdaptiveRetention:
-    """The policy's state in the scheduler: the current level and when it last changed (one thread uses it)."""
+    """The policy's state in the scheduler: the current level, when it last changed, and the waits of the pages
+    admitted last, whose median is the load signal (one thread uses it)."""
 
     def __init__(self, policy: RetentionPolicy, now: float) -> None:
         self.policy = policy
         self.level = 1.0
         self.changed_at = now
-        self.last_wait_s = 0.0
+        self.waits: deque[float] = deque(maxlen=SIGNAL_PAGES)
 
     def admit(self, knobs: PageKnobs, wait_s: float, now: float) -> Adaptation | None:
         """Update the level with this admitted page's wait, and give the page's cap (None: a pinned page, or
         pruner none). ``adapted`` is settled by the engine once the page is pruned (an ``auto`` page whose
         own ratio is under the cap is not lowered)."""
-        level = self.policy.next_level(self.level, wait_s, now - self.changed_at)
+        self.waits.append(wait_s)
+        level = self.policy.next_level(self.level, self.signal_s, now - self.changed_at)
         if level != self.level:
             self.level, self.changed_at = level, now
-        self.last_wait_s = wait_s
         if not knobs.adapt or knobs.pruner == "none":
             return None
         cap = self.policy.cap(self.level, knobs)
         return Adaptation(
             adapted=False,
             cap=1.0 if cap is None else cap,
-            queue_wait_s=round(wait_s, 3),
+            queue_wait_s=round(self.signal_s, 3),
             target_wait_s=self.policy.target_wait_s,
         )
+
+    @property
+    def signal_s(self) -> float:
+        """The load signal: the median time in the queue of the last pages admitted (0 before any)."""
+        return statistics.median(self.waits) if self.waits else 0.0

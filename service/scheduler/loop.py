@@ -55,6 +55,7 @@ from .queue import PageQueue, PageRequest
 log = logging.getLogger(__name__)
 
 Batching = Literal["continuous", "static"]
+ADAPTIVE_READY_AHEAD = 2  # with adaptive retention: pages prepared ahead of room in the batch
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,8 @@ class Scheduler:
         if self.config.batching == "static" and in_flight:
             return
         room = self.max_rows - in_flight
+        if self.adaptive is not None:  # pages wait unpruned in the queue while the batch is full, so the level
+            room = min(room, ADAPTIVE_READY_AHEAD - len(self._ready))  # that admits them is the current one
         if room > 0 and not in_flight and not self._host_work and self.config.batch_wait_ms > 0:
             self._queue.wait(timeout=self.config.batch_wait_ms / 1e3, pages=room)  # an idle batch waits for company
         self._start_host_work(max(room, 0) + self.config.preprocess_threads)
@@ -384,8 +387,8 @@ class Scheduler:
 
     @property
     def last_queue_wait_s(self) -> float:
-        """How long the page admitted last waited in the queue (the adaptive policy's load signal)."""
-        return self.adaptive.last_wait_s if self.adaptive is not None else 0.0
+        """The adaptive policy's load signal: the median time in the queue of the pages admitted last."""
+        return self.adaptive.signal_s if self.adaptive is not None else 0.0
 
     def _host_page(
         self, request: PageRequest, index: int, taken_at: float, adaptation: Adaptation | None = None
