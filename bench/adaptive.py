@@ -1,6 +1,6 @@
 """Adaptive retention off versus on, side by side, below, at and above capacity.
 
-    python bench/adaptive.py --out bench/results/adaptive_tiny_cpu.json                  # tiny, CPU
+    python bench/adaptive.py --out bench/results/adaptive_tiny_cpu.json                  # tiny, CPU (~12 min)
     python bench/adaptive.py --model random-full --device cuda --out ...                    # full size, GPU
 
 The mixed open-loop workload of ``bench/batching.py`` (Poisson arrivals, 70% short and 30% long pages,
@@ -17,35 +17,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.batching import page_png, percentile, served, workload
+from bench.batching import add_workload_arguments, percentile, send_arrivals, workload
 from bench.common import machine_label, write_json
 from service.engine import OCREngine
 from service.settings import ServiceSettings
 
 
 async def open_loop(engine: OCREngine, settings: ServiceSettings, arrivals: list[tuple[float, int]], form: dict):
-    """Send every arrival at its time; (status, latency ms, served retention or None) per request."""
-    png = page_png()
-    results: list[tuple[int, float, float | None]] = []
-    async with served(engine, settings) as client:
-        start = time.perf_counter()
-
-        async def one(at: float, tokens: int) -> None:
-            await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
-            sent = time.perf_counter()
-            data = {**form, "max_new_tokens": str(tokens)}
-            response = await client.post("/v1/ocr", files={"file": ("p.png", png)}, data=data)
-            retention = response.json()["pages"][0]["stats"]["retention"] if response.status_code == 200 else None
-            results.append((response.status_code, (time.perf_counter() - sent) * 1e3, retention))
-
-        await asyncio.gather(*[one(at, tokens) for at, tokens in arrivals])
-        wall = time.perf_counter() - start
+    """Send every arrival at its time; what was answered, refused and served."""
+    sent, wall = await send_arrivals(engine, settings, arrivals, form)
+    results: list[tuple[int, float, float | None]] = [  # (status, latency ms, served retention or None)
+        (r.status_code, ms, r.json()["pages"][0]["stats"]["retention"] if r.status_code == 200 else None)
+        for _, ms, r in sent
+    ]
     answered = [ms for status, ms, _ in results if status == 200]
     served_retentions = [r for status, _, r in results if status == 200]
     return {
@@ -93,21 +82,13 @@ def row(run: dict, base: dict | None = None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--mode", default="base", help="more visual tokens: retention decides the batch")
-    parser.add_argument("--requests", type=int, default=40, help="requests per run")
-    parser.add_argument("--short", type=int, default=16)
-    parser.add_argument("--long", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_workload_arguments(parser, mode="base", requests=100, batch_size=8)  # base: retention decides the batch
     parser.add_argument("--budget-tokens", type=int, default=1536, help="fixed KV budget")
     parser.add_argument("--queue-size", type=int, default=12, help="pages that may wait; more get 503")
     parser.add_argument("--timeout-s", type=float, default=120)
-    parser.add_argument("--target-wait-s", type=float, default=1.0)
+    parser.add_argument("--target-wait-s", type=float, default=2.0)
     parser.add_argument("--floor", type=float, default=0.5)
     parser.add_argument("--loads", default="0.5,1,2", help="arrival rates as multiples of the measured capacity")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/adaptive.json")
     args = parser.parse_args()
     engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype)

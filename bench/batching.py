@@ -72,9 +72,13 @@ async def served(
             yield client
 
 
-async def open_loop(engine: OCREngine, settings: ServiceSettings, arrivals: list[tuple[float, int]], form: dict):
+async def send_arrivals(
+    engine: OCREngine, settings: ServiceSettings, arrivals: list[tuple[float, int]], form: dict
+) -> tuple[list[tuple[int, float, httpx.Response]], float]:
+    """POST one page per arrival at its time to the service on ``engine``: (new tokens, latency ms, response)
+    per request, in the order they ended, and the run's wall time in seconds."""
     png = page_png()
-    results: list[tuple[int, float, int]] = []  # (new tokens, latency ms, status)
+    results: list[tuple[int, float, httpx.Response]] = []
     async with served(engine, settings) as client:
         start = time.perf_counter()
 
@@ -83,10 +87,15 @@ async def open_loop(engine: OCREngine, settings: ServiceSettings, arrivals: list
             sent = time.perf_counter()
             data = {**form, "max_new_tokens": str(tokens)}
             response = await client.post("/v1/ocr", files={"file": ("p.png", png)}, data=data)
-            results.append((tokens, (time.perf_counter() - sent) * 1e3, response.status_code))
+            results.append((tokens, (time.perf_counter() - sent) * 1e3, response))
 
         await asyncio.gather(*[one(at, tokens) for at, tokens in arrivals])
-        wall = time.perf_counter() - start
+        return results, time.perf_counter() - start
+
+
+async def open_loop(engine: OCREngine, settings: ServiceSettings, arrivals: list[tuple[float, int]], form: dict):
+    sent, wall = await send_arrivals(engine, settings, arrivals, form)
+    results = [(tokens, ms, response.status_code) for tokens, ms, response in sent]  # (new tokens, ms, status)
     ok = [r for r in results if r[2] == 200]
     short_tokens = min(t for _, t in arrivals)
     short = [ms for tokens, ms, _ in ok if tokens == short_tokens]
@@ -106,6 +115,19 @@ async def open_loop(engine: OCREngine, settings: ServiceSettings, arrivals: list
         "long_p95_ms": percentile(long, 0.95),
         "latencies": [{"new_tokens": t, "ms": ms, "status": s} for t, ms, s in results],
     }
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser, *, mode: str, requests: int, batch_size: int) -> None:
+    """The model and mixed-workload flags the open-loop benchmarks share (this one and ``adaptive.py``)."""
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--mode", default=mode)
+    parser.add_argument("--requests", type=int, default=requests, help="requests per run")
+    parser.add_argument("--short", type=int, default=16, help="new tokens of a short page (70%%)")
+    parser.add_argument("--long", type=int, default=256, help="new tokens of a long page (30%%)")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def service_settings(engine: OCREngine, batching: str, args, max_batch_tokens: int | None = None) -> ServiceSettings:
@@ -134,18 +156,10 @@ def row(run: dict, base: dict | None = None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--mode", default="tiny")
+    add_workload_arguments(parser, mode="tiny", requests=30, batch_size=32)
     parser.add_argument("--rates", default="1,2,4", help="arrivals per second")
-    parser.add_argument("--requests", type=int, default=30, help="requests per run")
-    parser.add_argument("--short", type=int, default=16)
-    parser.add_argument("--long", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--budget-tokens", type=int, default=1536, help="fixed KV budget for the retention runs")
     parser.add_argument("--budget-mode", default="base", help="mode of the retention runs (more visual tokens)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/batching.json")
     args = parser.parse_args()
     engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype)

@@ -373,7 +373,7 @@ class OCREngine:
         options = task.options
         if pruned is None:
             with task.timer.stage("prune"):
-                pruned = self._pruner(options)(*self._prune_inputs(block))
+                pruned = self._pruner(task)(*self._prune_inputs(block))
         with task.timer.stage("assemble"):
             ids = task.prompt or tokenize_prompt(self.model.tokenizer, options.prompt_text())
             prompt = assemble_prompt(
