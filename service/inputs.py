@@ -215,6 +215,21 @@ def _sniff_format(data: bytes) -> str:
     return next((name for magic, name in signatures.items() if data.startswith(magic)), "file's")
 
 
+def pdf_page_count(data: bytes) -> int:
+    """How many pages a PDF has (opening it only: nothing is rendered); UploadError if it cannot be opened."""
+    import pypdfium2 as pdfium
+
+    with PDFIUM_LOCK:
+        try:
+            pdf = pdfium.PdfDocument(data)
+        except pdfium.PdfiumError as exc:
+            raise UploadError(422, "corrupt_file", f"the PDF could not be opened: {exc}") from None
+        try:
+            return len(pdf)
+        finally:
+            pdf.close()
+
+
 def _measure_pdf(
     data: bytes,
     *,

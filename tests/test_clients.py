@@ -118,6 +118,10 @@ def test_mistral_sdk_reads_why_a_request_cannot_be_honoured(mistral):
     with pytest.raises(HTTPValidationError) as backwards:
         mistral.ocr.process(model="any", document={"type": "document_url", "document_url": PDF_URL}, pages="3-1")
     assert "runs backwards" in backwards.value.data.detail[0].msg
+    with pytest.raises(HTTPValidationError) as beyond:
+        mistral.ocr.process(model="any", document={"type": "document_url", "document_url": PDF_URL}, pages="2-99999")
+    message = beyond.value.data.detail[0].msg  # one short sentence, not 99,996 page numbers
+    assert message == "pages 4, 5, 6, 7, 8 and 99991 more are outside the document's 4 pages (0-based)", message
     with pytest.raises(HTTPValidationError) as stored:
         mistral.ocr.process(model="any", document={"type": "file", "file_id": "f-1"})
     assert "send the document inline" in stored.value.data.detail[0].msg

@@ -56,7 +56,7 @@ def error_json(
         code=code, message=message, type=error_type(status), param=param, request_id=request_id, details=details
     )
     detail = [{"loc": d["loc"], "msg": d["msg"], "type": d["type"]} for d in details] if details else None
-    if detail is None and code == "invalid_parameter":  # a check of ours, not pydantic's: one entry
+    if detail is None and status == 422:  # a check of ours, not pydantic's: one entry, for Mistral's SDK
         detail = [{"loc": ["body", *(param.split(".") if param else [])], "msg": message, "type": code}]
     body = ErrorResponse(error=info, detail=detail).model_dump(exclude_none=True)
     body["error"].setdefault("param", None)

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, WrapValidator
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import Scope
@@ -38,7 +39,7 @@ from service.api.common import (
 from service.api.deps import get_scheduler, get_settings
 from service.engine.options import PageKnobs
 from service.errors import InvalidParameter
-from service.inputs import PDF_DPI, is_pdf
+from service.inputs import PDF_DPI, is_pdf, pdf_page_count
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
 
@@ -232,14 +233,13 @@ async def mistral_ocr(
         raise InvalidParameter("pages selects no page; leave it out to OCR every page", param="pages")
     options, notes = door_options(engine, mistral_options(body), settings)
     data = await read_url(request, url, settings)
+    if wanted is not None:
+        check_pages_exist(wanted, await run_in_threadpool(pdf_page_count, data) if is_pdf(data) else 1)
     # only the pages asked for are measured against the limits (1-based range of the PDF, then a selection)
     span = (wanted[0] + 1, wanted[-1] + 1) if wanted and is_pdf(data) else None
     document = await open_upload(data, settings, span)
     if wanted is not None:
         first = span[0] - 1 if span else 0
-        missing = [p for p in wanted if p - first >= len(document)]
-        if missing:
-            raise InvalidParameter(f"pages {missing} are outside the document's pages (0-based)", param="pages")
         document = document.select([p - first for p in wanted])
     request_pages = page_request(request, document, options, settings, accepted_at)
     scheduler.submit(request_pages)
@@ -256,6 +256,14 @@ async def mistral_ocr(
         usage_info=UsageInfo(pages_processed=len(pages), doc_size_bytes=len(data)),
         rtprune={"pages": [r.stats.model_dump(mode="json") for r in results], "warnings": warnings + notes + ignored},
     )
+
+
+def check_pages_exist(wanted: list[int], n_pages: int) -> None:
+    """InvalidParameter naming (the first few of) the 0-based pages the document does not have."""
+    missing = [p for p in wanted if p >= n_pages]
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise InvalidParameter(f"pages {shown} are outside the document's {n_pages} pages (0-based)", param="pages")
 
 
 def mistral_options(body: MistralOcrRequest) -> dict[str, Any]:
