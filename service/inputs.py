@@ -47,6 +47,14 @@ class UploadError(Exception):
         return self.message
 
 
+@dataclass
+class PageRangeOutside(UploadError):
+    """A page range past the document's end; ``n_pages`` is how many pages it has (a door that numbers pages
+    otherwise, e.g. 0-based, says it in its own terms)."""
+
+    n_pages: int = 0
+
+
 PDFIUM_LOCK = threading.Lock()  # every pypdfium2 call in this process holds it
 # Decoding an image holds all its pixels (160 MB for 40 megapixels in RGBA): sixteen uploads checked at once
 # would hold 2.5 GB. At most this many decode at once in the process; the others wait their turn.
@@ -215,21 +223,6 @@ def _sniff_format(data: bytes) -> str:
     return next((name for magic, name in signatures.items() if data.startswith(magic)), "file's")
 
 
-def pdf_page_count(data: bytes) -> int:
-    """How many pages a PDF has (opening it only: nothing is rendered); UploadError if it cannot be opened."""
-    import pypdfium2 as pdfium
-
-    with PDFIUM_LOCK:
-        try:
-            pdf = pdfium.PdfDocument(data)
-        except pdfium.PdfiumError as exc:
-            raise UploadError(422, "corrupt_file", f"the PDF could not be opened: {exc}") from None
-        try:
-            return len(pdf)
-        finally:
-            pdf.close()
-
-
 def _measure_pdf(
     data: bytes,
     *,
@@ -252,8 +245,11 @@ def _measure_pdf(
             first, last = page_range or (1, None)
             last = n_pages if last is None else last
             if not 1 <= first <= last <= n_pages:
-                raise UploadError(
-                    422, "invalid_page_range", f"page range {first}-{last} is outside the document's {n_pages} pages"
+                raise PageRangeOutside(
+                    422,
+                    "invalid_page_range",
+                    f"page range {first}-{last} is outside the document's {n_pages} pages",
+                    n_pages,
                 )
             count = last - first + 1
             if count > max_pages:

@@ -21,7 +21,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, WrapValidator
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import Scope
@@ -39,7 +38,7 @@ from service.api.common import (
 from service.api.deps import get_scheduler, get_settings
 from service.engine.options import PageKnobs
 from service.errors import InvalidParameter
-from service.inputs import PDF_DPI, is_pdf, pdf_page_count
+from service.inputs import PDF_DPI, PageRangeOutside, is_pdf
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
 
@@ -233,13 +232,16 @@ async def mistral_ocr(
         raise InvalidParameter("pages selects no page; leave it out to OCR every page", param="pages")
     options, notes = door_options(engine, mistral_options(body), settings)
     data = await read_url(request, url, settings)
-    if wanted is not None:
-        check_pages_exist(wanted, await run_in_threadpool(pdf_page_count, data) if is_pdf(data) else 1)
     # only the pages asked for are measured against the limits (1-based range of the PDF, then a selection)
     span = (wanted[0] + 1, wanted[-1] + 1) if wanted and is_pdf(data) else None
-    document = await open_upload(data, settings, span)
+    try:
+        document = await open_upload(data, settings, span)
+    except PageRangeOutside as exc:  # said 0-based, as the request numbers its pages
+        check_pages_exist(wanted or [], exc.n_pages)
+        raise
     if wanted is not None:
         first = span[0] - 1 if span else 0
+        check_pages_exist(wanted, first + len(document))  # an image has one page
         document = document.select([p - first for p in wanted])
     request_pages = page_request(request, document, options, settings, accepted_at)
     scheduler.submit(request_pages)
