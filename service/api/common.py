@@ -12,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Request, UploadFile
 from fastapi.responses import StreamingResponse
-from pydantic import ConfigDict, Field, ValidationError, WrapValidator
+from pydantic import ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine, OcrOptions, PageResult
+from service.engine.options import in_one_sentence
 from service.errors import (
     ClientGone,
     DeadlineExceeded,
@@ -63,14 +64,11 @@ ERROR_RESPONSES = {
 }
 
 
-def _page_range_in_words(value: Any, handler: Callable[[Any], Any]) -> Any:
-    try:
-        return handler(value)
-    except ValueError:
-        raise ValueError(f"pages must be {PAGE_RANGE_HELP}; got {str(value)[:40]}") from None
-
-
-PageRangeText = Annotated[str, Field(pattern=PAGE_RANGE.pattern), WrapValidator(_page_range_in_words)]
+PageRangeText = Annotated[
+    str,
+    Field(pattern=PAGE_RANGE.pattern),
+    in_one_sentence(lambda value: f"pages must be {PAGE_RANGE_HELP}; got {str(value)[:40]}"),
+]
 
 
 class OcrForm(OcrOptions):

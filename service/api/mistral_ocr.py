@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, WrapValidator
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import Scope
@@ -36,7 +35,7 @@ from service.api.common import (
     wait_for,
 )
 from service.api.deps import get_scheduler, get_settings
-from service.engine.options import PageKnobs
+from service.engine.options import PageKnobs, in_one_sentence
 from service.errors import InvalidParameter
 from service.inputs import PDF_DPI, PageRangeOutside, is_pdf
 from service.scheduler import Scheduler
@@ -94,13 +93,9 @@ PAGE_LIST = re.compile(r"^\s*\d{1,5}\s*(-\s*\d{1,5}\s*)?(,\s*\d{1,5}\s*(-\s*\d{1
 PageNumber = Annotated[int, Field(ge=0, le=99_999)]
 
 
-def _pages_in_words(value: Any, handler: Callable[[Any], Any]) -> Any:
-    try:
-        return handler(value)
-    except ValueError:
-        raise ValueError(
-            "pages must be a list of 0-based page numbers, or a string of numbers and ranges such as '0,2-4'"
-        ) from None
+PAGES_IN_WORDS = in_one_sentence(
+    lambda _: "pages must be a list of 0-based page numbers, or a string of numbers and ranges such as '0,2-4'"
+)
 
 
 def parse_pages(pages: list[int] | str) -> list[int]:
@@ -150,7 +145,7 @@ class MistralOcrRequest(BaseModel):
     model: str | None = Field(None, description="any id is accepted; the answer names the model that ran")
     id: str | None = None
     document: DocumentUrl | ImageUrlDocument | FileDocument = Field(discriminator="type")
-    pages: Annotated[list[PageNumber] | str, WrapValidator(_pages_in_words)] | None = Field(
+    pages: Annotated[list[PageNumber] | str, PAGES_IN_WORDS] | None = Field(
         None, description="0-based pages: a list, or numbers and ranges such as '0,2-4'; default all"
     )
     include_image_base64: bool | None = None

@@ -27,15 +27,23 @@ PrunerName = Literal["rtprune", "none", "random", "norm", "divprune"]
 assert PrunerName.__args__ == PRUNER_NAMES, "keep PrunerName in step with names.PRUNER_NAMES"
 
 
-def _retention_in_words(value: Any, handler: Callable[[Any], Any]) -> Any:
-    """One sentence for a bad retention, instead of one error per member of the union."""
-    try:
-        return handler(value)
-    except ValueError:
-        raise ValueError(f"retention must be a number in (0, 1] or 'auto'; got {str(value)[:40]}") from None
+def in_one_sentence(sentence: Callable[[Any], str]) -> WrapValidator:
+    """A field's validation errors (one per member of a union, or a regex) replaced by ``sentence(value)``:
+    what every door answers, while the field's type and JSON schema stay as declared."""
+
+    def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValueError:
+            raise ValueError(sentence(value)) from None
+
+    return WrapValidator(validate)
 
 
-Retention = Annotated[Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"], WrapValidator(_retention_in_words)]
+Retention = Annotated[
+    Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"],
+    in_one_sentence(lambda value: f"retention must be a number in (0, 1] or 'auto'; got {str(value)[:40]}"),
+]
 
 
 MAX_NEW_TOKENS = 8192  # DeepSeek-OCR's own budget, and the most a page may ask for
