@@ -11,7 +11,7 @@ Tensors in, tensors out: nothing here knows about models, HTTP or settings.
 
 from .base import TokenPruner
 from .baselines import DivPrune, NoPrune, NormPrune, RandomPrune
-from .keep_ratio import dynamic_keep_ratio, keep_count, similarity_ratio, text_density_ratio
+from .keep_ratio import combined_ratio, dynamic_keep_ratio, keep_count, similarity_ratio, text_density_ratio
 from .ot_merge import ot_merge, transport_plan
 from .registry import PRUNERS, build_pruner
 from .result import PruneResult, drop_repeated_newlines
@@ -27,6 +27,7 @@ __all__ = [
     "RandomPrune",
     "TokenPruner",
     "build_pruner",
+    "combined_ratio",
     "drop_repeated_newlines",
     "dynamic_keep_ratio",
     "keep_count",

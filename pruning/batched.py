@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import NEWLINE_NOT_PROTECTED, NOT_FINITE
-from .keep_ratio import text_density_ratio
+from .keep_ratio import combined_ratio, text_density_ratio
 from .result import PruneResult
 
 TINY = 1e-30  # a zero denominator meets a zero numerator only (a block with nothing to merge)
@@ -143,9 +143,10 @@ def _ratios(
         r_sim = torch.stack(sim).double().clamp(0.0, 1.0)
         r_txt = torch.stack(txt).double()
         # float32 terms, combined in float64: what the per-image walk computes in Python after reading them
-        r_dyn = 1.0 - (1.0 - r_sim) * (1.0 - r_txt)
-        caps = [1.0 if b.max_keep_ratio is None else b.max_keep_ratio for b in blocks]
-        r_dyn = torch.minimum(r_dyn, torch.tensor(caps, dtype=torch.float64, device=x.device))
+        r_dyn = combined_ratio(r_sim, r_txt)
+        if any(b.max_keep_ratio is not None for b in blocks):  # a server under load: no extra copy otherwise
+            caps = [1.0 if b.max_keep_ratio is None else b.max_keep_ratio for b in blocks]
+            r_dyn = torch.minimum(r_dyn, torch.tensor(caps, dtype=torch.float64, device=x.device))
         flags = torch.tensor(dynamic, device=x.device)
         return torch.where(flags, r_dyn, fixed), r_sim, r_txt
     return fixed, r_sim, r_txt

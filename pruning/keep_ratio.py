@@ -113,6 +113,11 @@ def text_density_ratio(image: torch.Tensor, patch_size: int = PATCH_SIZE) -> tor
     return edge_share.mean()
 
 
+def combined_ratio(r_sim, r_txt):
+    """RTPrune's ratio from its two terms, r = 1 - (1 - r_sim)(1 - r_txt): floats or tensors alike."""
+    return 1.0 - (1.0 - r_sim) * (1.0 - r_txt)
+
+
 def dynamic_keep_ratio(x: torch.Tensor, image: torch.Tensor) -> tuple[float, float, float]:
     """RTPrune's per-image ratio r = 1 - (1 - r_sim)(1 - r_txt).
 
@@ -122,4 +127,4 @@ def dynamic_keep_ratio(x: torch.Tensor, image: torch.Tensor) -> tuple[float, flo
     terms = torch.stack([similarity_ratio(x), text_density_ratio(image).to(x.device)])
     r_sim, r_txt = terms.tolist()
     r_sim = min(max(r_sim, 0.0), 1.0)  # float rounding can step just outside [0, 1]
-    return 1.0 - (1.0 - r_sim) * (1.0 - r_txt), r_sim, r_txt
+    return combined_ratio(r_sim, r_txt), r_sim, r_txt

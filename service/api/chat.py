@@ -243,6 +243,10 @@ class Reply:
             return text, len(generated)
         return "", shown
 
+    def warnings_for(self, page: PageResult) -> list[str]:
+        """The notes on the request's options, then the page's own (a retention lowered under load)."""
+        return [*(self.warnings or []), *adaptation_warnings([1], [page])]
+
     @staticmethod
     def usage(page: PageResult) -> dict:
         s = page.stats
@@ -263,7 +267,7 @@ class Reply:
             "choices": [choice],
             "usage": self.usage(page),
             "rtprune": page.stats.model_dump(mode="json"),
-            "warnings": [*(self.warnings or []), *adaptation_warnings([1], [page])],
+            "warnings": self.warnings_for(page),
         }
 
     def chunk(self, delta: dict, finish: str | None = None, **extra) -> str:
@@ -311,7 +315,7 @@ class Reply:
             if delta := self.text(generated[shown:]):
                 yield self.chunk({"content": delta})
             extra = {"usage": self.usage(page), "rtprune": page.stats.model_dump(mode="json")} if usage else {}
-            extra["warnings"] = [*(self.warnings or []), *adaptation_warnings([1], [page])]
+            extra["warnings"] = self.warnings_for(page)
             yield self.chunk({}, FINISH[page.stats.finish_reason], **extra)
             yield "data: [DONE]\n\n"
         finally:

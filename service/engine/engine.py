@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, Field, PrivateAttr
 
-from pruning import PruneResult, build_pruner, prune_together
+from pruning import PruneResult, build_pruner, combined_ratio, prune_together
 
 from .assemble import assemble_prompt
 from .decode.batch import RunningBatch
@@ -122,7 +122,7 @@ def _settled(adaptation: Adaptation | None, options: OcrOptions, pruned: PruneRe
     if adaptation is None:
         return None
     if options.retention == "auto":
-        asked = 1.0 - (1.0 - pruned.r_sim) * (1.0 - pruned.r_txt) if pruned.r_sim is not None else 1.0
+        asked = combined_ratio(pruned.r_sim, pruned.r_txt) if pruned.r_sim is not None else 1.0
     else:
         asked = float(options.retention)
     return adaptation.model_copy(update={"adapted": adaptation.cap < asked})

@@ -55,11 +55,16 @@ class RetentionPolicy:
             return min(1.0, round(level + self.step * int(since_change_s // self.hold_s), 9))
         return level
 
+    @staticmethod
+    def pinned(knobs: PageKnobs) -> bool:
+        """A page the policy never changes: it asked so (``adapt=false``), or for every token (pruner none)."""
+        return not knobs.adapt or knobs.pruner == "none"
+
     def cap(self, level: float, knobs: PageKnobs) -> float | None:
         """The retention cap for a page with these knobs at ``level``; None leaves the page as it asked: the
         policy at rest, a pinned page (``adapt=false``), ``pruner=none`` (it asked for every token), or a
         fixed retention already at or below the cap. Never below the floor."""
-        if level >= 1.0 or not knobs.adapt or knobs.pruner == "none":
+        if level >= 1.0 or self.pinned(knobs):
             return None
         cap = max(level, self.floor)
         if knobs.retention != "auto" and float(knobs.retention) <= cap:
@@ -88,7 +93,7 @@ class AdaptiveRetention:
         level = self.policy.next_level(self.level, self.signal_s, now - self.changed_at)
         if level != self.level:
             self.level, self.changed_at = level, now
-        if not knobs.adapt or knobs.pruner == "none":
+        if self.policy.pinned(knobs):
             return None
         cap = self.policy.cap(self.level, knobs)
         return Adaptation(
