@@ -79,6 +79,12 @@ class NotReady(ServiceError):
     status, code = 503, "not_ready"
 
 
+class StoreUnavailable(ServiceError):
+    """The job database did not answer in time (restarting, or out of reach); nothing was lost."""
+
+    status, code = 503, "store_unavailable"
+
+
 class DeadlineExceeded(ServiceError):
     status, code = 504, "deadline_exceeded"
 

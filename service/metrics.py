@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.engine.device import memory_bytes
 from service.engine.stats import STAGES, PageStats
+from service.jobs.store import STATES, Backlog
 
 if TYPE_CHECKING:
     from service.engine.options import OcrOptions
@@ -58,6 +60,18 @@ class Metrics:
         self.pages_adapted = Counter(
             "rtprune_pages_adapted", "pages whose retention the adaptive policy lowered", ["mode"], registry=r
         )
+        self.jobs = Gauge("rtprune_jobs", "jobs in the store by state (all replicas')", ["state"], registry=r)
+        self.oldest_queued_job = Gauge(
+            "rtprune_jobs_oldest_queued_seconds", "how long the oldest queued job has waited (0: none)", registry=r
+        )
+        self.store_seconds = Histogram(
+            "rtprune_job_store_seconds", "time of job-store operations (claim, renew, save a page, ...)",
+            ["operation"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5), registry=r,
+        )
+        self._oldest_queued: float | None = None
+        self.oldest_queued_job.set_function(
+            lambda: 0.0 if self._oldest_queued is None else max(0.0, time.time() - self._oldest_queued)
+        )
         self.gpu_memory = Gauge(
             "rtprune_gpu_memory_bytes", "GPU memory of this process: allocated, reserved, peak", ["kind"], registry=r
         )
@@ -76,6 +90,16 @@ class Metrics:
         self.queue_wait.set_function(lambda: scheduler.last_queue_wait_s)
         for kind in ("allocated", "reserved", "peak"):
             self.gpu_memory.labels(kind).set_function(functools.partial(gpu_memory, scheduler, kind))
+
+    def observe_backlog(self, backlog: Backlog) -> None:
+        """The store's job counts, as the job runner last read them (every few seconds); the oldest
+        queued job's age is computed when scraped."""
+        for state in STATES:
+            self.jobs.labels(state).set(backlog.jobs.get(state, 0))
+        self._oldest_queued = backlog.oldest_queued
+
+    def observe_store(self, operation: str, seconds: float) -> None:
+        self.store_seconds.labels(operation).observe(seconds)
 
     def observe_page(self, stats: PageStats, options: OcrOptions) -> None:
         """One finished page, labelled with its mode and pruner (a few values each: bounded series)."""

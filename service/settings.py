@@ -141,6 +141,14 @@ class ServiceSettings(BaseSettings):
     jobs_dir: Path | None = Field(
         None, description="where asynchronous jobs are stored (default ~/.cache/rtprune-ocr/jobs); a volume in compose"
     )
+    jobs_url: SecretStr | None = Field(
+        None,
+        description="a PostgreSQL URL (postgresql://user:password@host/db) to keep jobs in, shared by replicas on "
+        "any number of hosts (needs the postgres extra); unset keeps them in SQLite under RTPRUNE_JOBS_DIR",
+    )
+    jobs_concurrency: int = Field(
+        8, ge=1, description="jobs one replica runs at once (their pages interleave); more wait for any replica"
+    )
     job_retention_s: float = Field(86_400.0, gt=0, description="a job is deleted this long after its last change")
     jobs_max_bytes: int = Field(5_000_000_000, ge=1, description="uploads stored for jobs, all together; more get 503")
     jobs_per_key: int = Field(
@@ -206,6 +214,10 @@ class ServiceSettings(BaseSettings):
             self.api_key = None  # an empty RTPRUNE_API_KEY means no key, not a key that is empty
         if self.webhook_secret is not None and not self.webhook_secret.get_secret_value():
             self.webhook_secret = None
+        if self.jobs_url is not None and not self.jobs_url.get_secret_value():
+            self.jobs_url = None  # empty (compose passes RTPRUNE_JOBS_URL= through): SQLite
+        if self.jobs_url is not None and not self.jobs_url.get_secret_value().startswith(("postgresql:", "postgres:")):
+            raise ValueError("jobs_url must be a PostgreSQL URL: postgresql://user:password@host:5432/database")
         try:
             self.outbound_policy()
         except ValueError as exc:

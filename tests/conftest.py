@@ -33,3 +33,19 @@ def tiny_engine(preset_cache):
     from service.engine import OCREngine
 
     return OCREngine.load("tiny", device="cpu", cache_dir=preset_cache)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (Debian's package) for the session; see tests/postgres_server.py."""
+    from tests.postgres_server import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres, request) -> str:
+    """A fresh, empty database on the session's server, named after the test."""
+    return postgres.database("t_" + request.node.name.replace("[", "_").replace("]", "").lower()[:50])

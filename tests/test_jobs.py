@@ -181,34 +181,6 @@ def test_a_job_survives_kill_9_and_recomputes_no_finished_page(preset_cache, tmp
     assert [p["page"] for p in result["pages"]] == [1, 2, 3, 4]  # every page exactly once
 
 
-def test_one_runner_holds_a_jobs_lease_until_it_stops_renewing_or_its_process_is_gone(tmp_path):
-    """Processes sharing a store (Ray replicas) never run one job twice; a dead holder's jobs are adopted."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    from service.jobs.store import JobStore
-
-    first, second = JobStore(tmp_path), JobStore(tmp_path)  # two connections, as two processes have
-    job = first.create("anyone", {}, [1], b"%PDF", None)
-    alive = f"{socket.gethostname()}:{os.getpid()}:a"
-    assert first.claim(job.id, alive, ttl_s=30)
-    assert not second.claim(job.id, "other-host:1:b", ttl_s=30)  # held by a live runner
-    assert first.claim(job.id, alive, ttl_s=30)  # its holder may claim it again
-    first.renew(alive, ttl_s=-1)  # stopped renewing: the lease ran out
-    assert second.claim(job.id, "other-host:1:b", ttl_s=30)
-    second.release(job.id, "other-host:1:b")
-
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    dead = f"{socket.gethostname()}:{gone.pid}:c"  # a process of this host that has exited (kill -9 alike)
-    assert first.claim(job.id, dead, ttl_s=3600)
-    assert second.claim(job.id, alive, ttl_s=30)  # taken over at once, long before the hour is up
-    first.delete_older_than(time.time() + 1)
-    assert second.claim(job.id, "other-host:1:b", ttl_s=30)  # deleted with its job: a stale lease is not kept
-
-
 def test_a_cancelled_job_frees_its_place_in_the_quota(tiny_engine, tmp_path):
     gated = GatedEngine(tiny_engine)
     gated.gate.clear()  # the first job stays unfinished until it is cancelled

@@ -27,7 +27,7 @@ from service.api.middleware import (
 )
 from service.api.openapi import describe_uploads_as_multipart
 from service.engine import OCREngine
-from service.jobs import JobRunner, JobStore
+from service.jobs import JobRunner, open_store
 from service.jobs.webhooks import Webhooks
 from service.metrics import Metrics
 from service.scheduler import Scheduler
@@ -49,14 +49,19 @@ def default_loader(settings: ServiceSettings) -> Callable[[], OCREngine]:
     )
 
 
-def job_runner(settings: ServiceSettings, scheduler: Scheduler) -> JobRunner:
+def job_runner(settings: ServiceSettings, scheduler: Scheduler, metrics: Metrics) -> JobRunner:
+    """The job runner on the store the settings name: PostgreSQL (RTPRUNE_JOBS_URL) or SQLite."""
+    url = settings.jobs_url.get_secret_value() if settings.jobs_url else None
     directory = settings.jobs_dir or Path.home() / ".cache" / "rtprune-ocr" / "jobs"
+    store = open_store(url, directory, on_timing=metrics.observe_store)
     return JobRunner(
-        JobStore(directory),
+        store,
         scheduler,
         lambda data, page_range: open_upload(data, settings, page_range),
         retention_s=settings.job_retention_s,
         retry_after_s=settings.retry_after_s,
+        concurrency=settings.jobs_concurrency,
+        on_backlog=metrics.observe_backlog,
         webhooks=Webhooks(
             settings.allow_webhooks,
             settings.outbound_policy(),
@@ -88,7 +93,7 @@ def create_app(
         app.state.scheduler = scheduler
         metrics.watch(scheduler)
         scheduler.start()  # loads in the scheduler's thread; /readyz says 503 until it is warm
-        app.state.jobs = job_runner(settings, scheduler)
+        app.state.jobs = job_runner(settings, scheduler, metrics)
         resume = asyncio.create_task(app.state.jobs.start())  # unfinished jobs go on once the model is ready
         try:
             yield
@@ -96,7 +101,7 @@ def create_app(
             resume.cancel()
             await app.state.jobs.stop()  # stored state untouched: the next start resumes
             await run_in_threadpool(scheduler.stop)
-            app.state.jobs.store.close()
+            await run_in_threadpool(app.state.jobs.store.close)
             app.state.fetch_pool.shutdown(wait=False, cancel_futures=True)
 
     # /docs and /redoc from assets in the fastapi-offline package: FastAPI's default pages load them

@@ -74,15 +74,15 @@ def owner_of(request: Request) -> str:
     return key_digest(request.headers) or "anonymous"
 
 
-def find(store: JobStore, job_id: str, request: Request) -> JobRecord:
-    record = store.get(job_id, owner=owner_of(request))
+async def find(store: JobStore, job_id: str, request: Request) -> JobRecord:
+    record = await run_in_threadpool(store.get, job_id, owner_of(request))
     if record is None:
         raise NotFound(f"no job {job_id!r} (or it belongs to another key, or it expired)")
     return record
 
 
-def status_of(record: JobRecord, store: JobStore) -> JobStatus:
-    done = store.done_at(record.id)
+async def status_of(record: JobRecord, store: JobStore) -> JobStatus:
+    done = await run_in_threadpool(store.done_at, record.id)
     return JobStatus(
         id=record.id,
         state=record.state,
@@ -115,22 +115,23 @@ async def create_job(
         await run_in_threadpool(check_webhook, form.webhook_url, settings)
     data, document = await read_upload(request, form, settings, form.page_range())  # every limit, before storing
     owner, store = owner_of(request), runner.store
-    if store.count_unfinished(owner) >= settings.jobs_per_key:
+    if await run_in_threadpool(store.count_unfinished, owner) >= settings.jobs_per_key:
         raise TooManyJobs(
             f"this key has {settings.jobs_per_key} unfinished jobs; wait for one to finish, or cancel one (DELETE)"
         )
-    if store.total_bytes() + len(data) > settings.jobs_max_bytes:
+    if await run_in_threadpool(store.total_bytes) + len(data) > settings.jobs_max_bytes:
         raise Overloaded("job storage is full; retry later", headers={"Retry-After": str(settings.retry_after_s)})
-    record = store.create(owner, options.model_dump(mode="json"), document.numbers, data, form.webhook_url)
-    runner.run(record.id)
-    body = status_of(record, store).model_copy(update={"warnings": notes}).model_dump(mode="json")
+    options_json = options.model_dump(mode="json")
+    record = await run_in_threadpool(store.create, owner, options_json, document.numbers, data, form.webhook_url)
+    runner.wake()
+    body = (await status_of(record, store)).model_copy(update={"warnings": notes}).model_dump(mode="json")
     location = str(request.url_for("job_status", job_id=record.id))  # absolute, as RFC 9110 prefers
     return JSONResponse(body, status_code=202, headers={"Location": location})
 
 
 @router.get("/v1/jobs/{job_id}", summary="A job's state and progress in pages", responses=ERROR_RESPONSES)
 async def job_status(job_id: str, request: Request, runner: Annotated[JobRunner, Depends(get_runner)]) -> JobStatus:
-    return status_of(find(runner.store, job_id, request), runner.store)
+    return await status_of(await find(runner.store, job_id, request), runner.store)
 
 
 @router.get(
@@ -143,14 +144,14 @@ async def job_result(
     settings: Annotated[ServiceSettings, Depends(get_settings)],
     scheduler: Annotated[Scheduler, Depends(get_scheduler)],
 ):
-    record = find(runner.store, job_id, request)
+    record = await find(runner.store, job_id, request)
     if record.state == "cancelled":
         raise JobCancelled("the job was cancelled; it has no result (its status lists the pages it finished)")
     if record.state == "failed":
         raise JobFailed(f"the job failed: {record.error or 'no reason was recorded'}")
     if record.state != "done":
         raise NotFinished(f"the job is {record.state}; its result is ready when the state is done")
-    done = runner.store.pages(job_id)
+    done = await run_in_threadpool(runner.store.pages, job_id)
     results = [stored_page(done[p][0]) for p in range(len(record.numbers))]
     random_weights = bool(scheduler.engine and scheduler.engine.random_weights)
     return build_response(
@@ -168,10 +169,10 @@ async def job_result(
     "/v1/jobs/{job_id}", summary="Cancel a job (finished pages stay until it expires)", responses=ERROR_RESPONSES
 )
 async def cancel_job(job_id: str, request: Request, runner: Annotated[JobRunner, Depends(get_runner)]) -> JobStatus:
-    record = find(runner.store, job_id, request)
+    record = await find(runner.store, job_id, request)
     if record.state not in ("done", "failed", "cancelled"):
-        runner.cancel(job_id)
-    return status_of(runner.store.get(job_id), runner.store)
+        await runner.cancel(job_id)
+    return await status_of(await find(runner.store, job_id, request), runner.store)
 
 
 @router.get(
@@ -180,7 +181,7 @@ async def cancel_job(job_id: str, request: Request, runner: Annotated[JobRunner,
     responses=ERROR_RESPONSES,
 )
 async def job_events(job_id: str, request: Request, runner: Annotated[JobRunner, Depends(get_runner)]):
-    record = find(runner.store, job_id, request)
+    record = await find(runner.store, job_id, request)
     settings = request.app.state.settings
     after = resume_point(request.headers.get("last-event-id"))
     stream = events(runner, record, request, settings.stream_idle_s, settings.sse_keepalive_s, after)
@@ -202,13 +203,19 @@ async def events(
     finished (``id: 1``, ``2``, ...), so a client that reconnects with ``Last-Event-ID: n`` gets the pages
     after its n-th; the end event has no id (a reconnect after it replays it). While a page runs the stream
     sends a ``: keep-alive`` comment every ``keepalive_s`` (proxies cut silent streams); one with no news
-    for ``idle_s`` ends with an ``idle`` event (reconnect to go on)."""
+    for ``idle_s`` ends with an ``idle`` event (reconnect to go on).
+
+    News of any replica wakes the stream: this replica's runner announces its own pages, and on
+    PostgreSQL every replica's changes arrive through the store's listener; besides, the store is read
+    every ``store.poll_s`` (SQLite's only way to see another process's pages)."""
+    store = runner.store
     queue = runner.subscribe(record.id)  # first, so nothing between the snapshot and now is missed
     seen: set[int] = set()  # pages numbered so far, those the client had seen included
     last_news = last_sent = time.monotonic()
 
-    def stored_pages() -> list[str]:  # pages finished by any process sharing the store, in the order they did
-        done = sorted((at, p) for p, at in runner.store.done_at(record.id).items() if p not in seen)
+    async def stored_pages() -> list[str]:  # pages finished by any replica, in the order they did
+        finished = await run_in_threadpool(store.done_at, record.id)
+        done = sorted((at, p) for p, at in finished.items() if p not in seen)
         out = []
         for at, p in done:
             seen.add(p)
@@ -217,9 +224,9 @@ async def events(
         return out
 
     try:
-        state = runner.store.get(record.id).state
+        state = record.state
         while True:
-            for event in stored_pages():
+            for event in await stored_pages():
                 last_news = last_sent = time.monotonic()
                 yield event
             if state not in ("queued", "running"):
@@ -231,15 +238,15 @@ async def events(
             if now - last_sent >= keepalive_s:
                 last_sent = now
                 yield ": keep-alive\n\n"
-            try:  # this process's runner announces pages and the end; the store has them all
-                kind, data = await asyncio.wait_for(queue.get(), min(1.0, keepalive_s))
+            try:
+                kind, data = await asyncio.wait_for(queue.get(), min(store.poll_s, keepalive_s))
                 if kind == "state":
                     state = data["state"]
-            except TimeoutError:  # this process may not be the one running the job: look at the store
+            except TimeoutError:
                 if await request.is_disconnected():
                     return
-                state = runner.store.get(record.id).state
-        final = runner.store.get(record.id)
+                state = (await run_in_threadpool(store.get, record.id) or record).state
+        final = await run_in_threadpool(store.get, record.id) or record
         yield sse("end", {"state": final.state, "error": final.error, "at": time.time()})
     finally:
         runner.unsubscribe(record.id, queue)

@@ -1,6 +1,6 @@
 """Durable asynchronous jobs for long documents: submit, poll, stream page events, fetch, cancel."""
 
 from .runner import JobRunner, stored_page
-from .store import JobRecord, JobStore
+from .store import Backlog, JobRecord, JobStore, open_store
 
-__all__ = ["JobRecord", "JobRunner", "JobStore", "stored_page"]
+__all__ = ["Backlog", "JobRecord", "JobRunner", "JobStore", "open_store", "stored_page"]

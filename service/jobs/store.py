@@ -1,38 +1,31 @@
-"""Durable job records: SQLite (the standard library's, WAL mode) for state and finished pages,
-files for the uploaded bytes, both under ``RTPRUNE_JOBS_DIR``.
+"""What the job runner and the routes need from a job store, and the rules both backends share.
 
-A page is stored the moment it finishes, so a restart — even ``kill -9`` — loses no finished
-page: unfinished jobs resume from the pages not stored yet.
+Two backends implement :class:`JobStore`: SQLite (:mod:`.sqlite_store`, the embedded default: a file
+under ``RTPRUNE_JOBS_DIR``, no server, replicas on one host) and PostgreSQL (:mod:`.postgres_store`,
+``RTPRUNE_JOBS_URL``: replicas on any number of hosts). Every method is synchronous and may block on
+the database; the async side calls them in a thread.
 
-Several processes may share one store (Ray Serve replicas on a host, or on a shared volume): a job
-is run by the one process holding its lease, renewed while it runs. A lease whose holder died —
-its time ran out, or its process is gone from this host — is taken over by any live process.
+A job is run by the one process holding its lease. A lease is free when nobody holds it, when its
+time ran out (its holder stopped renewing: crashed, or cut off from the database), or when its holder
+ran on this host and its process is gone (a ``kill -9`` here frees its jobs at once).
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import socket
-import sqlite3
-import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY, owner TEXT NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
-    options TEXT NOT NULL, numbers TEXT NOT NULL, bytes INTEGER NOT NULL, error TEXT, webhook TEXT
-);
-CREATE TABLE IF NOT EXISTS leases (job_id TEXT PRIMARY KEY, runner TEXT NOT NULL, expires REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS pages (
-    job_id TEXT NOT NULL, position INTEGER NOT NULL, result TEXT NOT NULL, done_at REAL NOT NULL,
-    PRIMARY KEY (job_id, position)
-);
-"""
 UNFINISHED = ("queued", "running")
+STATES = ("queued", "running", "done", "failed", "cancelled")
+Notice = Callable[[str, str, dict], None]  # (job id, "page" | "state" | "created", data)
+Timing = Callable[[str, float], None]  # (store operation, seconds)
 
 
 @dataclass(frozen=True)
@@ -49,129 +42,120 @@ class JobRecord:
     webhook: str | None
 
 
-class JobStore:
-    """All job state of one service; thread-safe (one connection behind a lock)."""
+@dataclass(frozen=True)
+class Backlog:
+    """What an operator's dashboard or an autoscaler reads: jobs per state, and when the oldest job
+    still queued was created (None when none waits)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.uploads = directory / "uploads"
-        self.uploads.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(directory / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=10000")  # other processes sharing the store write too
-        self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
+    jobs: dict[str, int] = field(default_factory=dict)
+    oldest_queued: float | None = None
+
+
+class JobStore(Protocol):
+    poll_s: float  # how often a reader looks for news this process was not told of (other processes' pages)
 
     def create(self, owner: str, options: dict, numbers: list[int], data: bytes, webhook: str | None) -> JobRecord:
-        job_id = uuid.uuid4().hex
-        path = self.upload_path(job_id)
-        path.write_bytes(data)  # the bytes first: a row never points at a missing file
-        now = time.time()
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO jobs VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, NULL, ?)",
-                (job_id, owner, now, now, json.dumps(options), json.dumps(numbers), len(data), webhook),
-            )
-        return self.get(job_id)
+        """A queued job with its upload, stored together: no job row without its bytes."""
+        ...
 
-    def upload_path(self, job_id: str) -> Path:
-        return self.uploads / job_id
+    def upload(self, job_id: str) -> bytes: ...
 
     def get(self, job_id: str, owner: str | None = None) -> JobRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None or (owner is not None and row[1] != owner):
-            return None
-        return JobRecord(*row[:5], json.loads(row[5]), json.loads(row[6]), *row[7:])
+        """The job, or None when it does not exist or belongs to another owner."""
+        ...
 
-    def set_state(self, job_id: str, state: str, error: str | None = None) -> None:
-        with self._lock:
-            self._db.execute(
-                "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?", (state, error, time.time(), job_id)
-            )
+    def set_state(self, job_id: str, state: str, error: str | None = None) -> None: ...
 
     def save_page(self, job_id: str, position: int, result: str) -> float:
-        done_at = time.time()
-        with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO pages VALUES (?, ?, ?, ?)", (job_id, position, result, done_at))
-            self._db.execute("UPDATE jobs SET updated = ? WHERE id = ?", (done_at, job_id))
-        return done_at
+        """Store a finished page once (a second save of the same page keeps the first); its done_at."""
+        ...
 
     def pages(self, job_id: str) -> dict[int, tuple[str, float]]:
         """position -> (result JSON, done_at) of the finished pages."""
-        with self._lock:
-            rows = self._db.execute("SELECT position, result, done_at FROM pages WHERE job_id = ?", (job_id,))
-            return {position: (result, done_at) for position, result, done_at in rows.fetchall()}
+        ...
 
     def done_at(self, job_id: str) -> dict[int, float]:
-        """position -> done_at of the finished pages, without reading their results (progress polls)."""
-        with self._lock:
-            rows = self._db.execute("SELECT position, done_at FROM pages WHERE job_id = ?", (job_id,))
-            return dict(rows.fetchall())
+        """position -> done_at of the finished pages, without their results (progress polls)."""
+        ...
 
-    def unfinished(self) -> list[str]:
-        with self._lock:
-            rows = self._db.execute("SELECT id FROM jobs WHERE state IN (?, ?) ORDER BY created", UNFINISHED)
-            return [job_id for (job_id,) in rows.fetchall()]
+    def unfinished(self) -> list[str]: ...
 
-    def count_unfinished(self, owner: str) -> int:
-        """Jobs of ``owner`` still queued or running (finished, failed and cancelled ones hold no slot)."""
-        with self._lock:
-            query = "SELECT COUNT(*) FROM jobs WHERE owner = ? AND state IN (?, ?)"
-            return self._db.execute(query, (owner, *UNFINISHED)).fetchone()[0]
+    def count_unfinished(self, owner: str) -> int: ...
 
-    def total_bytes(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM jobs").fetchone()[0]
+    def total_bytes(self) -> int: ...
+
+    def backlog(self) -> Backlog: ...
 
     def delete_older_than(self, cutoff: float) -> list[str]:
-        """Delete jobs (rows, pages, uploads) last touched before ``cutoff``; returns their ids."""
-        with self._lock:
-            ids = [i for (i,) in self._db.execute("SELECT id FROM jobs WHERE updated < ?", (cutoff,)).fetchall()]
-            for job_id in ids:
-                self._db.execute("DELETE FROM pages WHERE job_id = ?", (job_id,))
-                self._db.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
-                self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-        for job_id in ids:
-            self.upload_path(job_id).unlink(missing_ok=True)
-        return ids
-
-    # --- leases: which process runs a job ------------------------------------------------------
+        """Delete jobs (rows, pages, uploads, leases) last touched before ``cutoff``; their ids."""
+        ...
 
     def claim(self, job_id: str, runner: str, ttl_s: float) -> bool:
-        """Take the job's lease for ``runner`` unless a live process holds it; True when taken."""
-        now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")  # the write lock: one claimant at a time, across processes
-            try:
-                row = self._db.execute("SELECT runner, expires FROM leases WHERE job_id = ?", (job_id,)).fetchone()
-                free = row is None or row[0] == runner or row[1] < now or not holder_alive(row[0])
-                if free:
-                    self._db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (job_id, runner, now + ttl_s))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return free
+        """Take this job's lease for ``runner`` if it is free (or already ``runner``'s); True when held."""
+        ...
 
-    def renew(self, runner: str, ttl_s: float) -> None:
-        with self._lock:
-            self._db.execute("UPDATE leases SET expires = ? WHERE runner = ?", (time.time() + ttl_s, runner))
+    def claim_next(self, runner: str, ttl_s: float, busy: Collection[str] = ()) -> str | None:
+        """Take the lease of the oldest unfinished job whose lease is free, but for ``busy`` (the jobs
+        ``runner`` runs now); its id, or None when there is none."""
+        ...
 
-    def release(self, job_id: str, runner: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM leases WHERE job_id = ? AND runner = ?", (job_id, runner))
+    def renew(self, runner: str, ttl_s: float) -> set[str]:
+        """Extend ``runner``'s leases; the ids of the jobs it still holds (a lease lost is a job to stop)."""
+        ...
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    def release(self, job_id: str, runner: str) -> None: ...
+
+    def watch(self, notice: Notice) -> None:
+        """Call ``notice`` (from another thread) on news of any process sharing the store, where the
+        backend can tell; readers poll every ``poll_s`` for the rest."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_store(url: str | None, directory: Path, *, on_timing: Timing | None = None) -> JobStore:
+    """PostgreSQL when ``url`` is given (``RTPRUNE_JOBS_URL``), else SQLite under ``directory``."""
+    if url is None:
+        from .sqlite_store import SQLiteStore
+
+        return SQLiteStore(directory, on_timing=on_timing)
+    try:
+        from .postgres_store import PostgresStore
+    except ImportError as exc:
+        raise RuntimeError(
+            "RTPRUNE_JOBS_URL names a PostgreSQL server, which needs the driver: pip install 'rtprune-ocr[postgres]'"
+        ) from exc
+    return PostgresStore(url, on_timing=on_timing)
+
+
+def timed(operation: Callable) -> Callable:
+    """Report a store method's duration to the store's ``on_timing`` (the jobs' store-time metric)."""
+
+    @functools.wraps(operation)
+    def wrapper(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return operation(self, *args, **kwargs)
+        finally:
+            if self.on_timing is not None:
+                self.on_timing(operation.__name__, time.perf_counter() - start)
+
+    return wrapper
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
 
 
 def runner_name() -> str:
     """A lease holder's name: host and process id (so a crash on this host frees its leases at once),
-    plus a random part (a process id is reused)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    plus a random part (a process id is reused). At most 58 characters."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def lease_free(holder: str | None, expires: float | None, now: float, claimant: str) -> bool:
+    """May ``claimant`` take a lease held by ``holder`` until ``expires``?"""
+    return holder is None or holder == claimant or expires is None or expires < now or not holder_alive(holder)
 
 
 def holder_alive(runner: str) -> bool:
@@ -179,7 +163,7 @@ def holder_alive(runner: str) -> bool:
     time decides."""
     host, _, rest = runner.partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != socket.gethostname()[:40] or not pid.isdigit():
         return True
     try:
         os.kill(int(pid), 0)
