@@ -3,7 +3,7 @@
 #   docker build -t rtprune-ocr:0.1.0 .                                    # GPU image
 #   docker build -t rtprune-ocr:0.1.0-cpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 #   docker run --gpus all -p 8000:8000 -v hf-cache:/cache rtprune-ocr:0.1.0
-#   docker build -t rtprune-ocr:0.1.0-ray --build-arg EXTRAS=load,ray .   # + Ray Serve (--replicas N, KubeRay)
+#   docker build -t rtprune-ocr:0.1.0-ray --build-arg EXTRAS=load,postgres,ray .   # + Ray Serve (--replicas N, KubeRay)
 #
 # torch is the version the project is tested with (TORCH_VERSION). The GPU image installs PyPI's
 # default Linux wheel, which brings CUDA 13 libraries as pip packages: the host needs NVIDIA driver
@@ -27,7 +27,7 @@ RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 FROM ${BASE_IMAGE} AS runtime
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=
-ARG EXTRAS=load
+ARG EXTRAS=load,postgres
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/cache/huggingface \

@@ -123,6 +123,9 @@ def test_compose_file_follows_the_compose_specification(compose_schema):
     cpu = compose["services"]["rtprune-ocr-cpu"]
     assert cpu["profiles"] == ["cpu"] and cpu["environment"]["RTPRUNE_MODEL"] == "tiny"
     assert compose["services"]["prometheus"]["profiles"] == ["monitoring"]
+    assert compose["services"]["postgres"]["profiles"] == ["postgres"]  # the shared job store, when asked for
+    for name in ("rtprune-ocr", "rtprune-ocr-ray", "rtprune-ocr-vllm"):  # every GPU service can use it
+        assert compose["services"][name]["environment"]["RTPRUNE_JOBS_URL"] == "${RTPRUNE_JOBS_URL:-}"
     assert "hf-cache" in compose["volumes"]
 
 
