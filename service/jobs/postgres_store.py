@@ -7,7 +7,7 @@ larger than the service accepts.
 
 Claims lock the job's row and skip rows another claimant has locked (``FOR UPDATE SKIP LOCKED``), so
 replicas never wait on each other nor take one job twice; lease times are the database's clock, not
-the hosts'. Every change is announced with ``NOTIFY`` in its own transaction (delivered at commit),
+the hosts'. Every change is announced with ``NOTIFY`` by the statement that makes it (delivered at commit),
 so an event stream on any replica hears pages finished on any other at once. A lost connection (the
 server restarting) is retried for ``patience_s``, then answered 503: no method half-applies, and
 each is safe to repeat.
@@ -29,7 +29,7 @@ from psycopg.types.json import Jsonb
 
 from service.errors import StoreUnavailable
 
-from .store import UNFINISHED, Backlog, JobRecord, Notice, Timing, lease_free, new_job_id, timed
+from .store import UNFINISHED, Backlog, JobRecord, Notice, Timing, holder_alive, new_job_id, timed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,6 +37,8 @@ CHANNEL = "rtprune_jobs"
 MIGRATION_LOCK = 0x7274_7072  # pg_advisory_xact_lock key: one replica migrates, the others wait for it
 NOW = "extract(epoch from clock_timestamp())"  # the database's clock: hosts' clocks may disagree
 JOB_COLUMNS = "id, owner, state, created, updated, options, numbers, bytes, error, webhook"
+NOTIFY = "pg_notify(%s, %s)"  # delivered at commit, and only if the statement changed a row
+FREE = f"(runner IS NULL OR runner = %s OR lease_expires < {NOW} OR runner = ANY(%s))"  # a lease one may take
 MIGRATIONS = (  # version n is MIGRATIONS[n - 1]; rtprune_schema records each one applied
     """
     CREATE TABLE rtprune_jobs (
@@ -74,20 +76,23 @@ class PostgresStore:
         self._closed = threading.Event()
         self._listener: threading.Thread | None = None
         try:
-            self._call(migrate)
+            self._call(migrate, transaction=True)
         except StoreUnavailable as exc:
             self._connections.close()
             raise RuntimeError(
                 f"cannot reach the job database {self.where} (RTPRUNE_JOBS_URL): {first_line(exc.__cause__ or exc)}"
             ) from exc
 
-    def _call(self, work: Callable[[psycopg.Connection], T]) -> T:
-        """Run ``work`` in one transaction; a lost connection is retried until ``patience_s`` has passed."""
+    def _call(self, work: Callable[[psycopg.Connection], T], *, transaction: bool = False) -> T:
+        """Run ``work`` — in one transaction when it is several statements that belong together (a single
+        statement is atomic by itself: one round trip, no BEGIN/COMMIT); a lost connection is retried
+        until ``patience_s`` has passed."""
         deadline = time.monotonic() + self.patience_s
         delay = 0.05
         while True:
             try:
-                with self._connections.connection(timeout=max(0.1, deadline - time.monotonic())) as conn:
+                wait = max(0.1, deadline - time.monotonic())
+                with self._connections.connection(timeout=wait, transaction=transaction) as conn:
                     return work(conn)
             except psycopg.OperationalError as exc:
                 if self._closed.is_set() or time.monotonic() + delay > deadline:
@@ -105,18 +110,16 @@ class PostgresStore:
     @timed
     def create(self, owner: str, options: dict, numbers: list[int], data: bytes, webhook: str | None) -> JobRecord:
         job_id, now = new_job_id(), time.time()
-
-        def work(conn: psycopg.Connection) -> None:
-            conn.execute(
-                f"INSERT INTO rtprune_jobs ({JOB_COLUMNS}) VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, NULL, %s) "
-                "ON CONFLICT (id) DO NOTHING",  # a retry after a commit whose answer was lost
-                (job_id, owner, now, now, Jsonb(options), Jsonb(numbers), len(data), webhook),
-            )
-            conn.execute("INSERT INTO rtprune_uploads VALUES (%s, %b) ON CONFLICT DO NOTHING", (job_id, data))
-            announce(conn, job_id, "created", {})
-
-        self._call(work)
-        return self.get(job_id)
+        query = (
+            f"WITH job AS (INSERT INTO rtprune_jobs ({JOB_COLUMNS}) "
+            "VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, NULL, %s) "
+            "ON CONFLICT (id) DO NOTHING RETURNING id), "  # a retry after a commit whose answer was lost
+            "upload AS (INSERT INTO rtprune_uploads SELECT id, %b FROM job) "
+            f"SELECT {NOTIFY} FROM job"
+        )
+        params = (job_id, owner, now, now, Jsonb(options), Jsonb(numbers), len(data), webhook, data)
+        self._call(lambda c: c.execute(query, (*params, CHANNEL, news(job_id, "created"))))
+        return JobRecord(job_id, owner, "queued", now, now, options, numbers, len(data), None, webhook)
 
     @timed
     def upload(self, job_id: str) -> bytes:
@@ -132,30 +135,30 @@ class PostgresStore:
 
     @timed
     def set_state(self, job_id: str, state: str, error: str | None = None) -> None:
-        def work(conn: psycopg.Connection) -> None:
-            conn.execute(
-                "UPDATE rtprune_jobs SET state = %s, error = %s, updated = %s WHERE id = %s",
-                (state, error, time.time(), job_id),
-            )
-            announce(conn, job_id, "state", {"state": state, "error": error})
-
-        self._call(work)
+        query = (
+            "WITH job AS (UPDATE rtprune_jobs SET state = %s, error = %s, updated = %s WHERE id = %s RETURNING id) "
+            f"SELECT {NOTIFY} FROM job"
+        )
+        notice = news(job_id, "state", state=state, error=error)
+        self._call(lambda c: c.execute(query, (state, error, time.time(), job_id, CHANNEL, notice)))
 
     @timed
     def save_page(self, job_id: str, position: int, result: str) -> float:
-        def work(conn: psycopg.Connection) -> float:
-            now = time.time()
-            conn.execute(
-                "INSERT INTO rtprune_pages VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                (job_id, position, result, now),
-            )
-            query = "SELECT done_at FROM rtprune_pages WHERE job_id = %s AND position = %s"
-            done_at = conn.execute(query, (job_id, position)).fetchone()[0]  # the first save's, on a repeat
-            conn.execute("UPDATE rtprune_jobs SET updated = GREATEST(updated, %s) WHERE id = %s", (done_at, job_id))
-            announce(conn, job_id, "page", {"position": position, "done_at": done_at})
-            return done_at
-
-        return self._call(work)
+        """One statement: store the page unless stored, touch the job, announce the page with the first
+        save's done_at (a repeat announces it again, harmlessly)."""
+        query = (
+            "WITH new AS (INSERT INTO rtprune_pages VALUES (%(job)s, %(position)s, %(result)s, %(now)s) "
+            "ON CONFLICT DO NOTHING RETURNING done_at), "
+            "page AS (SELECT done_at FROM new UNION ALL "
+            "SELECT done_at FROM rtprune_pages WHERE job_id = %(job)s AND position = %(position)s LIMIT 1), "
+            "job AS (UPDATE rtprune_jobs SET updated = GREATEST(updated, (SELECT done_at FROM page)) "
+            "WHERE id = %(job)s) "
+            "SELECT done_at, pg_notify(%(channel)s, json_build_object("
+            "'job', %(job)s::text, 'event', 'page', 'position', %(position)s::int, 'done_at', done_at)::text) "
+            "FROM page"
+        )
+        params = {"job": job_id, "position": position, "result": result, "now": time.time(), "channel": CHANNEL}
+        return self._call(lambda c: c.execute(query, params).fetchone()[0])
 
     def pages(self, job_id: str) -> dict[int, tuple[str, float]]:
         query = "SELECT position, result, done_at FROM rtprune_pages WHERE job_id = %s"
@@ -195,32 +198,29 @@ class PostgresStore:
     @timed
     def claim(self, job_id: str, runner: str, ttl_s: float) -> bool:
         def work(conn: psycopg.Connection) -> bool:
-            row = conn.execute(
-                f"SELECT runner, lease_expires, {NOW} FROM rtprune_jobs WHERE id = %s FOR UPDATE SKIP LOCKED",
-                (job_id,),
-            ).fetchone()
-            if row is None or not lease_free(*row, runner):  # gone, being claimed by another, or held
-                return False
-            take(conn, job_id, runner, ttl_s)
-            return True
+            query = (
+                f"UPDATE rtprune_jobs SET runner = %s, lease_expires = {NOW} + %s WHERE id = ("
+                f"SELECT id FROM rtprune_jobs WHERE id = %s AND {FREE} FOR UPDATE SKIP LOCKED) RETURNING id"
+            )
+            dead = dead_holders(conn, runner)
+            return conn.execute(query, (runner, ttl_s, job_id, runner, dead)).fetchone() is not None
 
         return self._call(work)
 
     @timed
     def claim_next(self, runner: str, ttl_s: float, busy: Collection[str] = ()) -> str | None:
+        """The queue idiom: one UPDATE of the oldest free row that no other claimant has locked. Only that
+        row is locked, so the rows of jobs running elsewhere never make their page writes wait."""
+
         def work(conn: psycopg.Connection) -> str | None:
-            rows = conn.execute(
-                f"SELECT id, runner, lease_expires, {NOW} FROM rtprune_jobs "
-                "WHERE state = ANY(%s) AND NOT (id = ANY(%s)) "
-                f"AND (runner IS NULL OR lease_expires < {NOW} OR runner LIKE %s) "  # free, or held on this host
-                "ORDER BY created LIMIT 32 FOR UPDATE SKIP LOCKED",
-                (list(UNFINISHED), list(busy), runner.partition(":")[0] + ":%"),
-            ).fetchall()
-            for job_id, holder, expires, now in rows:
-                if lease_free(holder, expires, now, runner):
-                    take(conn, job_id, runner, ttl_s)
-                    return job_id
-            return None
+            query = (
+                f"UPDATE rtprune_jobs SET runner = %s, lease_expires = {NOW} + %s WHERE id = ("
+                "SELECT id FROM rtprune_jobs WHERE state = ANY(%s) AND NOT (id = ANY(%s)) "
+                f"AND {FREE} ORDER BY created LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id"
+            )
+            dead = dead_holders(conn, runner)
+            row = conn.execute(query, (runner, ttl_s, list(UNFINISHED), list(busy), runner, dead)).fetchone()
+            return row[0] if row else None
 
         return self._call(work)
 
@@ -286,8 +286,9 @@ class Connections:
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def connection(self, timeout: float) -> Iterator[psycopg.Connection]:
-        """A connection in a transaction: committed when the block ends, rolled back on an error."""
+    def connection(self, timeout: float, transaction: bool) -> Iterator[psycopg.Connection]:
+        """An autocommit connection, or one in a transaction (committed when the block ends, rolled back
+        on an error)."""
         if not self._slots.acquire(timeout=timeout):
             raise psycopg.OperationalError("every job-database connection of this replica is busy")
         conn = None
@@ -295,8 +296,8 @@ class Connections:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
-                conn = psycopg.connect(self.url, application_name="rtprune-ocr", connect_timeout=5)
-            with conn.transaction():
+                conn = psycopg.connect(self.url, autocommit=True, application_name="rtprune-ocr", connect_timeout=5)
+            with conn.transaction() if transaction else contextlib.nullcontext():
                 yield conn
         except psycopg.OperationalError:
             self._drop(conn)  # and the idle ones: a lost server lost them all
@@ -332,14 +333,16 @@ def migrate(conn: psycopg.Connection) -> None:
         log.info("job database: schema migrated to version %d", number)
 
 
-def take(conn: psycopg.Connection, job_id: str, runner: str, ttl_s: float) -> None:
-    query = f"UPDATE rtprune_jobs SET runner = %s, lease_expires = {NOW} + %s WHERE id = %s"
-    conn.execute(query, (runner, ttl_s, job_id))
+def dead_holders(conn: psycopg.Connection, runner: str) -> list[str]:
+    """Other lease holders on this host whose process is gone (a kill -9 here): their leases are free
+    now, not when they expire. Read without locks."""
+    query = "SELECT DISTINCT runner FROM rtprune_jobs WHERE state = ANY(%s) AND runner LIKE %s AND runner <> %s"
+    local = conn.execute(query, (list(UNFINISHED), runner.partition(":")[0] + ":%", runner)).fetchall()
+    return [holder for (holder,) in local if not holder_alive(holder)]
 
 
-def announce(conn: psycopg.Connection, job_id: str, event: str, data: dict) -> None:
-    """NOTIFY every replica's listener; delivered when (and only if) the transaction commits."""
-    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps({"job": job_id, "event": event, **data})))
+def news(job_id: str, event: str, **data) -> str:
+    return json.dumps({"job": job_id, "event": event, **data})
 
 
 def describe(url: str) -> str:
