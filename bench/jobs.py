@@ -38,7 +38,7 @@ import httpx
 from bench.batching import percentile
 from bench.common import write_json
 from service.loadtest import free_port, wait_ready
-from tests.helpers import text_pdf
+from tests.helpers import sse_events, text_pdf
 from tests.postgres_server import PostgresServer
 
 
@@ -63,14 +63,11 @@ def store_seconds(base: str) -> dict[str, tuple[float, int]]:
 def follow(base: str, job_id: str, record: dict) -> None:
     """Read a job's event stream to its end: when each page event arrived against its done_at."""
     with httpx.stream("GET", f"{base}/v1/jobs/{job_id}/events", timeout=300) as events:
-        event = None
-        for line in events.iter_lines():
-            if line.startswith("event: "):
-                event = line.removeprefix("event: ")
-            elif line.startswith("data: ") and event == "page":
-                record.setdefault("delays", []).append(time.time() - json.loads(line[6:])["done_at"])
-            elif line.startswith("data: ") and event == "end":
-                record["state"], record["ended"] = json.loads(line[6:])["state"], time.time()
+        for event, data in sse_events(events.iter_lines()):
+            if event == "page":
+                record.setdefault("delays", []).append(time.time() - data["done_at"])
+            elif event == "end":
+                record["state"], record["ended"] = data["state"], time.time()
                 return
 
 

@@ -3,11 +3,13 @@ the engine around the real tiny one. Fixtures live in ``conftest.py``; tests imp
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -162,12 +164,16 @@ def text_pdf(n_pages: int, lines: int = 30, size: tuple[int, int] = (612, 792), 
 
 
 @contextmanager
-def serve_process(preset_cache, *args: str, log_path: Path | None = None, env: dict | None = None):
+def serve_process(
+    preset_cache, *args: str, log_path: Path | None = None, env: dict | None = None, launcher: Sequence[str] = ()
+):
     """`rtprune-ocr serve` as a user starts it, in its own process on a free loopback port, until the block
-    ends; yields (base URL, port, process). Its output goes to ``log_path`` (never an unread pipe)."""
+    ends; yields (base URL, port, process). Its output goes to ``log_path`` (never an unread pipe).
+    ``launcher`` goes before the command (it must exec it, so the process is the server's)."""
     port = free_port()
     environment = {**os.environ, "RTPRUNE_CACHE_DIR": str(preset_cache), **(env or {})}
     command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    command = [*launcher, *command]
     with open(log_path or os.devnull, "w") as log:
         process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
@@ -181,3 +187,13 @@ def serve_process(preset_cache, *args: str, log_path: Path | None = None, env: d
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     process.kill()
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, dict]]:
+    """(event name, JSON data) of a server-sent event stream's lines; comments and ids skipped."""
+    event = "message"
+    for line in lines:
+        if line.startswith("event: "):
+            event = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            yield event, json.loads(line.removeprefix("data: "))

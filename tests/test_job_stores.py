@@ -49,6 +49,15 @@ def test_a_job_is_stored_with_its_upload_and_belongs_to_its_owner(stores):
     assert first.count_unfinished("alice") == 0
 
 
+def test_a_finished_or_cancelled_job_keeps_its_state(stores):
+    first, second = stores
+    job = first.create("alice", {}, [1], b"x", None)
+    second.set_state(job.id, "cancelled")  # through another replica, while the first starts it
+    first.set_state(job.id, "running")
+    first.set_state(job.id, "done")
+    assert second.get(job.id).state == "cancelled"
+
+
 def test_a_page_is_stored_once_and_the_first_result_stays(stores):
     first, second = stores
     job = first.create("alice", {}, [1, 2], b"x", None)
@@ -94,6 +103,13 @@ def test_the_next_free_job_is_the_oldest_and_a_runners_own_running_jobs_are_skip
     assert first.claim_next(me, 30) is None  # finished jobs are never claimed
     second.renew(other, ttl_s=-1)
     assert first.claim_next(me, 30) == newer.id  # expired: adopted
+
+
+def test_a_job_stored_with_its_takers_lease_is_not_claimed_by_another_replica(stores):
+    first, second = stores
+    job = first.create("a", {}, [1], b"x", None, holder=f"{HERE}:taker", ttl_s=30)
+    assert second.claim_next("other-host:2:x", 30) is None  # no window between storing and taking
+    assert first.renew(f"{HERE}:taker", 30) == {job.id}
 
 
 def test_replicas_claiming_at_once_take_each_job_exactly_once(stores):

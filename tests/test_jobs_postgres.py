@@ -8,7 +8,6 @@ ran, so a page computed twice would show.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import signal
 import time
@@ -18,7 +17,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.helpers import serve_process, text_pdf
+from tests.helpers import serve_process, sse_events, text_pdf
 from tests.postgres_server import PostgresServer
 
 SLOW = {"mode": "tiny", "max_new_tokens": "150", "ngram_size": "0"}  # a second or more per page on 2 cores
@@ -26,9 +25,13 @@ QUICK = {"mode": "tiny", "max_new_tokens": "5"}
 pytestmark = pytest.mark.slow
 
 
-def replica(preset_cache, url: str, tmp_path, name: str):
-    args = ("--model", "tiny", "--device", "cpu", "--max-batch-size", "1", "--no-warmup", "--jobs-url", url)
-    return serve_process(preset_cache, *args, "--jobs-dir", str(tmp_path / name), log_path=tmp_path / f"{name}.log")
+def replica(preset_cache, url: str, tmp_path, name: str, *flags: str, host: str | None = None):
+    """A `serve` process on the store at ``url``; with ``host``, on a host of that name (its own UTS
+    namespace: the hostname is all a lease holder's host is known by)."""
+    args = ("--model", "tiny", "--device", "cpu", "--max-batch-size", "1", "--no-warmup", "--jobs-url", url, *flags)
+    launcher = ("unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh") if host else ()
+    log = tmp_path / f"{name}.log"
+    return serve_process(preset_cache, *args, "--jobs-dir", str(tmp_path / name), log_path=log, launcher=launcher)
 
 
 def pages_run(base: str) -> int:
@@ -84,6 +87,41 @@ def test_two_replicas_share_a_12_page_job_and_the_survivor_of_a_kill_9_finishes_
     assert ran_here == 12 - len(before)  # the survivor ran each missing page once, no stored page again
 
 
+def test_a_replica_on_another_host_killed_mid_job_is_taken_over_when_its_lease_runs_out(
+    preset_cache, postgres_url, tmp_path
+):
+    """Across hosts a dead holder cannot be seen: its lease must run out (15 s) before a replica adopts
+    the job, and not before. Here replica A is busy (``--jobs-concurrency 1``) while B, on another host,
+    takes the job; B is killed; A adopts it once the lease has expired and finishes it."""
+    with contextlib.ExitStack() as stack:
+        busy_one = replica(preset_cache, postgres_url, tmp_path, "a", "--jobs-concurrency", "1")
+        here, _, local = stack.enter_context(busy_one)
+        there, _, remote = stack.enter_context(replica(preset_cache, postgres_url, tmp_path, "b", host="other-host"))
+        pdf = text_pdf(3, lines=3)
+        busy = httpx.post(f"{here}/v1/jobs", files={"file": ("d.pdf", pdf)}, data=SLOW).json()["id"]
+        wait_for(lambda: holder_pid(postgres_url, busy) == local.pid)
+        job_id = httpx.post(f"{there}/v1/jobs", files={"file": ("d.pdf", text_pdf(8, lines=3))}, data=SLOW).json()["id"]
+        wait_for(lambda: holder_pid(postgres_url, job_id) == remote.pid and status(here, job_id)["pages_done"] >= 1)
+        remote.send_signal(signal.SIGKILL)
+        remote.wait(10)
+        with psycopg.connect(postgres_url) as conn:
+            expires, now = conn.execute(
+                "SELECT lease_expires, extract(epoch from clock_timestamp()) FROM rtprune_jobs WHERE id = %s", (job_id,)
+            ).fetchone()
+            before = dict(conn.execute("SELECT position, done_at FROM rtprune_pages WHERE job_id = %s", (job_id,)))
+        wait_for(lambda: holder_pid(postgres_url, job_id) == local.pid, every=0.2)
+        with psycopg.connect(postgres_url) as conn:
+            adopted_at = conn.execute("SELECT extract(epoch from clock_timestamp())").fetchone()[0]
+        final = wait_for(lambda: (s := status(here, job_id))["state"] in ("done", "failed") and s)
+        ran_here = pages_run(here)
+    assert expires > now  # B's lease was still running when it died ...
+    assert adopted_at >= expires  # ... and A took the job only once it had run out
+    assert final["state"] == "done" and final["pages_done"] == 8
+    after = {p["page"] - 1: p["done_at"] for p in final["pages"]}
+    assert all(after[position] == done_at for position, done_at in before.items())
+    assert ran_here == 3 + 8 - len(before)  # its own job, and the other job's missing pages once
+
+
 def test_a_job_on_one_replica_is_read_streamed_and_cancelled_through_the_other(preset_cache, postgres_url, tmp_path):
     with contextlib.ExitStack() as stack:
         bases = {}
@@ -97,16 +135,13 @@ def test_a_job_on_one_replica_is_read_streamed_and_cancelled_through_the_other(p
 
         delays, ended = [], None
         with httpx.stream("GET", f"{other}/v1/jobs/{job_id}/events", timeout=60) as events:
-            event = None
-            for line in events.iter_lines():
-                if line.startswith("event: "):
-                    event = line.removeprefix("event: ")
-                elif line.startswith("data: ") and event == "page":
-                    delays.append(time.time() - json.loads(line.removeprefix("data: "))["done_at"])
+            for event, data in sse_events(events.iter_lines()):
+                if event == "page":
+                    delays.append(time.time() - data["done_at"])
                     if len(delays) == 2:  # two pages heard through the other replica: cancel there
                         cancelled = httpx.delete(f"{other}/v1/jobs/{job_id}", timeout=30).json()
-                elif line.startswith("data: ") and event == "end":
-                    ended = json.loads(line.removeprefix("data: "))
+                elif event == "end":
+                    ended = data
                     break
         assert cancelled["state"] == "cancelled" and ended["state"] == "cancelled"
         assert max(delays) < 1.0  # pages finished on one replica reach a stream on the other at once (NOTIFY)

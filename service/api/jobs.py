@@ -24,6 +24,7 @@ from service.api.middleware import key_digest
 from service.engine import OcrOptions
 from service.errors import InvalidParameter, JobCancelled, JobFailed, NotFinished, NotFound, Overloaded, TooManyJobs
 from service.jobs import JobRecord, JobRunner, JobStore, stored_page
+from service.jobs.runner import LEASE_S
 from service.outbound import OutboundRefused, resolve
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
@@ -121,9 +122,14 @@ async def create_job(
         )
     if await run_in_threadpool(store.total_bytes) + len(data) > settings.jobs_max_bytes:
         raise Overloaded("job storage is full; retry later", headers={"Retry-After": str(settings.retry_after_s)})
-    options_json = options.model_dump(mode="json")
-    record = await run_in_threadpool(store.create, owner, options_json, document.numbers, data, form.webhook_url)
-    runner.wake()
+    options_json, holder = options.model_dump(mode="json"), runner.holder_for_new_job()
+    record = await run_in_threadpool(
+        store.create, owner, options_json, document.numbers, data, form.webhook_url, holder, LEASE_S
+    )
+    if holder is not None:
+        runner.run(record.id)
+    else:
+        runner.wake()
     body = (await status_of(record, store)).model_copy(update={"warnings": notes}).model_dump(mode="json")
     location = str(request.url_for("job_status", job_id=record.id))  # absolute, as RFC 9110 prefers
     return JSONResponse(body, status_code=202, headers={"Location": location})

@@ -108,17 +108,21 @@ class PostgresStore:
         return self._call(lambda c: c.execute("SELECT MAX(version) FROM rtprune_schema").fetchone()[0])
 
     @timed
-    def create(self, owner: str, options: dict, numbers: list[int], data: bytes, webhook: str | None) -> JobRecord:
+    def create(
+        self, owner: str, options: dict, numbers: list[int], data: bytes, webhook: str | None,
+        holder: str | None = None, ttl_s: float = 0.0,
+    ) -> JobRecord:
         job_id, now = new_job_id(), time.time()
         query = (
-            f"WITH job AS (INSERT INTO rtprune_jobs ({JOB_COLUMNS}) "
-            "VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, NULL, %s) "
+            f"WITH job AS (INSERT INTO rtprune_jobs ({JOB_COLUMNS}, runner, lease_expires) "
+            f"VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, NULL, %s, %s, CASE WHEN %s THEN {NOW} + %s END) "
             "ON CONFLICT (id) DO NOTHING RETURNING id), "  # a retry after a commit whose answer was lost
             "upload AS (INSERT INTO rtprune_uploads SELECT id, %b FROM job) "
             f"SELECT {NOTIFY} FROM job"
         )
-        params = (job_id, owner, now, now, Jsonb(options), Jsonb(numbers), len(data), webhook, data)
-        self._call(lambda c: c.execute(query, (*params, CHANNEL, news(job_id, "created"))))
+        params = (job_id, owner, now, now, Jsonb(options), Jsonb(numbers), len(data), webhook)
+        lease = (holder, holder is not None, ttl_s)
+        self._call(lambda c: c.execute(query, (*params, *lease, data, CHANNEL, news(job_id, "created"))))
         return JobRecord(job_id, owner, "queued", now, now, options, numbers, len(data), None, webhook)
 
     @timed
@@ -136,11 +140,12 @@ class PostgresStore:
     @timed
     def set_state(self, job_id: str, state: str, error: str | None = None) -> None:
         query = (
-            "WITH job AS (UPDATE rtprune_jobs SET state = %s, error = %s, updated = %s WHERE id = %s RETURNING id) "
+            "WITH job AS (UPDATE rtprune_jobs SET state = %s, error = %s, updated = %s "
+            "WHERE id = %s AND state = ANY(%s) RETURNING id) "
             f"SELECT {NOTIFY} FROM job"
         )
         notice = news(job_id, "state", state=state, error=error)
-        self._call(lambda c: c.execute(query, (state, error, time.time(), job_id, CHANNEL, notice)))
+        self._call(lambda c: c.execute(query, (state, error, time.time(), job_id, list(UNFINISHED), CHANNEL, notice)))
 
     @timed
     def save_page(self, job_id: str, position: int, result: str) -> float:

@@ -6,11 +6,12 @@ announced to the job's event listeners. A full queue is waited out, and so is a 
 stops answering (a job is durable, not a request that must be answered now). On shutdown the runner
 stops without touching the stored state, so the next start picks the job up from its next page.
 
-Every replica sharing a store runs a work loop: it takes the oldest unfinished job whose lease is
-free while it runs fewer than ``concurrency`` jobs, renews its leases, and stops a job whose lease
-another replica took over (it was cut off from the database too long). A new job wakes the loop of
-the replica that took the upload (and, on PostgreSQL, every replica's). Cancellation, progress and
-events go through the store, so any replica can answer them.
+A new job runs on the replica that took the upload when that one runs fewer than ``concurrency`` jobs
+(its lease is stored with the job); otherwise it waits, queued, for any replica. Every replica runs a
+work loop: it takes the oldest unfinished job whose lease is free while it has room, renews its
+leases, and stops a job whose lease another replica took over (it was cut off from the database too
+long). A queued job wakes the loop of the replica that took it (and, on PostgreSQL, every replica's).
+Cancellation, progress and events go through the store, so any replica can answer them.
 """
 
 from __future__ import annotations
@@ -90,8 +91,7 @@ class JobRunner:
             job_id = await asyncio.to_thread(self.store.claim_next, self.name, LEASE_S, set(self._tasks))
             if job_id is None:
                 return
-            log.info("running job %s", job_id)
-            self._tasks[job_id] = asyncio.create_task(self._run(job_id))
+            self.run(job_id)  # (a job the route just stored with this runner's lease may come back here)
 
     async def _renew(self) -> None:
         if self.on_backlog is not None:
@@ -112,8 +112,20 @@ class JobRunner:
             with contextlib.suppress(BaseException):
                 await task
 
+    def holder_for_new_job(self) -> str | None:
+        """This runner's name when it has room for one more job (the route stores the job with this
+        runner's lease, then calls :meth:`run`), else None (the job waits, queued, for any replica)."""
+        return self.name if len(self._tasks) < self.concurrency and not self._stopping else None
+
+    def run(self, job_id: str) -> None:
+        """Run a job stored with this runner's lease, unless it runs here already."""
+        if job_id in self._tasks:
+            return
+        log.info("running job %s", job_id)
+        self._tasks[job_id] = asyncio.create_task(self._run(job_id))
+
     def wake(self) -> None:
-        """A job was created here: look for work now rather than at the next round."""
+        """A job was queued here: look for work now rather than at the next round."""
         self._wake.set()
 
     async def cancel(self, job_id: str) -> None:

@@ -76,15 +76,20 @@ class SQLiteStore:
             return self._db.execute("PRAGMA user_version").fetchone()[0]
 
     @timed
-    def create(self, owner: str, options: dict, numbers: list[int], data: bytes, webhook: str | None) -> JobRecord:
+    def create(
+        self, owner: str, options: dict, numbers: list[int], data: bytes, webhook: str | None,
+        holder: str | None = None, ttl_s: float = 0.0,
+    ) -> JobRecord:
         job_id = new_job_id()
         (self.uploads / job_id).write_bytes(data)  # the bytes first: a row never points at a missing file
         now = time.time()
-        with self._lock:
+        with self._lock, self._write():
             self._db.execute(
                 "INSERT INTO jobs VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, NULL, ?)",
                 (job_id, owner, now, now, json.dumps(options), json.dumps(numbers), len(data), webhook),
             )
+            if holder is not None:
+                self._db.execute("INSERT INTO leases VALUES (?, ?, ?)", (job_id, holder, now + ttl_s))
         return self.get(job_id)
 
     @timed
@@ -102,7 +107,8 @@ class SQLiteStore:
     def set_state(self, job_id: str, state: str, error: str | None = None) -> None:
         with self._lock:
             self._db.execute(
-                "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?", (state, error, time.time(), job_id)
+                "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ? AND state IN (?, ?)",
+                (state, error, time.time(), job_id, *UNFINISHED),
             )
 
     @timed

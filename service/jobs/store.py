@@ -54,8 +54,13 @@ class Backlog:
 class JobStore(Protocol):
     poll_s: float  # how often a reader looks for news this process was not told of (other processes' pages)
 
-    def create(self, owner: str, options: dict, numbers: list[int], data: bytes, webhook: str | None) -> JobRecord:
-        """A queued job with its upload, stored together: no job row without its bytes."""
+    def create(
+        self, owner: str, options: dict, numbers: list[int], data: bytes, webhook: str | None,
+        holder: str | None = None, ttl_s: float = 0.0,
+    ) -> JobRecord:
+        """A queued job with its upload, stored together: no job row without its bytes. With ``holder``,
+        its lease is taken in the same write, so the replica that took the upload runs it (no other
+        replica can claim it in between)."""
         ...
 
     def upload(self, job_id: str) -> bytes: ...
@@ -64,7 +69,10 @@ class JobStore(Protocol):
         """The job, or None when it does not exist or belongs to another owner."""
         ...
 
-    def set_state(self, job_id: str, state: str, error: str | None = None) -> None: ...
+    def set_state(self, job_id: str, state: str, error: str | None = None) -> None:
+        """Move an unfinished job to ``state``; a done, failed or cancelled job keeps its state (so a
+        replica finishing a page cannot undo a cancel made through another)."""
+        ...
 
     def save_page(self, job_id: str, position: int, result: str) -> float:
         """Store a finished page once (a second save of the same page keeps the first); its done_at."""
