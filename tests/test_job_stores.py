@@ -51,8 +51,10 @@ def test_a_job_is_stored_with_its_upload_and_belongs_to_its_owner(stores):
 
 def test_a_finished_or_cancelled_job_keeps_its_state(stores):
     first, second = stores
-    job = first.create("alice", {}, [1], b"x", None)
+    runner = f"{HERE}:first"
+    job = first.create("alice", {}, [1], b"x", None, holder=runner, ttl_s=30)
     second.set_state(job.id, "cancelled")  # through another replica, while the first starts it
+    assert first.renew(runner, 30) == set()  # a final state frees the lease: the runner learns to stop
     first.set_state(job.id, "running")
     first.set_state(job.id, "done")
     assert second.get(job.id).state == "cancelled"

@@ -140,12 +140,17 @@ class PostgresStore:
     @timed
     def set_state(self, job_id: str, state: str, error: str | None = None) -> None:
         query = (
-            "WITH job AS (UPDATE rtprune_jobs SET state = %s, error = %s, updated = %s "
-            "WHERE id = %s AND state = ANY(%s) RETURNING id) "
-            f"SELECT {NOTIFY} FROM job"
+            "WITH job AS (UPDATE rtprune_jobs SET state = %(state)s, error = %(error)s, updated = %(now)s, "
+            "runner = CASE WHEN %(final)s THEN NULL ELSE runner END, "
+            "lease_expires = CASE WHEN %(final)s THEN NULL ELSE lease_expires END "
+            "WHERE id = %(job)s AND state = ANY(%(unfinished)s) RETURNING id) "
+            "SELECT pg_notify(%(channel)s, %(news)s) FROM job"
         )
-        notice = news(job_id, "state", state=state, error=error)
-        self._call(lambda c: c.execute(query, (state, error, time.time(), job_id, list(UNFINISHED), CHANNEL, notice)))
+        params = {
+            "state": state, "error": error, "now": time.time(), "final": state not in UNFINISHED, "job": job_id,
+            "unfinished": list(UNFINISHED), "channel": CHANNEL, "news": news(job_id, "state", state=state, error=error),
+        }
+        self._call(lambda c: c.execute(query, params))
 
     @timed
     def save_page(self, job_id: str, position: int, result: str) -> float:

@@ -98,7 +98,7 @@ class JobRunner:
             self.on_backlog(await asyncio.to_thread(self.store.backlog))
         held = await asyncio.to_thread(self.store.renew, self.name, LEASE_S)
         for job_id in [job_id for job_id in self._tasks if job_id not in held]:
-            log.warning("job %s: another replica took it over (this one lost its lease); stopping it here", job_id)
+            log.warning("job %s: this replica lost its lease (cancelled, or taken over); stopping it here", job_id)
             if job_id in self._live:
                 self._live[job_id].cancel.set()
             self._tasks[job_id].cancel()
@@ -176,22 +176,25 @@ class JobRunner:
     async def _run(self, job_id: str) -> None:
         """Run a job this runner holds the lease of; the lease goes once its final state is stored (or
         at shutdown, so another runner may take the job at once)."""
+        finished = False
         try:
-            await self._run_held(job_id)
+            finished = await self._run_held(job_id)
         finally:
             self._tasks.pop(job_id, None)
             self._wake.set()  # room for another job
-            with contextlib.suppress(StoreUnavailable):  # unreleased, the lease runs out by itself
-                await asyncio.to_thread(self.store.release, job_id, self.name)
+            if not finished:  # a final state freed the lease already
+                with contextlib.suppress(StoreUnavailable):  # unreleased, the lease runs out by itself
+                    await asyncio.to_thread(self.store.release, job_id, self.name)
 
-    async def _run_held(self, job_id: str) -> None:
+    async def _run_held(self, job_id: str) -> bool:
+        """Run the job's remaining pages; True when its final state is stored."""
         try:
             record = await self._persist(self.store.get, job_id)
             if record is None or record.state in TERMINAL:
-                return
+                return False
             done = await self._persist(self.store.done_at, job_id)
         except StoreUnavailable:  # only while stopping
-            return
+            return False
         remaining = [p for p in range(len(record.numbers)) if p not in done]
         try:
             if remaining:
@@ -203,29 +206,30 @@ class JobRunner:
             state, error = "cancelled", None
         except Exception as exc:
             if self._stopping:  # the service is going down: keep the job for the next start
-                return
+                return False
             failure = to_service_error(exc, retry_after_s=self.retry_after_s, request_id=f"job-{job_id}")
             state, error = "failed", failure.message
         finally:
             self._live.pop(job_id, None)
-        await self._finish(record, state, error)
+        return await self._finish(record, state, error)
 
-    async def _finish(self, record: JobRecord, state: str, error: str | None) -> None:
+    async def _finish(self, record: JobRecord, state: str, error: str | None) -> bool:
         try:
             current = await self._persist(self.store.get, record.id)
             if current is None:  # expired and deleted while it ran
-                return
+                return False
             if current.state == "cancelled":
                 state, error = "cancelled", None
             elif state == "done" and len(await self._persist(self.store.done_at, record.id)) < len(record.numbers):
                 log.warning("job %s: a page was not stored; the job stays unfinished and resumes", record.id)
-                return
+                return False
             await self._persist(self.store.set_state, record.id, state, error)
         except StoreUnavailable:  # only while stopping: the next start finishes it
-            return
+            return False
         self._announce(record.id, "state", {"state": state, "error": error})
         if record.webhook:
             asyncio.get_running_loop().run_in_executor(None, self.webhooks.send, record.webhook, record.id, state)
+        return True
 
     async def _run_pages(self, job_id: str, options: dict, numbers: list[int], remaining: list[int]) -> None:
         data = await self._persist(self.store.upload, job_id)

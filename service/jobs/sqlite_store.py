@@ -105,11 +105,13 @@ class SQLiteStore:
 
     @timed
     def set_state(self, job_id: str, state: str, error: str | None = None) -> None:
-        with self._lock:
-            self._db.execute(
+        with self._lock, self._write():
+            changed = self._db.execute(
                 "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ? AND state IN (?, ?)",
                 (state, error, time.time(), job_id, *UNFINISHED),
-            )
+            ).rowcount
+            if changed and state not in UNFINISHED:
+                self._db.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
 
     @timed
     def save_page(self, job_id: str, position: int, result: str) -> float:

@@ -71,7 +71,8 @@ class JobStore(Protocol):
 
     def set_state(self, job_id: str, state: str, error: str | None = None) -> None:
         """Move an unfinished job to ``state``; a done, failed or cancelled job keeps its state (so a
-        replica finishing a page cannot undo a cancel made through another)."""
+        replica finishing a page cannot undo a cancel made through another). A final state frees the
+        job's lease in the same write."""
         ...
 
     def save_page(self, job_id: str, position: int, result: str) -> float:
