@@ -15,8 +15,10 @@ time per page by operation as the service saw it (each process's ``rtprune_job_s
 renew, save the page and publish its event, set the state, read the upload, create) — wall time in a
 thread while the model has the two cores, so contention for the CPU is in it. The store's own cost
 is measured apart first: the store calls one one-page job makes on the usual path (stored with the
-lease of the replica that took it, read the upload, running, save the page, read it back, done, the
-result), in a loop with no model, by one thread and by two stores at once (two replicas). Raw numbers go to ``--out``.
+lease of the replica that took it, running from then on; read the upload, save the page, read it
+back, done, the result), in a loop with no model, by one thread and by two stores at once (two
+replicas); PostgreSQL also on a second server with fsync off, to show how much of its cost is the
+disk's commit latency. Raw numbers go to ``--out``.
 """
 
 from __future__ import annotations
@@ -132,7 +134,6 @@ def page_cycle(store, runner: str, pdf: bytes) -> None:
     store.get(job.id)
     store.done_at(job.id)
     store.upload(job.id)
-    store.set_state(job.id, "running")
     store.save_page(job.id, 0, RESULT)
     store.get(job.id)
     store.done_at(job.id)
@@ -180,6 +181,7 @@ def main() -> None:
     args = parser.parse_args()
 
     server = PostgresServer(durable=True).start()
+    volatile = PostgresServer(durable=False).start()  # the store alone without the disk's commit latency
     folder = Path(tempfile.mkdtemp(prefix="rtprune-bench-jobs-"))
     runs: list[dict] = []
     alone: list[dict] = []
@@ -187,13 +189,14 @@ def main() -> None:
         from service.jobs import open_store
 
         for replicas in (1, 2):
-            for backend in ("sqlite", "postgres"):
-                url = server.database(f"alone_{replicas}") if backend == "postgres" else None
+            for backend in ("sqlite", "postgres", "postgres, fsync off"):
+                servers = {"postgres": server, "postgres, fsync off": volatile}
+                url = servers[backend].database(f"alone_{replicas}") if backend in servers else None
                 directory = folder / f"alone-{replicas}"
                 result = store_alone(lambda: open_store(url, directory), args.alone_pages, replicas)  # noqa: B023
                 alone.append({"backend": backend, **result})
                 print(
-                    f"store alone, {backend:8s} x{replicas}: {result['ms_per_page']:.2f} ms/page "
+                    f"store alone, {backend:19s} x{replicas}: {result['ms_per_page']:.2f} ms/page "
                     f"(renew {result['renew_ms']:.2f} ms, every 5 s)",
                     flush=True,
                 )
@@ -217,6 +220,7 @@ def main() -> None:
                 )
     finally:
         server.close()
+        volatile.close()
     summary = {}
     for name in sorted({r["setup"] for r in runs}):
         mine = [r for r in runs if r["setup"] == name]

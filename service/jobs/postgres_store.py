@@ -29,7 +29,7 @@ from psycopg.types.json import Jsonb
 
 from service.errors import StoreUnavailable
 
-from .store import UNFINISHED, Backlog, JobRecord, Notice, Timing, holder_alive, new_job_id, timed
+from .store import UNFINISHED, Backlog, JobRecord, Notice, Timing, holder_alive, initial_state, new_job_id, timed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,6 +38,7 @@ MIGRATION_LOCK = 0x7274_7072  # pg_advisory_xact_lock key: one replica migrates,
 NOW = "extract(epoch from clock_timestamp())"  # the database's clock: hosts' clocks may disagree
 JOB_COLUMNS = "id, owner, state, created, updated, options, numbers, bytes, error, webhook"
 NOTIFY = "pg_notify(%s, %s)"  # delivered at commit, and only if the statement changed a row
+RUNNING = "CASE WHEN state = 'queued' THEN 'running' ELSE state END"  # taken = running (no extra write)
 FREE = f"(runner IS NULL OR runner = %s OR lease_expires < {NOW} OR runner = ANY(%s))"  # a lease one may take
 MIGRATIONS = (  # version n is MIGRATIONS[n - 1]; rtprune_schema records each one applied
     """
@@ -115,15 +116,16 @@ class PostgresStore:
         job_id, now = new_job_id(), time.time()
         query = (
             f"WITH job AS (INSERT INTO rtprune_jobs ({JOB_COLUMNS}, runner, lease_expires) "
-            f"VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, NULL, %s, %s, CASE WHEN %s THEN {NOW} + %s END) "
+            f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, %s, CASE WHEN %s THEN {NOW} + %s END) "
             "ON CONFLICT (id) DO NOTHING RETURNING id), "  # a retry after a commit whose answer was lost
             "upload AS (INSERT INTO rtprune_uploads SELECT id, %b FROM job) "
             f"SELECT {NOTIFY} FROM job"
         )
-        params = (job_id, owner, now, now, Jsonb(options), Jsonb(numbers), len(data), webhook)
+        state = initial_state(holder)
+        params = (job_id, owner, state, now, now, Jsonb(options), Jsonb(numbers), len(data), webhook)
         lease = (holder, holder is not None, ttl_s)
         self._call(lambda c: c.execute(query, (*params, *lease, data, CHANNEL, news(job_id, "created"))))
-        return JobRecord(job_id, owner, "queued", now, now, options, numbers, len(data), None, webhook)
+        return JobRecord(job_id, owner, state, now, now, options, numbers, len(data), None, webhook)
 
     @timed
     def upload(self, job_id: str) -> bytes:
@@ -209,7 +211,7 @@ class PostgresStore:
     def claim(self, job_id: str, runner: str, ttl_s: float) -> bool:
         def work(conn: psycopg.Connection) -> bool:
             query = (
-                f"UPDATE rtprune_jobs SET runner = %s, lease_expires = {NOW} + %s WHERE id = ("
+                f"UPDATE rtprune_jobs SET runner = %s, lease_expires = {NOW} + %s, state = {RUNNING} WHERE id = ("
                 f"SELECT id FROM rtprune_jobs WHERE id = %s AND {FREE} FOR UPDATE SKIP LOCKED) RETURNING id"
             )
             dead = dead_holders(conn, runner)
@@ -224,7 +226,7 @@ class PostgresStore:
 
         def work(conn: psycopg.Connection) -> str | None:
             query = (
-                f"UPDATE rtprune_jobs SET runner = %s, lease_expires = {NOW} + %s WHERE id = ("
+                f"UPDATE rtprune_jobs SET runner = %s, lease_expires = {NOW} + %s, state = {RUNNING} WHERE id = ("
                 "SELECT id FROM rtprune_jobs WHERE state = ANY(%s) AND NOT (id = ANY(%s)) "
                 f"AND {FREE} ORDER BY created LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id"
             )

@@ -240,7 +240,6 @@ class JobRunner:
         def on_page(index: int, result: PageResult) -> None:  # the scheduler's thread
             loop.call_soon_threadsafe(self._page_done, job_id, remaining[index], result, saving)
 
-        await self._persist(self.store.set_state, job_id, "running")
         pages = PageRequest(
             document, OcrOptions(**options), time.monotonic() + self.retention_s, f"job-{job_id}", on_page=on_page
         )

@@ -16,7 +16,7 @@ import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from .store import UNFINISHED, Backlog, JobRecord, Notice, Timing, lease_free, new_job_id, timed
+from .store import UNFINISHED, Backlog, JobRecord, Notice, Timing, initial_state, lease_free, new_job_id, timed
 
 MIGRATIONS = (  # version n is MIGRATIONS[n - 1]; PRAGMA user_version records the last one applied
     """
@@ -85,8 +85,9 @@ class SQLiteStore:
         now = time.time()
         with self._lock, self._write():
             self._db.execute(
-                "INSERT INTO jobs VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, NULL, ?)",
-                (job_id, owner, now, now, json.dumps(options), json.dumps(numbers), len(data), webhook),
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                (job_id, owner, initial_state(holder), now, now, json.dumps(options), json.dumps(numbers), len(data),
+                 webhook),
             )
             if holder is not None:
                 self._db.execute("INSERT INTO leases VALUES (?, ?, ?)", (job_id, holder, now + ttl_s))
@@ -175,6 +176,7 @@ class SQLiteStore:
             free = lease_free(*(row or (None, None)), now, runner)
             if free:
                 self._db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (job_id, runner, now + ttl_s))
+                self._db.execute("UPDATE jobs SET state = 'running' WHERE id = ? AND state = 'queued'", (job_id,))
         return free
 
     @timed
@@ -189,6 +191,7 @@ class SQLiteStore:
             for job_id, holder, expires in rows:
                 if job_id not in busy and lease_free(holder, expires, now, runner):
                     self._db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (job_id, runner, now + ttl_s))
+                    self._db.execute("UPDATE jobs SET state = 'running' WHERE id = ?", (job_id,))
                     return job_id
         return None
 

@@ -152,6 +152,12 @@ def timed(operation: Callable) -> Callable:
     return wrapper
 
 
+def initial_state(holder: str | None) -> str:
+    """A job stored with a replica's lease is running from the start (taking a job marks it running in
+    the same write: no separate commit per job for the transition)."""
+    return "queued" if holder is None else "running"
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
