@@ -209,29 +209,24 @@ class PostgresStore:
 
     @timed
     def claim(self, job_id: str, runner: str, ttl_s: float) -> bool:
-        def work(conn: psycopg.Connection) -> bool:
-            query = (
-                f"UPDATE rtprune_jobs SET runner = %s, lease_expires = {NOW} + %s, state = {RUNNING} WHERE id = ("
-                f"SELECT id FROM rtprune_jobs WHERE id = %s AND {FREE} FOR UPDATE SKIP LOCKED) RETURNING id"
-            )
-            dead = dead_holders(conn, runner)
-            return conn.execute(query, (runner, ttl_s, job_id, runner, dead)).fetchone() is not None
-
-        return self._call(work)
+        return self._take_first(runner, ttl_s, "id = %s", (job_id,)) is not None
 
     @timed
     def claim_next(self, runner: str, ttl_s: float, busy: Collection[str] = ()) -> str | None:
-        """The queue idiom: one UPDATE of the oldest free row that no other claimant has locked. Only that
+        return self._take_first(runner, ttl_s, "state = ANY(%s) AND NOT (id = ANY(%s))", (list(UNFINISHED), list(busy)))
+
+    def _take_first(self, runner: str, ttl_s: float, where: str, params: tuple) -> str | None:
+        """The queue idiom: one UPDATE of the oldest row matching ``where`` whose lease is free and that no
+        other claimant has locked; it takes the lease and marks the job running (when queued). Only that
         row is locked, so the rows of jobs running elsewhere never make their page writes wait."""
 
         def work(conn: psycopg.Connection) -> str | None:
             query = (
                 f"UPDATE rtprune_jobs SET runner = %s, lease_expires = {NOW} + %s, state = {RUNNING} WHERE id = ("
-                "SELECT id FROM rtprune_jobs WHERE state = ANY(%s) AND NOT (id = ANY(%s)) "
-                f"AND {FREE} ORDER BY created LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id"
+                f"SELECT id FROM rtprune_jobs WHERE {where} AND {FREE} ORDER BY created LIMIT 1 "
+                "FOR UPDATE SKIP LOCKED) RETURNING id"
             )
-            dead = dead_holders(conn, runner)
-            row = conn.execute(query, (runner, ttl_s, list(UNFINISHED), list(busy), runner, dead)).fetchone()
+            row = conn.execute(query, (runner, ttl_s, *params, runner, dead_holders(conn, runner))).fetchone()
             return row[0] if row else None
 
         return self._call(work)

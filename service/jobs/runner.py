@@ -87,7 +87,7 @@ class JobRunner:
             self._wake.clear()
 
     async def _take_work(self) -> None:
-        while len(self._tasks) < self.concurrency and not self._stopping:
+        while self._has_room():
             job_id = await asyncio.to_thread(self.store.claim_next, self.name, LEASE_S, set(self._tasks))
             if job_id is None:
                 return
@@ -99,8 +99,7 @@ class JobRunner:
         held = await asyncio.to_thread(self.store.renew, self.name, LEASE_S)
         for job_id in [job_id for job_id in self._tasks if job_id not in held]:
             log.warning("job %s: this replica lost its lease (cancelled, or taken over); stopping it here", job_id)
-            if job_id in self._live:
-                self._live[job_id].cancel.set()
+            self._stop_pages(job_id)
             self._tasks[job_id].cancel()
 
     async def stop(self) -> None:
@@ -115,7 +114,10 @@ class JobRunner:
     def holder_for_new_job(self) -> str | None:
         """This runner's name when it has room for one more job (the route stores the job with this
         runner's lease, then calls :meth:`run`), else None (the job waits, queued, for any replica)."""
-        return self.name if len(self._tasks) < self.concurrency and not self._stopping else None
+        return self.name if self._has_room() else None
+
+    def _has_room(self) -> bool:
+        return len(self._tasks) < self.concurrency and not self._stopping
 
     def run(self, job_id: str) -> None:
         """Run a job stored with this runner's lease, unless it runs here already."""
@@ -130,8 +132,7 @@ class JobRunner:
 
     async def cancel(self, job_id: str) -> None:
         await asyncio.to_thread(self.store.set_state, job_id, "cancelled")
-        if job_id in self._live:
-            self._live[job_id].cancel.set()
+        self._stop_pages(job_id)
         self._announce(job_id, "state", {"state": "cancelled"})
 
     # --- events -----------------------------------------------------------------------------------
@@ -157,9 +158,14 @@ class JobRunner:
     def _heard(self, job_id: str, event: str, data: dict) -> None:
         if event == "created":
             self._wake.set()
-        if event == "state" and data.get("state") == "cancelled" and job_id in self._live:
-            self._live[job_id].cancel.set()
+        if event == "state" and data.get("state") == "cancelled":
+            self._stop_pages(job_id)
         self._announce(job_id, event, data)
+
+    def _stop_pages(self, job_id: str) -> None:
+        """Cancel the job's pages in this replica's scheduler, if they are there."""
+        if job_id in self._live:
+            self._live[job_id].cancel.set()
 
     # --- one job ------------------------------------------------------------------------------------
 
@@ -286,8 +292,7 @@ class JobRunner:
                 log.warning("jobs: expiry skipped this round: %s", exc.message)
                 deleted = []
             for job_id in deleted:
-                if job_id in self._live:
-                    self._live[job_id].cancel.set()
+                self._stop_pages(job_id)
                 log.info("job %s expired and was deleted", job_id)
             await asyncio.sleep(every_s)
 

@@ -170,28 +170,27 @@ class SQLiteStore:
 
     @timed
     def claim(self, job_id: str, runner: str, ttl_s: float) -> bool:
-        now = time.time()
-        with self._lock, self._write():
-            row = self._db.execute("SELECT runner, expires FROM leases WHERE job_id = ?", (job_id,)).fetchone()
-            free = lease_free(*(row or (None, None)), now, runner)
-            if free:
-                self._db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (job_id, runner, now + ttl_s))
-                self._db.execute("UPDATE jobs SET state = 'running' WHERE id = ? AND state = 'queued'", (job_id,))
-        return free
+        return self._take_first(runner, ttl_s, "jobs.id = ?", (job_id,)) is not None
 
     @timed
     def claim_next(self, runner: str, ttl_s: float, busy: Collection[str] = ()) -> str | None:
+        return self._take_first(runner, ttl_s, "jobs.state IN (?, ?)", UNFINISHED, busy)
+
+    def _take_first(
+        self, runner: str, ttl_s: float, where: str, params: tuple, busy: Collection[str] = ()
+    ) -> str | None:
+        """Under the write lock: the oldest job matching ``where``, not busy, whose lease ``runner`` may
+        take; its lease is taken and the job marked running (when queued). Its id, or None."""
         now = time.time()
+        query = (
+            "SELECT jobs.id, leases.runner, leases.expires FROM jobs LEFT JOIN leases ON leases.job_id = jobs.id "
+            f"WHERE {where} ORDER BY jobs.created"
+        )
         with self._lock, self._write():
-            rows = self._db.execute(
-                "SELECT jobs.id, leases.runner, leases.expires FROM jobs LEFT JOIN leases ON leases.job_id = jobs.id "
-                "WHERE jobs.state IN (?, ?) ORDER BY jobs.created",
-                UNFINISHED,
-            ).fetchall()
-            for job_id, holder, expires in rows:
+            for job_id, holder, expires in self._db.execute(query, params).fetchall():
                 if job_id not in busy and lease_free(holder, expires, now, runner):
                     self._db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (job_id, runner, now + ttl_s))
-                    self._db.execute("UPDATE jobs SET state = 'running' WHERE id = ?", (job_id,))
+                    self._db.execute("UPDATE jobs SET state = 'running' WHERE id = ? AND state = 'queued'", (job_id,))
                     return job_id
         return None
 
