@@ -7,8 +7,10 @@ import asyncio
 import base64
 import json
 import os
+import random
 import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -23,7 +25,6 @@ pytest.importorskip("ray.serve", reason='the ray extra is not installed: pip ins
 from ray.serve.schema import ServeDeploySchema
 
 from service.api.app import create_app
-from service.loadtest import free_port
 from service.ray_serve import DEPLOYMENT_NAME, deployment_options, wait_until_loaded
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
@@ -113,7 +114,7 @@ def test_a_replica_is_healthy_only_once_its_model_is_warm():
 def cluster(preset_cache, tmp_path_factory):
     """``rtprune-ocr serve --replicas 2`` as a user runs it: a local Ray cluster, two tiny replicas."""
     folder = tmp_path_factory.mktemp("ray")
-    metrics_port = free_port()
+    metrics_port = free_port_run(2)
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in LIMITS.items()]
     args = ["--model", "tiny", "--replicas", "2", "--replica-metrics-port", str(metrics_port), *flags]
     args += ["--random-max-new-tokens", "8192"]  # some tests need pages that run for seconds
@@ -125,6 +126,27 @@ def cluster(preset_cache, tmp_path_factory):
         print(f"Ray Serve ready in {time.monotonic() - started:.1f} s (the proxy routes once one replica is warm)")
         serving_replicas(base)  # and both
         yield {"base": base, "process": process, "metrics_port": metrics_port, "log": log}
+
+
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports, below the kernel's ephemeral range.
+
+    A replica serves its metrics on the base port + its rank. Ray's processes bind dozens of ephemeral
+    ports as they start (after this check), so a run picked there can be taken by Ray itself; its worker
+    ports are 10002-19999, which this range avoids too."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for base in random.sample(range(20000, low - count), 200):
+        sockets = [socket.socket() for _ in range(count)]
+        try:
+            for offset, probe in enumerate(sockets):
+                probe.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for probe in sockets:
+                probe.close()
+    raise RuntimeError("no run of free ports between 20000 and the ephemeral range")
 
 
 def ocr(base: str, **form) -> httpx.Response:
@@ -183,6 +205,8 @@ def test_overload_gets_503_with_retry_after(cluster):
 
 def test_each_replica_serves_its_own_metrics_port(cluster):
     port = cluster["metrics_port"]
+    refused = [line for line in cluster["log"].read_text(errors="replace").splitlines() if "not served" in line]
+    assert not refused  # the replica's warning (on stderr, which Ray forwards) when its port was taken
     texts = [httpx.get(f"http://127.0.0.1:{p}/metrics", timeout=10).text for p in (port, port + 1)]
     assert all("rtprune_ready 1.0" in text for text in texts)
     lines = [line for text in texts for line in text.splitlines() if line.startswith("rtprune_pages_total")]
