@@ -149,15 +149,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="start the HTTP service; every flag is also an RTPRUNE_* variable")
     _add_settings_arguments(serve)
-    evaluate = commands.add_parser("eval", help="accuracy vs retention on labelled pages, relative to unpruned")
+    evaluate = commands.add_parser(
+        "eval", help="accuracy the benchmarks' way (OmniDocBench, Fox) vs retention, relative to unpruned"
+    )
     evaluate.add_argument(
-        "--data",
-        type=Path,
-        required=True,
-        help="folder of images with same-stem .md ground truth, or OmniDocBench's JSON",
+        "--protocol",
+        choices=["omnidocbench", "fox", "markdown"],
+        default="markdown",
+        help="omnidocbench: OmniDocBench.json + images/; fox: en_page_ocr.json + en_pdf_png/; markdown: a folder "
+        "of images with same-stem .md truth [default: %(default)s]",
+    )
+    evaluate.add_argument(
+        "--data", type=Path, required=True, help="the benchmark's JSON (or the folder holding it), or the page folder"
+    )
+    evaluate.add_argument(
+        "--predictions", type=Path, metavar="DIR", help="score these <image stem>.md files; runs no model"
+    )
+    evaluate.add_argument(
+        "--url", help="run the grid against this running service (POST /v1/ocr) instead of in this process"
     )
     _add_model_arguments(evaluate)
-    _add_option_arguments(evaluate, ["mode"], mode="large")
+    evaluate.add_argument(
+        "--modes", "--mode", dest="modes", default="large", help="comma-separated [default: %(default)s]"
+    )
     evaluate.add_argument(
         "--pruners", default="rtprune,norm,random,divprune", help="comma-separated [default: %(default)s]"
     )
@@ -166,13 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--limit", type=int, metavar="N", help="first N pages only [default: all]")
     evaluate.add_argument("--max-new-tokens", type=int, default=8192, metavar="INT", help="[default: %(default)s]")
-    evaluate.add_argument("--out", type=Path, required=True, help="folder for pages.csv, summary.json and the plot")
+    evaluate.add_argument("--out", type=Path, required=True, help="folder for pages.csv, summary.json/.csv, the plot")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     synth = commands.add_parser("synth", help="write synthetic labelled pages (image + markdown)")
     synth.add_argument("--out", type=Path, required=True, help="folder to write to")
     synth.add_argument("--n", type=int, default=20, help="pages [default: %(default)s]")
     synth.add_argument("--seed", type=int, default=0, help="[default: %(default)s]")
+    synth.add_argument(
+        "--format",
+        choices=["markdown", "omnidocbench", "fox"],
+        default="markdown",
+        help="markdown: page.png + page.md; omnidocbench: OmniDocBench.json + images/; fox: en_page_ocr.json + "
+        "en_pdf_png/ [default: %(default)s]",
+    )
 
     load = commands.add_parser("loadtest", help="locust load test, headless; starts a tiny server unless --host")
     load.add_argument("--users", type=int, default=4, help="concurrent users [default: %(default)s]")
@@ -277,50 +298,78 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from pruning import PRUNERS
-    from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine
     from service.engine.options import resolve_options
-    from service.evaluation.dataset import load_pages
-    from service.evaluation.harness import Evaluation, parse_retentions, plot_summary, print_summary, settings_grid
+    from service.evaluation.harness import parse_retentions, print_scores, score_predictions, settings_grid
+    from service.evaluation.protocols import PROTOCOLS
 
-    pruners = [p.strip() for p in args.pruners.split(",") if p.strip()]
-    unknown = set(pruners) - set(PRUNERS)
+    protocol = PROTOCOLS[args.protocol]()
     try:
-        if unknown:
+        pages = protocol.load(args.data, args.limit)
+        if args.predictions is not None:
+            summary = score_predictions(protocol, pages, args.predictions, args.out)
+            print_scores(protocol, summary)
+            print(f"wrote {args.out / 'pages.csv'}, {args.out / 'summary.json'}")
+            return 0
+        pruners = [p.strip() for p in args.pruners.split(",") if p.strip()]
+        if unknown := set(pruners) - set(PRUNERS):
             raise ValueError(f"unknown pruners {sorted(unknown)}; choose from {', '.join(PRUNERS)}")
-        retentions = parse_retentions(args.retention)
-        resolve_options({"mode": args.mode})  # before the model loads
-        pages = load_pages(args.data, args.limit)
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        for mode in modes:
+            resolve_options({"mode": mode})  # before the model loads
+        grid = settings_grid(modes, pruners, parse_retentions(args.retention))
     except ValidationError as exc:
         print(f"error: {readable(exc)}", file=sys.stderr)
         return 2
-    except ValueError as exc:
+    except ImportError as exc:
+        print(f"error: {exc.name} is missing: pip install 'rtprune-ocr[eval]'", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype, vllm_url=args.vllm_url)
-    if engine.random_weights:
-        print("warning: " + RANDOM_WEIGHTS_WARNING.format(name=engine.name), file=sys.stderr)
-    evaluation = Evaluation(
-        engine,
-        pages,
-        settings_grid(pruners, retentions),
-        mode=args.mode,
-        max_new_tokens=args.max_new_tokens,
-        out=args.out,
-    )
+    return _run_grid(args, protocol, pages, grid)
+
+
+def _run_grid(args: argparse.Namespace, protocol, pages, grid) -> int:
+    from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine
+    from service.evaluation.harness import Evaluation, engine_runner, plot_summary, print_summary, url_runner
+
+    if args.url:
+        import httpx
+
+        info = httpx.get(f"{args.url.rstrip('/')}/v1/info", timeout=30).json()
+        name, random_weights = info.get("model", "?"), bool(info.get("random_weights"))
+        runner = url_runner(args.url, args.max_new_tokens)
+        key = {"url": args.url, "model": name, "max_new_tokens": args.max_new_tokens}
+    else:
+        engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype, vllm_url=args.vllm_url)
+        name, random_weights = engine.name, engine.random_weights
+        runner = engine_runner(engine, args.max_new_tokens)
+        key = {"model": name, "decoder": engine.decoder_name, "max_new_tokens": args.max_new_tokens}
+    if random_weights:
+        print("warning: " + RANDOM_WEIGHTS_WARNING.format(name=name), file=sys.stderr)
+    key["random_weights"] = random_weights
+    evaluation = Evaluation(protocol, pages, grid, runner, cache_key=key, out=args.out)
     summary = evaluation.run(progress=not args.no_progress)
-    print_summary(summary)
-    weights = "random weights" if engine.random_weights else "real weights"
-    title = f"{engine.name} ({weights}), {args.mode}, {len(pages)} pages"
-    plot_summary(summary, args.out / "relative_accuracy.png", title)
-    print(f"wrote {args.out / 'pages.csv'}, {args.out / 'summary.json'}, {args.out / 'relative_accuracy.png'}")
+    print_summary(protocol, summary)
+    weights = "random weights: meaningless text" if random_weights else "real weights"
+    title = f"{name} ({weights}), {protocol.name}, {len(pages)} pages"
+    plot_summary(protocol, summary, args.out / "relative.png", title)
+    written = ", ".join(str(args.out / name) for name in ("pages.csv", "summary.json", "summary.csv", "relative.png"))
+    print(f"wrote {written}")
     return 0
 
 
 def run_synth(args: argparse.Namespace) -> int:
     from service.evaluation.synth import write_pages
+    from service.evaluation.synth_benchmarks import write_fox, write_omnidocbench
 
-    paths = write_pages(args.out, args.n, args.seed)
-    print(f"wrote {len(paths)} pages with markdown to {args.out}")
+    if args.format == "omnidocbench":
+        print(f"wrote {args.n} pages: {write_omnidocbench(args.out, args.n, args.seed)} and {args.out / 'images'}")
+    elif args.format == "fox":
+        print(f"wrote {args.n} pages: {write_fox(args.out, args.n, args.seed)} and {args.out / 'en_pdf_png'}")
+    else:
+        paths = write_pages(args.out, args.n, args.seed)
+        print(f"wrote {len(paths)} pages with markdown to {args.out}")
     return 0
 
 

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
 from service.evaluation.dataset import load_pages
-from service.evaluation.harness import Evaluation, Setting, parse_retentions, settings_grid
+from service.evaluation.harness import Evaluation, Setting, engine_runner, parse_retentions, settings_grid
 from service.evaluation.metrics import (
     edit_counts,
     normalized_edit_distance,
     relative_accuracy,
     set_edit_distance,
 )
+from service.evaluation.protocols import OmniDocBench
 from service.evaluation.synth import make_page, write_pages
+from service.evaluation.synth_benchmarks import write_omnidocbench
 
 
 def test_normalized_edit_distance_known_strings():
@@ -40,15 +43,15 @@ def test_relative_accuracy():
 
 
 def test_settings_grid_and_retentions():
-    grid = settings_grid(["rtprune", "none", "norm"], parse_retentions("1.0,0.7,auto"))
-    assert grid[0] == Setting("none", 1.0)
-    assert [s.label for s in grid[1:]] == [
-        "rtprune@1.0",
-        "rtprune@0.7",
-        "rtprune@auto",
-        "norm@1.0",
-        "norm@0.7",
-        "norm@auto",
+    grid = settings_grid(["tiny", "small"], ["rtprune", "none", "norm"], parse_retentions("1.0,0.7,auto"))
+    assert grid[0] == Setting("tiny", "none", 1.0) and grid[7] == Setting("small", "none", 1.0)
+    assert [s.label for s in grid[1:7]] == [
+        "tiny/rtprune@1.0",
+        "tiny/rtprune@0.7",
+        "tiny/rtprune@auto",
+        "tiny/norm@1.0",
+        "tiny/norm@0.7",
+        "tiny/norm@auto",
     ]
     with pytest.raises(ValueError, match="outside"):
         parse_retentions("1.5")
@@ -64,103 +67,77 @@ def test_synthetic_pages_have_matching_markdown(tmp_path):
     assert pages[0].truth == paths[0].with_suffix(".md").read_text()
 
 
-def test_omnidocbench_annotations_are_read(tmp_path):
-    (tmp_path / "images").mkdir()
-    make_page(1)[0].save(tmp_path / "images" / "doc_1.png")
-    annotations = [
-        {
-            "page_info": {"image_path": "doc_1.png"},
-            "layout_dets": [
-                {"category_type": "text_block", "order": 2, "text": "second"},
-                {"category_type": "title", "order": 1, "text": "First"},
-                {"category_type": "page_number", "order": 3, "text": "7"},
-                {"category_type": "table", "order": 4, "html": "<table></table>"},
-                {"category_type": "text_block", "order": 5, "text": "ignored", "ignore": True},
-            ],
-        }
-    ]
-    (tmp_path / "OmniDocBench.json").write_text(json.dumps(annotations))
-    [page] = load_pages(tmp_path / "OmniDocBench.json")
-    assert page.page_id == "doc_1" and page.truth == "First\n\nsecond\n\n<table></table>"
-
-
-def test_harness_on_tiny_writes_results_and_resumes(tiny_engine, tmp_path):
-    write_pages(tmp_path / "data", 2)
-    pages = load_pages(tmp_path / "data")
-    grid = settings_grid(["rtprune", "norm"], [1.0, 0.7, "auto"])
+def test_harness_on_tiny_scores_each_setting_relative_to_its_modes_unpruned_run_and_resumes(tiny_engine, tmp_path):
+    write_omnidocbench(tmp_path / "data", 2)
+    protocol = OmniDocBench()
+    pages = protocol.load(tmp_path / "data")
+    grid = settings_grid(["tiny"], ["rtprune", "norm"], [1.0, 0.5])
     out = tmp_path / "out"
-    evaluation = Evaluation(tiny_engine, pages, grid, mode="tiny", max_new_tokens=6, out=out)
-    summary = evaluation.run(progress=False)
+    key = {"model": tiny_engine.name, "max_new_tokens": 6}
+    summary = Evaluation(protocol, pages, grid, engine_runner(tiny_engine, 6), cache_key=key, out=out).run(
+        progress=False
+    )
     by_label = {f"{r['pruner']}@{r['retention']}": r for r in summary}
-    assert by_label["none@1.0"]["relative_accuracy"] == 1.0
-    assert by_label["rtprune@1.0"]["relative_accuracy"] == 1.0  # ratio 1 is the identity
-    assert by_label["rtprune@1.0"]["agreement"] == 1.0
-    assert by_label["rtprune@0.7"]["mean_retention"] < 1.0
+    assert by_label["none@1.0"]["relative_text_edit"] == 1.0
+    assert by_label["rtprune@1.0"]["relative_text_edit"] == 1.0  # ratio 1 is the identity: the same text
+    assert by_label["rtprune@0.5"]["retention_used"] == pytest.approx(0.5, abs=0.02)
+    assert by_label["rtprune@0.5"]["visual_tokens_kept"] < by_label["none@1.0"]["visual_tokens_kept"]
     with (out / "pages.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 * len(grid)
-    assert {"page", "pruner", "retention", "edit_distance", "agreement", "retention_used", "prefill_ms"} <= set(rows[0])
+    assert {"page", "mode", "pruner", "retention", "text_edit", "table_teds", "prefill_ms", "prefill_e2e_ms"} <= set(
+        rows[0]
+    )
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["random_weights"] is True and len(saved["records"]) == len(grid)
-    required = {"pruner", "retention", "edit_distance", "relative_accuracy", "agreement", "mean_retention"}
-    for record in saved["records"]:
-        assert required <= set(record)
+    assert saved["protocol"] == "omnidocbench" and len(saved["records"]) == len(grid)
+    assert {"relative_table_teds", "prefill_speedup", "prompt_tokens", "text_edit_by_category"} <= set(
+        saved["records"][0]
+    )
 
-    # resume: a second run reads every result from the cache and does not call the model
-    class NoModel:
-        name, random_weights, decoder_name = tiny_engine.name, True, tiny_engine.decoder_name
+    def no_model(page, setting):
+        raise AssertionError("the cached predictions should have been reused")
 
-        def run(self, *args, **kwargs):
-            raise AssertionError("the cached results should have been reused")
-
-    again = Evaluation(NoModel(), pages, grid, mode="tiny", max_new_tokens=6, out=out).run(progress=False)
+    again = Evaluation(protocol, pages, grid, no_model, cache_key=key, out=out).run(progress=False)
     assert again == summary
 
 
-def test_eval_cli_end_to_end(tmp_path, preset_cache, monkeypatch, capsys):
+def test_eval_cli_scores_a_folder_of_predictions_without_a_model(tmp_path, capsys):
+    from service import cli
+
+    pairs = Path(__file__).parent / "data" / "benchmark_pairs"
+    predictions = tmp_path / "predictions"
+    predictions.mkdir()
+    for path in sorted((pairs / "predictions").glob("*.md"))[:20]:  # four pages left without a prediction
+        (predictions / path.name).write_text(path.read_text())
+    out = tmp_path / "scored"
+    args = ["eval", "--protocol", "omnidocbench", "--data", str(pairs / "OmniDocBench.json")]
+    assert cli.main([*args, "--predictions", str(predictions), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "20 pages scored, 4 without a prediction" in printed and "table_teds" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pages"] == 20 and len(summary["missing_predictions"]) == 4
+    assert 0 < summary["text_edit"] < 1 and summary["formula_cdm"] is None
+    fox_args = ["eval", "--protocol", "fox", "--data", str(tmp_path / "none.json"), "--predictions", str(predictions)]
+    assert cli.main([*fox_args, "--out", str(out)]) == 2  # a missing file is a clear error, not a traceback
+    assert "none.json" in capsys.readouterr().err
+
+
+def test_eval_cli_grid_end_to_end_on_fox(tmp_path, preset_cache, monkeypatch, capsys):
     from service import cli
 
     monkeypatch.setattr("service.engine.weights.presets.default_cache_dir", lambda: preset_cache)
-    assert cli.main(["synth", "--out", str(tmp_path / "data"), "--n", "2"]) == 0
+    assert cli.main(["synth", "--format", "fox", "--out", str(tmp_path / "fox"), "--n", "2"]) == 0
     code = cli.main(
         [
-            "eval",
-            "--data",
-            str(tmp_path / "data"),
-            "--model",
-            "tiny",
-            "--device",
-            "cpu",
-            "--mode",
-            "tiny",
-            "--pruners",
-            "rtprune,random",
-            "--retention",
-            "1.0,auto",
-            "--max-new-tokens",
-            "4",
-            "--out",
-            str(tmp_path / "out"),
-            "--no-progress",
+            "eval", "--protocol", "fox", "--data", str(tmp_path / "fox" / "en_page_ocr.json"),
+            "--model", "tiny", "--device", "cpu", "--modes", "tiny", "--pruners", "rtprune",
+            "--retention", "1.0,0.5", "--max-new-tokens", "4", "--out", str(tmp_path / "out"), "--no-progress",
         ]
-    )
+    )  # fmt: skip
     assert code == 0
     output = capsys.readouterr().out
-    assert "rel acc" in output and "rtprune" in output
-    assert (tmp_path / "out" / "relative_accuracy.png").stat().st_size > 1000
-    assert (
-        cli.main(
-            [
-                "eval",
-                "--data",
-                str(tmp_path / "data"),
-                "--model",
-                "tiny",
-                "--pruners",
-                "bogus",
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
-        == 2
-    )
+    assert "precision" in output and "rtprune" in output and "relative to the unpruned model" in output
+    assert (tmp_path / "out" / "relative.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "summary.csv").read_text().startswith("mode,pruner,retention")
+    bogus = ["eval", "--data", str(tmp_path / "fox"), "--model", "tiny", "--pruners", "bogus"]
+    assert cli.main([*bogus, "--protocol", "fox", "--out", str(tmp_path / "x")]) == 2

@@ -1,9 +1,12 @@
-"""Run every pruner x retention over labelled pages; compare with the truth and the unpruned run.
+"""Run a grid of modes x pruners x retentions over a benchmark's pages; score it the benchmark's way.
 
-Results are cached per page and setting (one JSON file each, keyed by the run's
-configuration), so an interrupted evaluation resumes where it stopped. Outputs in OUT:
-``pages.csv`` (one row per page and setting), ``summary.json`` (one record per setting),
-``relative_accuracy.png``, and the summary table on stdout.
+Every setting's predictions are cached per page (one JSON file each, under a key made of the
+model, decoder, token budget and, for ``--url``, the service's address), so an interrupted
+evaluation resumes where it stopped. Each setting is scored by the protocol and reported
+*relative to the unpruned model in the same mode* (the paper's "accuracy retained"), with the
+visual tokens kept, prompt tokens and prefill times beside it. Outputs in OUT: ``pages.csv``
+(a row per page and setting), ``summary.json`` and ``summary.csv`` (a record per setting),
+``relative.png``.
 """
 
 from __future__ import annotations
@@ -12,39 +15,45 @@ import csv
 import hashlib
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from service.engine import OCREngine
-from service.inputs import open_document
-
-from .dataset import LabelledPage
-from .metrics import edit_counts, normalized_edit_distance, relative_accuracy, set_edit_distance
+from .protocols import EvalPage, Protocol, relative
 
 PAPER_POINT = (0.8425, 0.9947)  # DeepSeek-OCR Large, OmniDocBench: retention, relative accuracy
 BASELINE_PRUNER = "none"
+PREFILL_STAGES = ("preprocess", "vision", "prune", "assemble", "prefill")  # image in -> first token out
 
 
 @dataclass(frozen=True)
 class Setting:
+    mode: str
     pruner: str
     retention: float | str  # a number in (0, 1] or "auto"
 
     @property
     def label(self) -> str:
-        return f"{self.pruner}@{self.retention}"
+        return f"{self.mode}/{self.pruner}@{self.retention}"
+
+    @property
+    def baseline(self) -> Setting:
+        return Setting(self.mode, BASELINE_PRUNER, 1.0)
 
 
-def settings_grid(pruners: list[str], retentions: list[float | str]) -> list[Setting]:
-    """The unpruned baseline first, then every pruner x retention (``none`` only once)."""
-    grid = [Setting(BASELINE_PRUNER, 1.0)]
-    for pruner in pruners:
-        for retention in retentions:
-            setting = Setting(pruner, retention)
-            if pruner != BASELINE_PRUNER and setting not in grid:
-                grid.append(setting)
+def settings_grid(modes: list[str], pruners: list[str], retentions: list[float | str]) -> list[Setting]:
+    """Per mode: the unpruned baseline first, then every pruner x retention (``none`` only once)."""
+    grid: list[Setting] = []
+    for mode in modes:
+        grid.append(Setting(mode, BASELINE_PRUNER, 1.0))
+        for pruner in pruners:
+            for retention in retentions:
+                setting = Setting(mode, pruner, retention)
+                if pruner != BASELINE_PRUNER and setting not in grid:
+                    grid.append(setting)
     return grid
 
 
@@ -62,150 +71,266 @@ def parse_retentions(text: str) -> list[float | str]:
     return values
 
 
+# A runner turns (page, setting) into {"markdown": str, "stats": PageStats as a dict}.
+Runner = Callable[[EvalPage, Setting], dict[str, Any]]
+
+
+def engine_runner(engine, max_new_tokens: int) -> Runner:
+    """Pages run in this process on a loaded ``OCREngine``."""
+    from service.inputs import open_document
+
+    images: dict[str, Any] = {}
+
+    def run(page: EvalPage, setting: Setting) -> dict[str, Any]:
+        if page.page_id not in images:
+            images.clear()  # pages come one at a time: keep only the current image
+            images[page.page_id] = open_document(page.image.read_bytes()).page(0)
+        chosen = {"mode": setting.mode, "pruner": setting.pruner, "retention": setting.retention}
+        options, _ = engine.resolve_options({**chosen, "max_new_tokens": max_new_tokens})
+        result = engine.run(images[page.page_id], options)
+        return {"markdown": result.markdown, "stats": result.stats.model_dump(mode="json")}
+
+    return run
+
+
+def url_runner(base: str, max_new_tokens: int, timeout: float = 600.0) -> Runner:
+    """Pages sent to a running service's ``POST /v1/ocr`` (waiting out 503s as its Retry-After says)."""
+    import time
+
+    import httpx
+
+    client = httpx.Client(base_url=base.rstrip("/"), timeout=timeout)
+
+    def run(page: EvalPage, setting: Setting) -> dict[str, Any]:
+        data = {
+            "mode": setting.mode,
+            "pruner": setting.pruner,
+            "retention": str(setting.retention),
+            "max_new_tokens": str(max_new_tokens),
+        }
+        for _ in range(100):
+            with page.image.open("rb") as handle:
+                response = client.post("/v1/ocr", files={"file": (page.image.name, handle)}, data=data)
+            if response.status_code != 503:
+                break
+            time.sleep(float(response.headers.get("retry-after", "1")))
+        if response.status_code != 200:
+            raise RuntimeError(f"{base} answered {response.status_code} for {page.image.name}: {response.text[:300]}")
+        first = response.json()["pages"][0]
+        return {"markdown": first["markdown"], "stats": first["stats"]}
+
+    return run
+
+
 class Evaluation:
-    """One evaluation run over ``pages`` with one engine, mode and token budget."""
+    """One grid over ``pages``, scored by ``protocol``; ``run_page`` computes a prediction."""
 
     def __init__(
         self,
-        engine: OCREngine,
-        pages: list[LabelledPage],
+        protocol: Protocol,
+        pages: list[EvalPage],
         settings: list[Setting],
+        run_page: Runner,
         *,
-        mode: str,
-        max_new_tokens: int,
+        cache_key: dict[str, Any],
         out: Path,
     ) -> None:
-        self.engine, self.pages, self.settings = engine, pages, settings
-        self.mode, self.max_new_tokens, self.out = mode, max_new_tokens, out
-        key = json.dumps(
-            {"model": engine.name, "mode": mode, "max_new_tokens": max_new_tokens, "decoder": engine.decoder_name},
-            sort_keys=True,
-        )
+        self.protocol, self.pages, self.settings, self.run_page, self.out = protocol, pages, settings, run_page, out
+        key = json.dumps(cache_key, sort_keys=True)
         self.cache = out / "cache" / hashlib.sha256(key.encode()).hexdigest()[:12]
+        self.cache_key = cache_key
 
-    def _cached_run(self, page: LabelledPage, setting: Setting, image_cache: dict) -> dict:
-        path = self.cache / f"{page.page_id}__{setting.pruner}__{setting.retention}.json"
+    def _prediction(self, page: EvalPage, setting: Setting) -> dict[str, Any]:
+        path = self.cache / setting.mode / f"{page.page_id}__{setting.pruner}__{setting.retention}.json"
         if path.exists():
             return json.loads(path.read_text())
-        if page.page_id not in image_cache:
-            image_cache.clear()
-            image_cache[page.page_id] = open_document(page.image.read_bytes()).page(0)
-        chosen = {"mode": self.mode, "pruner": setting.pruner, "retention": setting.retention}
-        options, _ = self.engine.resolve_options({**chosen, "max_new_tokens": self.max_new_tokens})
-        result = self.engine.run(image_cache[page.page_id], options)
-        record = {"text": result.text, "markdown": result.markdown, "stats": result.stats.model_dump(mode="json")}
+        record = self.run_page(page, setting)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record))
+        path.with_suffix(".tmp").write_text(json.dumps(record))
+        path.with_suffix(".tmp").replace(path)  # a run killed mid-write leaves no half file behind
         return record
 
-    def run(self, progress: bool = True) -> list[dict]:
-        """Compute (or read back) every output; write pages.csv and summary.json; return the summary."""
-        rows = []
-        image_cache: dict = {}
-        total = len(self.pages) * len(self.settings)
-        with tqdm(total=total, disable=not progress, desc="eval", unit="run") as bar:
+    def run(self, progress: bool = True) -> list[dict[str, Any]]:
+        """Compute (or read back) every prediction; score; write the outputs; return the summary."""
+        outputs: dict[Setting, list[dict[str, Any]]] = {s: [] for s in self.settings}
+        with tqdm(total=len(self.pages) * len(self.settings), disable=not progress, desc="eval", unit="page") as bar:
             for page in self.pages:
-                outputs = {}
                 for setting in self.settings:
-                    outputs[setting] = self._cached_run(page, setting, image_cache)
+                    outputs[setting].append(self._prediction(page, setting))
                     bar.update()
-                baseline = outputs[self.settings[0]]
-                for setting, record in outputs.items():
-                    distance, length = edit_counts(record["text"], page.truth)
-                    stats = record["stats"]
-                    rows.append(
-                        {
-                            "page": page.page_id,
-                            "pruner": setting.pruner,
-                            "retention": setting.retention,
-                            "edit_distance": distance / length if length else 0.0,
-                            "edit_count": distance,
-                            "max_length": length,
-                            "agreement": 1.0 - normalized_edit_distance(record["text"], baseline["text"]),
-                            "retention_used": stats["retention"],
-                            "visual_tokens": stats["visual_tokens"],
-                            "visual_tokens_kept": stats["visual_tokens_kept"],
-                            "prompt_tokens": stats["prompt_tokens"],
-                            "output_tokens": stats["output_tokens"],
-                            "prefill_ms": stats["latency_ms"]["prefill"],
-                            "baseline_prefill_ms": baseline["stats"]["latency_ms"]["prefill"],
-                        }
-                    )
-        summary = self._summarize(rows)
+        rows, summary = [], []
+        for setting in self.settings:
+            scores = [self.protocol.score(p, o["markdown"]) for p, o in zip(self.pages, outputs[setting], strict=True)]
+            for page, score, output in zip(self.pages, scores, outputs[setting], strict=True):
+                rows.append(
+                    {**_setting_fields(setting), **self.protocol.record(score), **_stats_fields(output["stats"])}
+                )
+                rows[-1]["page"] = page.page_id
+            summary.append({**_setting_fields(setting), **self._setting_summary(scores, outputs, setting)})
+        self._add_relative(summary)
         self._write(rows, summary)
         return summary
 
-    def _summarize(self, rows: list[dict]) -> list[dict]:
-        by_setting: dict[Setting, list[dict]] = {}
-        for row in rows:
-            by_setting.setdefault(Setting(row["pruner"], row["retention"]), []).append(row)
-        baseline_ed = set_edit_distance((r["edit_count"], r["max_length"]) for r in by_setting[self.settings[0]])
-        summary = []
-        for setting in self.settings:
-            group = by_setting[setting]
-            ed = set_edit_distance((r["edit_count"], r["max_length"]) for r in group)
-            summary.append(
-                {
-                    "pruner": setting.pruner,
-                    "retention": setting.retention,
-                    "pages": len(group),
-                    "edit_distance": ed,
-                    "relative_accuracy": relative_accuracy(ed, baseline_ed),
-                    "agreement": statistics.fmean(r["agreement"] for r in group),
-                    "mean_retention": statistics.fmean(r["retention_used"] for r in group),
-                    "prefill_speedup": statistics.median(
-                        r["baseline_prefill_ms"] / r["prefill_ms"] for r in group if r["prefill_ms"] > 0
-                    ),
-                }
-            )
-        return summary
+    def _setting_summary(self, scores: list[Any], outputs: dict, setting: Setting) -> dict[str, Any]:
+        stats = [o["stats"] for o in outputs[setting]]
+        base = [o["stats"] for o in outputs[setting.baseline]]
+        fields = [_stats_fields(s) for s in stats]
 
-    def _write(self, rows: list[dict], summary: list[dict]) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        with (self.out / "pages.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        meta = {
-            "model": self.engine.name,
-            "random_weights": self.engine.random_weights,
-            "mode": self.mode,
-            "max_new_tokens": self.max_new_tokens,
-            "pages": len(self.pages),
+        def speedup(key: str) -> float | None:
+            ratios = [b[key] / f[key] for b, f in zip(map(_stats_fields, base), fields, strict=True) if f[key] > 0]
+            return statistics.median(ratios) if ratios else None
+
+        return {
+            **self.protocol.summarize(scores),
+            "retention_used": statistics.fmean(f["retention_used"] for f in fields),
+            "visual_tokens": statistics.fmean(f["visual_tokens"] for f in fields),
+            "visual_tokens_kept": statistics.fmean(f["visual_tokens_kept"] for f in fields),
+            "prompt_tokens": statistics.fmean(f["prompt_tokens"] for f in fields),
+            "prefill_ms": statistics.median(f["prefill_ms"] for f in fields),
+            "prefill_e2e_ms": statistics.median(f["prefill_e2e_ms"] for f in fields),
+            "prefill_speedup": speedup("prefill_ms"),
+            "prefill_e2e_speedup": speedup("prefill_e2e_ms"),
         }
+
+    def _add_relative(self, summary: list[dict[str, Any]]) -> None:
+        baselines = {r["mode"]: r for r in summary if r["pruner"] == BASELINE_PRUNER}
+        for record in summary:
+            base = baselines[record["mode"]]
+            for metric, direction in self.protocol.headline.items():
+                record[f"relative_{metric}"] = relative(record.get(metric), base.get(metric), direction)
+
+    def _write(self, rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        _write_csv(self.out / "pages.csv", rows)
+        flat = [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in summary]
+        _write_csv(self.out / "summary.csv", flat)
+        meta = {**self.cache_key, "protocol": self.protocol.name, "pages": len(self.pages)}
         (self.out / "summary.json").write_text(json.dumps({**meta, "records": summary}, indent=2))
 
 
-def print_summary(summary: list[dict]) -> None:
-    print(
-        f"{'pruner':>9} {'retention':>9} {'pages':>5} {'ED':>7} {'rel acc':>8} {'agree':>7} {'kept':>6} "
-        f"{'x prefill':>9}"
-    )
+def _setting_fields(setting: Setting) -> dict[str, Any]:
+    return {"mode": setting.mode, "pruner": setting.pruner, "retention": setting.retention}
+
+
+def _stats_fields(stats: dict[str, Any]) -> dict[str, Any]:
+    latency = stats["latency_ms"]
+    return {
+        "retention_used": stats["retention"],
+        "visual_tokens": stats["visual_tokens"],
+        "visual_tokens_kept": stats["visual_tokens_kept"],
+        "prompt_tokens": stats["prompt_tokens"],
+        "output_tokens": stats["output_tokens"],
+        "prefill_ms": latency["prefill"],
+        "prefill_e2e_ms": sum(latency.get(stage, 0.0) for stage in PREFILL_STAGES),
+    }
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def print_summary(protocol: Protocol, summary: list[dict[str, Any]]) -> None:
+    """One line per setting: its scores, each relative to the unpruned model of its mode, and its speed."""
+    metrics = list(protocol.headline)
+    head = f"{'mode':>7} {'pruner':>9} {'ret':>6} {'kept':>6} " + " ".join(f"{m[:13]:>13}" for m in metrics)
+    print(head + f" {'x prefill':>9} {'x e2e':>6}")
     for r in summary:
+        cells = []
+        for m in metrics:
+            value, rel = r.get(m), r.get(f"relative_{m}")
+            cells.append(
+                f"{'-' if value is None else f'{value:.3f}'}({'-' if rel is None else f'{rel:.3f}'})".rjust(13)
+            )
+        speed = r["prefill_speedup"] or float("nan")
+        e2e = r["prefill_e2e_speedup"] or float("nan")
         print(
-            f"{r['pruner']:>9} {r['retention']!s:>9} {r['pages']:>5} {r['edit_distance']:>7.4f} "
-            f"{r['relative_accuracy']:>8.4f} {r['agreement']:>7.4f} {r['mean_retention']:>6.3f} "
-            f"{r['prefill_speedup']:>9.3f}"
+            f"{r['mode']:>7} {r['pruner']:>9} {r['retention']!s:>6} {r['retention_used']:>6.3f} "
+            + " ".join(cells)
+            + f" {speed:>9.3f} {e2e:>6.3f}"
         )
+    print("each score is shown as value(relative to the unpruned model of its mode)")
 
 
-def plot_summary(summary: list[dict], path: Path, title: str) -> None:
+def plot_summary(protocol: Protocol, summary: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Each headline metric's relative score against retention used; the prefill speedup on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for pruner in dict.fromkeys(r["pruner"] for r in summary):
-        points = sorted((r["mean_retention"], r["relative_accuracy"]) for r in summary if r["pruner"] == pruner)
-        ax.plot(*zip(*points, strict=True), "o-", label=pruner)
-    ax.plot(*PAPER_POINT, "r*", markersize=12, label="paper: RTPrune, Large")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    speed_axis = ax.twinx()
+    for mode in dict.fromkeys(r["mode"] for r in summary):
+        for pruner in dict.fromkeys(r["pruner"] for r in summary if r["mode"] == mode):
+            group = sorted(
+                (r for r in summary if r["mode"] == mode and r["pruner"] == pruner), key=lambda r: r["retention_used"]
+            )
+            for metric in protocol.headline:
+                points = [
+                    (r["retention_used"], r[f"relative_{metric}"])
+                    for r in group
+                    if r.get(f"relative_{metric}") is not None
+                ]
+                if points:
+                    ax.plot(*zip(*points, strict=True), "o-", label=f"{mode} {pruner} {metric}", markersize=3)
+            speed = [(r["retention_used"], r["prefill_speedup"]) for r in group if r["prefill_speedup"]]
+            if speed and pruner != BASELINE_PRUNER:
+                speed_axis.plot(*zip(*speed, strict=True), "x:", color="grey", label=f"{mode} {pruner} prefill speedup")
+    if protocol.name == "omnidocbench":
+        ax.plot(*PAPER_POINT, "r*", markersize=12, label="paper: RTPrune, Large")
     ax.axhline(1.0, color="grey", linestyle=":")
     ax.set_xlabel("visual tokens kept / total (mean)")
-    ax.set_ylabel("relative accuracy (1 - ED) / (1 - ED unpruned)")
+    ax.set_ylabel("score relative to unpruned (same mode)")
+    speed_axis.set_ylabel("prefill speedup vs unpruned (median)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    handles = ax.get_legend_handles_labels()
+    extra = speed_axis.get_legend_handles_labels()
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=6, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def score_predictions(protocol: Protocol, pages: list[EvalPage], folder: Path, out: Path) -> dict[str, Any]:
+    """Score a folder of per-page markdown (``<page_id>.md``, the benchmark's naming) without a model.
+
+    Pages without a prediction are listed and left out, as the benchmark's evaluator does; the
+    summary says how many. Writes ``pages.csv`` and ``summary.json`` to ``out``."""
+    from .protocols import find_prediction
+
+    scored, missing, rows = [], [], []
+    for page in pages:
+        path = find_prediction(folder, page.page_id)
+        if path is None:
+            missing.append(page.page_id)
+            continue
+        score = protocol.score(page, path.read_text(encoding="utf-8"))
+        scored.append(score)
+        rows.append({**protocol.record(score), "page": page.page_id})
+    if not scored:
+        raise ValueError(f"no prediction in {folder} for any of the {len(pages)} pages (expected <image stem>.md)")
+    summary = {"protocol": protocol.name, **protocol.summarize(scored), "missing_predictions": missing}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "pages.csv", rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def print_scores(protocol: Protocol, summary: dict[str, Any]) -> None:
+    """A scored folder's headline numbers, then any breakdowns the protocol gives."""
+    print(
+        f"{protocol.name}: {summary['pages']} pages scored, {len(summary['missing_predictions'])} without a prediction"
+    )
+    for metric in protocol.headline:
+        value = summary.get(metric)
+        print(f"  {metric:<22} {'not computed' if value is None else f'{value:.4f}'}")
+    for key, value in summary.items():
+        if isinstance(value, dict) and value:
+            print(f"  {key}:")
+            for name, number in value.items():
+                print(f"    {name:<40} {'-' if number is None else f'{number:.4f}'}")

@@ -1,0 +1,368 @@
+"""OmniDocBench's end-to-end protocol: its pages, and each page's prediction scored its way.
+
+The truth is the benchmark's JSON (``layout_dets`` with categories, ``order``, text/LaTeX/HTML,
+``truncated`` relations, attributes; ``page_info`` with the image name and page attributes).
+A page's markdown is cut into blocks (``blocks.py``), normalised (``normalize.py``) and matched
+to the truth one-to-one by the Hungarian assignment on normalised edit distance: the
+benchmark's ``simple_match``. Its default ``quick_match`` (which also merges paragraphs a model
+split and matches headers first) is not reimplemented; on pages whose blocks map one-to-one
+the two agree. Then, as the benchmark does:
+
+- tables are matched among themselves (on raw HTML); a predicted table left over is broken into
+  its cell texts, which join the text pool;
+- text and display formulas share one pool, so a formula written as text still matches; a
+  formula matched to a text block is scored as text;
+- headers, footers, page numbers, footnotes, captions and equation captions take part in the
+  matching (so they do not steal a paragraph's match) but are left out of the text score;
+- predicted blocks matched to nothing are not charged (``simple_match`` drops them);
+- reading order is the edit distance between the truth's order numbers of the text blocks and
+  the same numbers listed in the order the prediction put their matches.
+
+Scores: text and formula edit distance per page (Σ edits / Σ max lengths over the page's
+blocks), the table's TEDS and TEDS-S, and reading order. ``summarize`` averages them the
+leaderboard's way (page average) and beside it the whole-set ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rapidfuzz.distance import Levenshtein
+from scipy.optimize import linear_sum_assignment
+
+from .blocks import FORMULA, HTML_TABLE, LATEX_TABLE, TEXT, Block, split_blocks
+from .normalize import clean_text, latex_to_unicode, normalize_formula, normalize_table, normalize_text
+from .teds import teds
+
+TEXT_CATEGORIES = (
+    "text_block", "title", "code_txt", "code_txt_caption", "reference", "equation_caption", "figure_caption",
+    "figure_footnote", "table_caption", "table_footnote", "code_algorithm", "code_algorithm_caption", "header",
+    "footer", "page_footnote", "page_number",
+)  # fmt: skip
+IGNORED_IN_TEXT = (
+    "figure_caption", "figure_footnote", "table_caption", "table_footnote", "code_algorithm",
+    "code_algorithm_caption", "header", "footer", "page_footnote", "page_number", "equation_caption",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TruthBlock:
+    """A block of the truth: its category, the text it is compared on, order and attributes."""
+
+    category: str
+    content: str
+    order: int | None
+    attribute: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OmniPage:
+    """One page of the benchmark: its image name, attributes and truth blocks."""
+
+    name: str  # the image's file name, e.g. ``paper_12.jpg``
+    attributes: dict[str, Any]
+    blocks: tuple[TruthBlock, ...]  # text categories and display formulas, in reading order
+    tables: tuple[TruthBlock, ...]  # HTML of each table, in reading order
+
+
+@dataclass
+class Pair:
+    """A truth block and what it was matched to (``pred`` is "" when nothing was)."""
+
+    category: str
+    truth: str
+    pred: str
+    edits: int
+    length: int  # max of the two normalised lengths
+    attribute: dict[str, Any] = field(default_factory=dict)
+    teds: float | None = None
+    teds_structure: float | None = None
+
+    @property
+    def edit(self) -> float:
+        return self.edits / self.length if self.length else 0.0
+
+
+@dataclass
+class PageScore:
+    """Every matched pair of a page, by element, and its reading-order distance."""
+
+    name: str
+    attributes: dict[str, Any]
+    text: list[Pair]
+    formula: list[Pair]
+    table: list[Pair]
+    order: float | None  # None: no text block with an order on this page
+
+
+# --- the truth ------------------------------------------------------------------------------------
+
+
+def _merged_truncations(page: dict) -> tuple[list[dict], list[dict]]:
+    """Layout blocks with each chain of ``truncated`` blocks joined into its first block."""
+    chains: list[list[Any]] = []
+    for relation in page.get("extra", {}).get("relation", []):
+        if relation.get("relation_type") != "truncated":
+            continue
+        pair = [relation["source_anno_id"], relation["target_anno_id"]]
+        joined = [chain for chain in chains if set(pair) & set(chain)]
+        for chain in joined:
+            chain.extend(pair)
+        if not joined:
+            chains.append(pair)
+    truncated = {anno for chain in chains for anno in chain}
+    kept = [d for d in page["layout_dets"] if d.get("anno_id") not in truncated]
+    by_id = {d.get("anno_id"): d for d in page["layout_dets"]}
+    merged = []
+    for chain in chains:
+        parts = sorted((by_id[a] for a in dict.fromkeys(chain) if a in by_id), key=lambda d: d.get("order") or 0)
+        first = parts[0]
+        merged.append({**first, "text": "".join(p.get("text", "") for p in parts), "attribute": {}})
+    return kept, merged
+
+
+def _truth_text(block: dict) -> str:
+    if block["category_type"] == "equation_isolated":
+        return str(block.get("latex", ""))
+    if block["category_type"] == "table":
+        return str(block.get("html", ""))
+    return str(block.get("text", ""))
+
+
+def page_from_json(page: dict) -> OmniPage:
+    kept, merged = _merged_truncations(page)
+    by_category: dict[str, list[dict]] = defaultdict(list)
+    for block in kept + merged:
+        by_category[block["category_type"]].append(block)
+
+    def in_order(categories) -> tuple[TruthBlock, ...]:
+        chosen = [b for c in categories for b in by_category.get(c, [])]
+        chosen.sort(key=lambda b: b.get("order") or 0)
+        return tuple(
+            TruthBlock(b["category_type"], _truth_text(b), b.get("order"), b.get("attribute") or {}) for b in chosen
+        )
+
+    info = page["page_info"]
+    return OmniPage(
+        name=Path(info["image_path"]).name,
+        attributes=info.get("page_attribute", {}),
+        blocks=in_order((*TEXT_CATEGORIES, "equation_isolated")),
+        tables=in_order(("table",)),
+    )
+
+
+def load_truth(annotations: Path) -> list[OmniPage]:
+    """The benchmark's JSON (a list of pages) as ``OmniPage`` objects."""
+    entries = json.loads(annotations.read_text(encoding="utf-8"))
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "layout_dets" in e for e in entries):
+        raise ValueError(f"{annotations} is not OmniDocBench's annotation JSON (a list of pages with layout_dets)")
+    return [page_from_json(entry) for entry in entries]
+
+
+# --- matching -------------------------------------------------------------------------------------
+
+
+def _ned_matrix(truths: list[str], preds: list[str]) -> np.ndarray:
+    matrix = np.zeros((len(truths), len(preds)))
+    for i, truth in enumerate(truths):
+        for j, pred in enumerate(preds):
+            length = max(len(truth), len(pred))
+            matrix[i, j] = Levenshtein.distance(truth, pred) / length if length else 0.0
+    return matrix
+
+
+def match_one_to_one(truths: list[str], preds: list[str]) -> dict[int, int]:
+    """truth index -> prediction index, minimising the summed normalised edit distance."""
+    if not truths or not preds:
+        return {}
+    rows, cols = linear_sum_assignment(_ned_matrix(truths, preds))
+    return {int(r): int(c) for r, c in zip(rows, cols, strict=True)}
+
+
+def _normalized_pred(block: Block) -> str:
+    if block.kind == FORMULA:
+        return normalize_formula(block.content)
+    if block.kind == TEXT:
+        return normalize_text(block.content)
+    return block.content
+
+
+def _normalized_truth(block: TruthBlock) -> str:
+    return normalize_formula(block.content) if block.category == "equation_isolated" else normalize_text(block.content)
+
+
+def _pair(category: str, truth: str, pred: str, norm_truth: str, norm_pred: str, attribute: dict) -> Pair:
+    truth_side, pred_side = norm_truth or truth, norm_pred or pred
+    return Pair(
+        category,
+        truth,
+        pred,
+        Levenshtein.distance(pred_side, truth_side),
+        max(len(pred_side), len(truth_side)),
+        attribute,
+    )
+
+
+def _cell_texts(table_html: str) -> list[str]:
+    """The text of each cell holding plain text, the way a leftover predicted table joins the text pool."""
+    import re
+
+    from bs4 import BeautifulSoup
+
+    cells = BeautifulSoup(table_html, "html.parser").find_all("td")
+    return [re.sub(r"\$\\cdot\$", "", cell.string).strip() for cell in cells if cell.string]
+
+
+def _score_tables(page: OmniPage, blocks: list[Block]) -> tuple[list[Pair], list[Block]]:
+    """Table pairs with TEDS, TEDS-S and edit distance; leftover predicted tables as text blocks."""
+    if not page.tables:
+        return [], []
+    predicted = [b for b in blocks if b.kind == HTML_TABLE and b.content]
+    latex = [b for b in blocks if b.kind == LATEX_TABLE]
+    if len(latex) > len(predicted):  # LaTeX tables need LaTeXML to become HTML: scored as missing
+        predicted = []
+    matches = match_one_to_one([t.content for t in page.tables], [b.content for b in predicted])
+    pairs = []
+    for index, truth in enumerate(page.tables):
+        pred = predicted[matches[index]].content if index in matches else ""
+        norm_truth, norm_pred = normalize_table(truth.content), normalize_table(pred)
+        pair = _pair("table", truth.content, pred, norm_truth, norm_pred, truth.attribute)
+        truth_side, pred_side = norm_truth or truth.content, norm_pred or pred
+        pair.teds = teds(pred_side, truth_side)
+        pair.teds_structure = teds(pred_side, truth_side, structure_only=True)
+        pairs.append(pair)
+    used = set(matches.values())
+    leftovers = [
+        Block(TEXT, text, block.position, inline=False)
+        for j, block in enumerate(predicted)
+        if j not in used
+        for text in _cell_texts(block.content)
+    ]
+    return pairs, leftovers
+
+
+def _pool(blocks: list[Block]) -> list[Block]:
+    """Text and formula blocks grouped by kind in order of first appearance (the benchmark's pool order)."""
+    kinds = list(dict.fromkeys(b.kind for b in blocks if b.kind in (TEXT, FORMULA)))
+    return [b for kind in kinds for b in blocks if b.kind == kind]
+
+
+def _reading_order(matched: list[tuple[TruthBlock, Block | None]]) -> float | None:
+    truth_order = sorted(t.order for t, _ in matched if t.order)
+    if not truth_order:
+        return None
+    predicted = [t.order for t, b in sorted(((t, b) for t, b in matched if b and t.order), key=lambda x: x[1].position)]
+    return Levenshtein.distance(truth_order, predicted) / max(len(truth_order), len(predicted))
+
+
+def score_page(page: OmniPage, markdown: str) -> PageScore:
+    """Score one page's predicted markdown against its truth."""
+    blocks = split_blocks(markdown)
+    table_pairs, leftovers = _score_tables(page, blocks)
+    pool = [b for b in _pool(blocks) + leftovers if b.content and _normalized_pred(b)]
+    truths = [t for t in page.blocks if t.content and _normalized_truth(t)]
+    matches = match_one_to_one([_normalized_truth(t) for t in truths], [_normalized_pred(b) for b in pool])
+
+    text, formula, matched_text = [], [], []
+    for index, truth in enumerate(truths):
+        pred = pool[matches[index]] if index in matches else None
+        pred_text = pred.content if pred else ""
+        if truth.category == "equation_isolated":
+            if pred is not None and pred.kind != FORMULA:  # a formula written as text: scored as text
+                as_text = latex_to_unicode(truth.content)
+                text.append(_pair(truth.category, as_text, pred_text, clean_text(as_text), _normalized_pred(pred), {}))
+            else:
+                norm_pred = _normalized_pred(pred) if pred else ""
+                formula.append(_pair(truth.category, truth.content, pred_text, _normalized_truth(truth), norm_pred, {}))
+        elif truth.category not in IGNORED_IN_TEXT:
+            norm_pred = _normalized_pred(pred) if pred else ""
+            text.append(
+                _pair(truth.category, truth.content, pred_text, _normalized_truth(truth), norm_pred, truth.attribute)
+            )
+            matched_text.append((truth, pred))
+    return PageScore(page.name, page.attributes, text, formula, table_pairs, _reading_order(matched_text))
+
+
+# --- aggregation ----------------------------------------------------------------------------------
+
+
+def _edit_summary(pages: list[list[Pair]]) -> dict[str, float | None]:
+    """The leaderboard's page average (Σ/Σ within a page, then the mean), the whole-set ratio, the block mean."""
+    per_page = [
+        sum(p.edits for p in pairs) / sum(p.length for p in pairs) for pairs in pages if sum(p.length for p in pairs)
+    ]
+    pairs = [p for page in pages for p in page if p.length]
+    total = sum(p.length for p in pairs)
+    return {
+        "page_avg": statistics.fmean(per_page) if per_page else None,
+        "whole": sum(p.edits for p in pairs) / total if total else None,
+        "block_avg": statistics.fmean(p.edit for p in pairs) if pairs else None,
+        "blocks": len(pairs),
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def page_record(score: PageScore) -> dict[str, Any]:
+    """One page's scores, flat (a CSV row)."""
+
+    def page_edit(pairs: list[Pair]) -> float | None:
+        total = sum(p.length for p in pairs)
+        return sum(p.edits for p in pairs) / total if total else None
+
+    return {
+        "page": score.name,
+        "text_edit": page_edit(score.text),
+        "formula_edit": page_edit(score.formula),
+        "table_teds": _mean([p.teds for p in score.table if p.teds is not None]),
+        "table_teds_s": _mean([p.teds_structure for p in score.table if p.teds_structure is not None]),
+        "table_edit": page_edit(score.table),
+        "reading_order_edit": score.order,
+    }
+
+
+def summarize(scores: list[PageScore]) -> dict[str, Any]:
+    """The benchmark's headline numbers and their breakdowns, for a list of scored pages."""
+    text, formula = _edit_summary([s.text for s in scores]), _edit_summary([s.formula for s in scores])
+    tables = [p for s in scores for p in s.table]
+    by_category: dict[str, list[Pair]] = defaultdict(list)
+    by_block_attribute: dict[str, list[float]] = defaultdict(list)
+    for pair in (p for s in scores for p in s.text):
+        by_category[pair.category].append(pair)
+        for key, value in pair.attribute.items():
+            by_block_attribute[f"{key}: {value}"].append(pair.edit)
+    by_page_attribute: dict[str, list[float]] = defaultdict(list)
+    for score in scores:
+        edit = page_record(score)["text_edit"]
+        if edit is None:
+            continue
+        for key, value in score.attributes.items():
+            by_page_attribute[f"{key}: {value}"].append(edit)
+    order = [s.order for s in scores if s.order is not None]
+    return {
+        "pages": len(scores),
+        "text_edit": text["page_avg"],
+        "text_edit_whole": text["whole"],
+        "text_edit_block_avg": text["block_avg"],
+        "text_blocks": text["blocks"],
+        "formula_edit": formula["page_avg"],
+        "formula_edit_whole": formula["whole"],
+        "formula_blocks": formula["blocks"],
+        "formula_cdm": None,  # CDM renders LaTeX (LaTeX + ImageMagick + node): not computed, see the README
+        "table_teds": _mean([p.teds for p in tables if p.teds is not None]),
+        "table_teds_s": _mean([p.teds_structure for p in tables if p.teds_structure is not None]),
+        "table_edit": _edit_summary([s.table for s in scores])["page_avg"],
+        "tables": len(tables),
+        "reading_order_edit": _mean(order),
+        "text_edit_by_category": {k: _edit_summary([v])["whole"] for k, v in sorted(by_category.items())},
+        "text_edit_by_block_attribute": {k: _mean(v) for k, v in sorted(by_block_attribute.items())},
+        "text_edit_by_page_attribute": {k: _mean(v) for k, v in sorted(by_page_attribute.items())},
+    }
