@@ -13,10 +13,9 @@ from service.evaluation.harness import Evaluation, Setting, engine_runner, parse
 from service.evaluation.metrics import (
     edit_counts,
     normalized_edit_distance,
-    relative_accuracy,
     set_edit_distance,
 )
-from service.evaluation.protocols import OmniDocBench
+from service.evaluation.protocols import OmniDocBench, relative
 from service.evaluation.synth import make_page, write_pages
 from service.evaluation.synth_benchmarks import write_omnidocbench
 
@@ -36,10 +35,11 @@ def test_set_edit_distance_sums_before_dividing():
     assert set_edit_distance(pairs) == pytest.approx(2 / 5)  # not the mean of 1/4 and 1/1
 
 
-def test_relative_accuracy():
-    assert relative_accuracy(0.2, 0.2) == 1.0
-    assert relative_accuracy(0.3, 0.2) == pytest.approx(0.7 / 0.8)
-    assert relative_accuracy(1.0, 1.0) == 1.0
+def test_relative_score_is_the_share_of_the_unpruned_accuracy_kept():
+    assert relative(0.2, 0.2, "lower") == 1.0
+    assert relative(0.3, 0.2, "lower") == pytest.approx(0.7 / 0.8)  # an edit distance counts as accuracy 1 - e
+    assert relative(0.45, 0.9, "higher") == pytest.approx(0.5)
+    assert relative(1.0, 1.0, "lower") is None  # the unpruned model has no accuracy: no share of it exists
 
 
 def test_settings_grid_and_retentions():

@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .protocols import EvalPage, Protocol, relative
+from .protocols import EvalPage, Protocol, find_prediction, relative
 
 PAPER_POINT = (0.8425, 0.9947)  # DeepSeek-OCR Large, OmniDocBench: retention, relative accuracy
 BASELINE_PRUNER = "none"
@@ -301,8 +301,6 @@ def score_predictions(protocol: Protocol, pages: list[EvalPage], folder: Path, o
 
     Pages without a prediction are listed and left out, as the benchmark's evaluator does; the
     summary says how many. Writes ``pages.csv`` and ``summary.json`` to ``out``."""
-    from .protocols import find_prediction
-
     scored, missing, rows = [], [], []
     for page in pages:
         path = find_prediction(folder, page.page_id)

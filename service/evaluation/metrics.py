@@ -39,9 +39,3 @@ def set_edit_distance(pairs: Iterable[tuple[int, int]]) -> float:
         lengths += length
     return distances / lengths if lengths else 0.0
 
-
-def relative_accuracy(ed_pruned: float, ed_unpruned: float) -> float:
-    """(1 - ED_pruned) / (1 - ED_unpruned): the share of the unpruned accuracy kept (the paper's 99.47%)."""
-    if ed_unpruned >= 1.0:
-        return 1.0 if ed_pruned >= 1.0 else float("inf")
-    return (1.0 - ed_pruned) / (1.0 - ed_unpruned)

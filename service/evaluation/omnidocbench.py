@@ -26,6 +26,7 @@ leaderboard's way (page average) and beside it the whole-set ratio.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 from rapidfuzz.distance import Levenshtein
+from rapidfuzz.process import cdist
 from scipy.optimize import linear_sum_assignment
 
 from .blocks import FORMULA, HTML_TABLE, LATEX_TABLE, TEXT, Block, split_blocks
@@ -168,20 +170,12 @@ def load_truth(annotations: Path) -> list[OmniPage]:
 # --- matching -------------------------------------------------------------------------------------
 
 
-def _ned_matrix(truths: list[str], preds: list[str]) -> np.ndarray:
-    matrix = np.zeros((len(truths), len(preds)))
-    for i, truth in enumerate(truths):
-        for j, pred in enumerate(preds):
-            length = max(len(truth), len(pred))
-            matrix[i, j] = Levenshtein.distance(truth, pred) / length if length else 0.0
-    return matrix
-
-
 def match_one_to_one(truths: list[str], preds: list[str]) -> dict[int, int]:
     """truth index -> prediction index, minimising the summed normalised edit distance."""
     if not truths or not preds:
         return {}
-    rows, cols = linear_sum_assignment(_ned_matrix(truths, preds))
+    costs = cdist(truths, preds, scorer=Levenshtein.normalized_distance, dtype=np.float64)  # distance / max length
+    rows, cols = linear_sum_assignment(costs)
     return {int(r): int(c) for r, c in zip(rows, cols, strict=True)}
 
 
@@ -211,8 +205,6 @@ def _pair(category: str, truth: str, pred: str, norm_truth: str, norm_pred: str,
 
 def _cell_texts(table_html: str) -> list[str]:
     """The text of each cell holding plain text, the way a leftover predicted table joins the text pool."""
-    import re
-
     from bs4 import BeautifulSoup
 
     cells = BeautifulSoup(table_html, "html.parser").find_all("td")
@@ -231,9 +223,8 @@ def _score_tables(page: OmniPage, blocks: list[Block]) -> tuple[list[Pair], list
     pairs = []
     for index, truth in enumerate(page.tables):
         pred = predicted[matches[index]].content if index in matches else ""
-        norm_truth, norm_pred = normalize_table(truth.content), normalize_table(pred)
-        pair = _pair("table", truth.content, pred, norm_truth, norm_pred, truth.attribute)
-        truth_side, pred_side = norm_truth or truth.content, norm_pred or pred
+        truth_side, pred_side = normalize_table(truth.content) or truth.content, normalize_table(pred) or pred
+        pair = _pair("table", truth.content, pred, truth_side, pred_side, truth.attribute)
         pair.teds = teds(pred_side, truth_side)
         pair.teds_structure = teds(pred_side, truth_side, structure_only=True)
         pairs.append(pair)
@@ -261,30 +252,32 @@ def _reading_order(matched: list[tuple[TruthBlock, Block | None]]) -> float | No
     return Levenshtein.distance(truth_order, predicted) / max(len(truth_order), len(predicted))
 
 
+def _normalized(items, normalize) -> list[tuple[Any, str]]:
+    """Each item with its normalised text, items that are empty either way dropped (as the benchmark does)."""
+    pairs = [(item, normalize(item)) for item in items if item.content]
+    return [(item, norm) for item, norm in pairs if norm]
+
+
 def score_page(page: OmniPage, markdown: str) -> PageScore:
     """Score one page's predicted markdown against its truth."""
     blocks = split_blocks(markdown)
     table_pairs, leftovers = _score_tables(page, blocks)
-    pool = [b for b in _pool(blocks) + leftovers if b.content and _normalized_pred(b)]
-    truths = [t for t in page.blocks if t.content and _normalized_truth(t)]
-    matches = match_one_to_one([_normalized_truth(t) for t in truths], [_normalized_pred(b) for b in pool])
+    pool = _normalized(_pool(blocks) + leftovers, _normalized_pred)
+    truths = _normalized(page.blocks, _normalized_truth)
+    matches = match_one_to_one([norm for _, norm in truths], [norm for _, norm in pool])
 
     text, formula, matched_text = [], [], []
-    for index, truth in enumerate(truths):
-        pred = pool[matches[index]] if index in matches else None
+    for index, (truth, norm_truth) in enumerate(truths):
+        pred, norm_pred = pool[matches[index]] if index in matches else (None, "")
         pred_text = pred.content if pred else ""
         if truth.category == "equation_isolated":
             if pred is not None and pred.kind != FORMULA:  # a formula written as text: scored as text
                 as_text = latex_to_unicode(truth.content)
-                text.append(_pair(truth.category, as_text, pred_text, clean_text(as_text), _normalized_pred(pred), {}))
+                text.append(_pair(truth.category, as_text, pred_text, clean_text(as_text), norm_pred, {}))
             else:
-                norm_pred = _normalized_pred(pred) if pred else ""
-                formula.append(_pair(truth.category, truth.content, pred_text, _normalized_truth(truth), norm_pred, {}))
+                formula.append(_pair(truth.category, truth.content, pred_text, norm_truth, norm_pred, {}))
         elif truth.category not in IGNORED_IN_TEXT:
-            norm_pred = _normalized_pred(pred) if pred else ""
-            text.append(
-                _pair(truth.category, truth.content, pred_text, _normalized_truth(truth), norm_pred, truth.attribute)
-            )
+            text.append(_pair(truth.category, truth.content, pred_text, norm_truth, norm_pred, truth.attribute))
             matched_text.append((truth, pred))
     return PageScore(page.name, page.attributes, text, formula, table_pairs, _reading_order(matched_text))
 

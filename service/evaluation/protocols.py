@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from . import fox, omnidocbench
 from .dataset import load_pages
-from .metrics import edit_counts
+from .metrics import edit_counts, set_edit_distance
 
 
 @dataclass(frozen=True)
@@ -120,11 +120,14 @@ class Markdown(Protocol):
         return score
 
     def summarize(self, scores: list[dict[str, Any]]) -> dict[str, Any]:
-        lengths = sum(s["length"] for s in scores)
         return {
             "pages": len(scores),
             "text_edit": statistics.fmean(s["text_edit"] for s in scores) if scores else None,
-            "text_edit_whole": sum(s["edits"] for s in scores) / lengths if lengths else None,
+            "text_edit_whole": (
+                set_edit_distance((s["edits"], s["length"]) for s in scores)
+                if any(s["length"] for s in scores)
+                else None
+            ),
         }
 
 
