@@ -26,11 +26,11 @@ _TABLE_OPEN = re.compile(r"<table(?:[^>]*)>")
 _CODE = re.compile(r"```(\w+)\n(.*?)```", re.DOTALL)
 _LATEX_TABLE = re.compile(r"\\begin\{table\}(.*?)\\end\{table\}|\\begin\{tabular\}(.*?)\\end\{tabular\}", re.DOTALL)
 _LATEX_WRAPPERS = [
-    (re.compile(r"\\title\{(.*?)\}"), 0),
-    (re.compile(r"\\title\s*\{\s*(.*?)\s*\}", re.DOTALL), re.DOTALL),
-    (re.compile(r"\\text\s*\{\s*(.*?)\s*\}", re.DOTALL), re.DOTALL),
-    (re.compile(r"\\section\*?\{(.*?)\}"), 0),
-    (re.compile(r"\\section\*?\{\s*(.*?)\s*\}", re.DOTALL), re.DOTALL),
+    re.compile(r"\\title\{(.*?)\}"),
+    re.compile(r"\\title\s*\{\s*(.*?)\s*\}", re.DOTALL),
+    re.compile(r"\\text\s*\{\s*(.*?)\s*\}", re.DOTALL),
+    re.compile(r"\\section\*?\{(.*?)\}"),
+    re.compile(r"\\section\*?\{\s*(.*?)\s*\}", re.DOTALL),
 ]
 
 TEXT = "text_all"
@@ -175,7 +175,7 @@ def split_blocks(markdown: str) -> list[Block]:
     for match in list(_CODE.finditer(text)):
         blocks.append(Block(TEXT, match.group(2).strip(), match.start()))
         text = _blank(text, *match.span())
-    for pattern, _ in _LATEX_WRAPPERS:
+    for pattern in _LATEX_WRAPPERS:
         text = pattern.sub(r"\1", text)
     _paragraphs(text, blocks)
     return sorted(blocks, key=lambda block: block.position)
