@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--url", help="run the grid against this running service (POST /v1/ocr) instead of in this process"
     )
+    evaluate.add_argument(
+        "--api-key", metavar="KEY", help="the service's API key, sent as a Bearer token with --url [default: none]"
+    )
     _add_model_arguments(evaluate)
     evaluate.add_argument(
         "--modes", "--mode", dest="modes", default="large", help="comma-separated [default: %(default)s]"
@@ -331,14 +334,25 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _run_grid(args: argparse.Namespace, protocol, pages, grid) -> int:
     from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine
-    from service.evaluation.harness import Evaluation, engine_runner, plot_summary, print_summary, url_runner
+    from service.evaluation.harness import (
+        Evaluation,
+        PageFailed,
+        engine_runner,
+        plot_summary,
+        print_summary,
+        url_runner,
+    )
 
     if args.url:
-        import httpx
-
-        info = httpx.get(f"{args.url.rstrip('/')}/v1/info", timeout=30).json()
-        name, random_weights = info.get("model", "?"), bool(info.get("random_weights"))
-        runner = url_runner(args.url, args.max_new_tokens)
+        try:
+            info = _ready_service_info(args.url, args.api_key)
+            if missing := sorted({s.mode for s in grid} - set(info["modes"])):
+                raise ValueError(f"{args.url} serves modes {', '.join(info['modes'])}, not {', '.join(missing)}")
+        except (RuntimeError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        name, random_weights = info["model"], bool(info["random_weights"])
+        runner = url_runner(args.url, args.max_new_tokens, api_key=args.api_key)
         key = {"url": args.url, "model": name, "max_new_tokens": args.max_new_tokens}
     else:
         engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype, vllm_url=args.vllm_url)
@@ -349,7 +363,11 @@ def _run_grid(args: argparse.Namespace, protocol, pages, grid) -> int:
         print("warning: " + RANDOM_WEIGHTS_WARNING.format(name=name), file=sys.stderr)
     key["random_weights"] = random_weights
     evaluation = Evaluation(protocol, pages, grid, runner, cache_key=key, out=args.out)
-    summary = evaluation.run(progress=not args.no_progress)
+    try:
+        summary = evaluation.run(progress=not args.no_progress)
+    except PageFailed as exc:
+        print(f"error: {exc}; the pages done so far are kept: run the same command again to go on", file=sys.stderr)
+        return 1
     print_summary(protocol, summary)
     weights = "random weights: meaningless text" if random_weights else "real weights"
     title = f"{name} ({weights}), {protocol.name}, {len(pages)} pages"
@@ -357,6 +375,28 @@ def _run_grid(args: argparse.Namespace, protocol, pages, grid) -> int:
     written = ", ".join(str(args.out / name) for name in ("pages.csv", "summary.json", "summary.csv", "relative.png"))
     print(f"wrote {written}")
     return 0
+
+
+def _ready_service_info(url: str, api_key: str | None, timeout: float = 600.0) -> dict:
+    """The service's ``/v1/info`` once it is ready (a service still loading its model says which weights only
+    then); a RuntimeError that says why when it cannot be reached or does not become ready."""
+    import httpx
+
+    from service.loadtest import wait_ready
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/v1/info", headers=headers, timeout=30)
+    except httpx.TransportError as exc:
+        raise RuntimeError(f"cannot reach {url}: {exc}") from exc
+    if response.status_code in (401, 403):
+        raise RuntimeError(f"{url} refused the API key (HTTP {response.status_code}): pass --api-key")
+    if response.status_code != 200:
+        raise RuntimeError(f"{url}/v1/info answered HTTP {response.status_code}; is this an rtprune-ocr service?")
+    if response.json().get("state") != "ready":
+        wait_ready(url.rstrip("/"), timeout=timeout)
+        response = httpx.get(f"{url.rstrip('/')}/v1/info", headers=headers, timeout=30)
+    return response.json()
 
 
 def run_synth(args: argparse.Namespace) -> int:

@@ -141,3 +141,50 @@ def test_eval_cli_grid_end_to_end_on_fox(tmp_path, preset_cache, monkeypatch, ca
     assert (tmp_path / "out" / "summary.csv").read_text().startswith("mode,pruner,retention")
     bogus = ["eval", "--data", str(tmp_path / "fox"), "--model", "tiny", "--pruners", "bogus"]
     assert cli.main([*bogus, "--protocol", "fox", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_eval_cli_grid_against_a_running_service_matches_the_in_process_grid(
+    tiny_engine, preset_cache, tmp_path, capsys
+):
+    """``--url``: the same pages and settings sent to a service over HTTP score as they do in this process
+    (greedy decoding, one page at a time); the service's key is asked for, and its modes are checked before
+    any page is sent."""
+    from service import cli
+    from service.api.app import create_app
+    from service.engine import OCREngine
+    from service.loadtest import free_port
+    from service.settings import ServiceSettings
+    from tests.helpers import live_server
+
+    data = tmp_path / "data"
+    write_omnidocbench(data, 2)
+    grid = ["--modes", "tiny", "--pruners", "rtprune", "--retention", "1.0,0.5", "--max-new-tokens", "6"]
+    args = ["eval", "--protocol", "omnidocbench", "--data", str(data), *grid, "--no-progress"]
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False, api_key="sesame")
+    with live_server(create_app(settings, load_engine=lambda: tiny_engine)) as base:
+        assert cli.main([*args, "--url", base, "--out", str(tmp_path / "x")]) == 2
+        assert "refused the API key" in capsys.readouterr().err
+        assert cli.main([*args, "--url", base, "--api-key", "sesame", "--out", str(tmp_path / "remote")]) == 0
+    printed = capsys.readouterr()
+    assert "relative to the unpruned model" in printed.out and "RANDOM weights" in printed.err
+    assert cli.main([*args, "--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path / "x")]) == 2
+    assert "cannot reach" in capsys.readouterr().err
+    v2 = OCREngine.load("tiny-v2", device="cpu", cache_dir=preset_cache)
+    with live_server(create_app(ServiceSettings(model="tiny-v2", warmup=False), load_engine=lambda: v2)) as base:
+        assert cli.main([*args, "--url", base, "--out", str(tmp_path / "x")]) == 2  # DeepSeek-OCR-2 has no tiny
+        assert "serves modes small, gundam, not tiny" in capsys.readouterr().err
+
+    local = Evaluation(
+        OmniDocBench(),
+        OmniDocBench().load(data),
+        settings_grid(["tiny"], ["rtprune"], [1.0, 0.5]),
+        engine_runner(tiny_engine, 6),
+        cache_key={"in": "process"},
+        out=tmp_path / "local",
+    ).run(progress=False)
+    remote = json.loads((tmp_path / "remote" / "summary.json").read_text())["records"]
+    assert len(remote) == len(local) == 3  # none@1.0 beside rtprune at 1.0 and 0.5
+    for here, there in zip(local, remote, strict=True):
+        assert (there["pruner"], there["retention"]) == (here["pruner"], here["retention"])
+        assert there["text_edit"] == pytest.approx(here["text_edit"])
+        assert there["visual_tokens_kept"] == here["visual_tokens_kept"]

@@ -93,13 +93,18 @@ def engine_runner(engine, max_new_tokens: int) -> Runner:
     return run
 
 
-def url_runner(base: str, max_new_tokens: int, timeout: float = 600.0) -> Runner:
+class PageFailed(RuntimeError):
+    """A page the service would not read (its answer says why); the grid stops, its cache kept."""
+
+
+def url_runner(base: str, max_new_tokens: int, timeout: float = 600.0, api_key: str | None = None) -> Runner:
     """Pages sent to a running service's ``POST /v1/ocr`` (waiting out 503s as its Retry-After says)."""
     import time
 
     import httpx
 
-    client = httpx.Client(base_url=base.rstrip("/"), timeout=timeout)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    client = httpx.Client(base_url=base.rstrip("/"), timeout=timeout, headers=headers)
 
     def run(page: EvalPage, setting: Setting) -> dict[str, Any]:
         data = {
@@ -109,13 +114,16 @@ def url_runner(base: str, max_new_tokens: int, timeout: float = 600.0) -> Runner
             "max_new_tokens": str(max_new_tokens),
         }
         for _ in range(100):
-            with page.image.open("rb") as handle:
-                response = client.post("/v1/ocr", files={"file": (page.image.name, handle)}, data=data)
+            try:
+                with page.image.open("rb") as handle:
+                    response = client.post("/v1/ocr", files={"file": (page.image.name, handle)}, data=data)
+            except httpx.TransportError as exc:
+                raise PageFailed(f"lost {base} on {page.image.name}: {exc}") from exc
             if response.status_code != 503:
                 break
             time.sleep(float(response.headers.get("retry-after", "1")))
         if response.status_code != 200:
-            raise RuntimeError(f"{base} answered {response.status_code} for {page.image.name}: {response.text[:300]}")
+            raise PageFailed(f"{base} answered {response.status_code} for {page.image.name}: {response.text[:300]}")
         first = response.json()["pages"][0]
         return {"markdown": first["markdown"], "stats": first["stats"]}
 
