@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from pruning import build_pruner
 from service.api.app import create_app
+from service.engine import OcrOptions
 from service.engine.options import PageKnobs
+from service.inputs import Document
 from service.scheduler.adaptive import RetentionPolicy
 from service.settings import ServiceSettings
 from tests.helpers import text_page
@@ -80,6 +82,28 @@ def test_the_cap_keeps_the_dynamic_ratio_below_it_and_lowers_only_what_is_above(
     loose = build_pruner("norm", None).capped(1.0)(features, None, None, image)
     assert loose.keep_ratio == pytest.approx(free.keep_ratio)  # a cap above the ratio changes nothing
     assert build_pruner("norm", 0.3).capped(0.5).keep_ratio == 0.3
+
+
+def test_a_queue_building_up_lowers_the_level_before_its_pages_are_admitted_and_one_long_wait_does_not():
+    """The median of admitted waits lags a burst by the time the burst's pages take to be admitted; three
+    pages already waiting past the target lead it. One page waiting long alone is not load."""
+    from service.scheduler.adaptive import AdaptiveRetention
+    from service.scheduler.queue import PageQueue, PageRequest
+
+    queue = PageQueue(capacity=20)
+    for accepted, pages in ((100.0, 1), (101.0, 2), (103.0, 1), (104.0, 1)):
+        request = PageRequest(Document([1] * pages), OcrOptions(), deadline=1e9, accepted_at=accepted)
+        queue.put(request, retry_after_s=1)
+    assert queue.oldest_waits(now=105.0, n=3) == [5.0, 4.0, 4.0]  # the second request's two pages
+    assert queue.oldest_waits(now=105.0, n=9) == [5.0, 4.0, 4.0, 2.0, 1.0]
+
+    page = PageKnobs(retention=1.0)
+    building = AdaptiveRetention(RetentionPolicy(target_wait_s=2.0), now=0.0)
+    cap = building.admit(page, wait_s=0.1, now=1.0, still_waiting=queue.oldest_waits(105.0, 3))
+    assert building.level == pytest.approx(0.9) and cap.cap == pytest.approx(0.9) and building.signal_s == 4.0
+    alone = AdaptiveRetention(RetentionPolicy(target_wait_s=2.0), now=0.0)
+    alone.admit(page, wait_s=0.1, now=1.0, still_waiting=[30.0, 0.5])
+    assert alone.level == 1.0 and alone.signal_s == pytest.approx(0.1)
 
 
 # --- in the served path ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.engine.options import PageKnobs
@@ -73,6 +74,7 @@ class RetentionPolicy:
 
 
 SIGNAL_PAGES = 5  # the load signal is the median wait of the pages admitted last: one unlucky page is not load
+QUEUED_SIGNAL_PAGE = 3  # ... or the wait so far of the third page still in the queue: a queue building up
 
 
 class AdaptiveRetention:
@@ -84,12 +86,17 @@ class AdaptiveRetention:
         self.level = 1.0
         self.changed_at = now
         self.waits: deque[float] = deque(maxlen=SIGNAL_PAGES)
+        self.queued_s = 0.0  # how long the third-oldest page still waiting has waited (0: fewer wait)
 
-    def admit(self, knobs: PageKnobs, wait_s: float, now: float) -> Adaptation | None:
+    def admit(
+        self, knobs: PageKnobs, wait_s: float, now: float, still_waiting: Sequence[float] = ()
+    ) -> Adaptation | None:
         """Update the level with this admitted page's wait, and give the page's cap (None: a pinned page, or
-        pruner none). ``adapted`` is settled by the engine once the page is pruned (an ``auto`` page whose
-        own ratio is under the cap is not lowered)."""
+        pruner none). ``still_waiting``: how long the pages that arrived first among those still in the queue
+        have waited so far, longest first. ``adapted`` is settled by the engine once the page is pruned (an
+        ``auto`` page whose own ratio is under the cap is not lowered)."""
         self.waits.append(wait_s)
+        self.queued_s = still_waiting[QUEUED_SIGNAL_PAGE - 1] if len(still_waiting) >= QUEUED_SIGNAL_PAGE else 0.0
         level = self.policy.next_level(self.level, self.signal_s, now - self.changed_at)
         if level != self.level:
             self.level, self.changed_at = level, now
@@ -105,5 +112,10 @@ class AdaptiveRetention:
 
     @property
     def signal_s(self) -> float:
-        """The load signal: the median time in the queue of the last pages admitted (0 before any)."""
-        return statistics.median(self.waits) if self.waits else 0.0
+        """The load signal: the median time in the queue of the last pages admitted (0 before any), or, when
+        longer, how long the page that arrived third among those still waiting has waited so far. The first
+        lags: a burst shows in it only once its pages are admitted, and by then it has filled the queue.
+        The second leads: three pages that already waited longer than the target will push the median over
+        it when they are admitted, so the level starts down now; one page that waits long alone does not."""
+        admitted = statistics.median(self.waits) if self.waits else 0.0
+        return max(admitted, self.queued_s)

@@ -47,7 +47,7 @@ from service.engine.engine import PageTask, PreparedPage
 from service.engine.stats import Adaptation, StageTimer
 from service.errors import NotReady
 
-from .adaptive import AdaptiveRetention, RetentionPolicy
+from .adaptive import QUEUED_SIGNAL_PAGE, AdaptiveRetention, RetentionPolicy
 from .capacity import CPU_ROWS, default_row_cap
 from .memory import after_failed_call, default_batch_tokens, return_memory_to_os
 from .queue import PageQueue, PageRequest
@@ -378,7 +378,8 @@ class Scheduler:
         """The retention cap of a page taken from the queue now, from how long it waited (None: policy off)."""
         if self.adaptive is None:
             return None
-        return self.adaptive.admit(request.options, taken_at - request.accepted_at, taken_at)
+        waiting = self._queue.oldest_waits(taken_at, QUEUED_SIGNAL_PAGE)
+        return self.adaptive.admit(request.options, taken_at - request.accepted_at, taken_at, waiting)
 
     @property
     def retention_level(self) -> float:
@@ -387,7 +388,8 @@ class Scheduler:
 
     @property
     def last_queue_wait_s(self) -> float:
-        """The adaptive policy's load signal: the median time in the queue of the pages admitted last."""
+        """The adaptive policy's load signal: the median time in the queue of the pages admitted last, or the wait
+        so far of the third page still queued when longer."""
         return self.adaptive.signal_s if self.adaptive is not None else 0.0
 
     def _host_page(

@@ -115,6 +115,17 @@ class PageQueue:
             self._pixels += pixels
             self._changed.notify_all()
 
+    def oldest_waits(self, now: float, n: int) -> list[float]:
+        """How long the ``n`` pages that arrived first among those still waiting have waited so far, longest
+        first (fewer when fewer wait)."""
+        with self._changed:
+            waits: list[float] = []
+            for request in sorted(self._requests, key=lambda r: r.accepted_at):
+                waits += [now - request.accepted_at] * min(request.waiting_pages, n - len(waits))
+                if len(waits) >= n:
+                    break
+            return waits
+
     def take(self) -> tuple[PageRequest, int] | None:
         """The next page, round-robin by request. Requests that should stop are passed over here and
         removed by :meth:`stopped`, so the scheduler can fail them."""
