@@ -157,3 +157,22 @@ def test_the_policy_is_off_by_default(tiny_engine):
             time.sleep(0.02)
         answers = burst(client, 4)
     assert all(a["pages"][0]["stats"]["adaptation"] is None for a in answers)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_turning_the_policy_on_leaves_the_waiting_room_where_it_was(tiny_engine, rows):
+    """Off, up to ``max_batch_size`` pages wait prepared beside the queue; on, at most two do (the rest wait
+    in the queue, to be admitted at the current level), so the queue holds the difference: the point where
+    requests get 503 does not move, and /v1/info says how many pages may wait."""
+    waiting_room = {}
+    for target in (None, 2.0):
+        settings = ServiceSettings(
+            model="tiny", log_json=False, warmup=False, max_batch_size=rows, queue_size=12,
+            max_pdf_pages=12, adaptive_target_wait_s=target,
+        )  # fmt: skip
+        with TestClient(create_app(settings, load_engine=lambda: tiny_engine)) as client:
+            while client.get("/readyz").status_code != 200:
+                time.sleep(0.02)
+            queued = client.get("/v1/info").json()["limits"]["queue_size"]
+        waiting_room[target] = queued + (rows if target is None else min(rows, 2))
+    assert waiting_room[None] == waiting_room[2.0] == 12 + rows

@@ -69,7 +69,11 @@ async def info(
         modes=engine.modes if engine else [],
         pruners=list(PRUNERS),
         defaults=defaults,
-        limits=Limits(**settings.model_dump(include=set(Limits.model_fields)), max_new_tokens=most_tokens),
+        limits=Limits(
+            **settings.model_dump(include=set(Limits.model_fields) - {"queue_size"}),
+            queue_size=scheduler.queue_capacity,
+            max_new_tokens=most_tokens,
+        ),
         batching=Batching(
             mode=settings.batching,
             max_batch_tokens=scheduler.batch_tokens_limit,

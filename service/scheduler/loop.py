@@ -127,14 +127,22 @@ class Scheduler:
         self.error: str | None = None
         self.engine: OCREngine | None = None
         self.batch_tokens_limit: int | None = config.max_batch_tokens
-        self.max_rows: int = config.max_batch_size or CPU_ROWS  # the row cap (measured on a GPU when loading)
-        self._row_cap = self.max_rows  # lowered after a step ran out of memory, until the batch empties
         self._busy = False
         self.adaptive = (
             AdaptiveRetention(RetentionPolicy(config.adaptive_target_wait_s, config.adaptive_floor), time.monotonic())
             if config.adaptive_target_wait_s
             else None
         )
+        self._set_row_cap(config.max_batch_size or CPU_ROWS)  # measured on a GPU when loading
+
+    def _set_row_cap(self, rows: int) -> None:
+        """The row cap (pages running or prepared). With adaptive retention, pages the scheduler would otherwise
+        prepare ahead of room in the batch wait in the queue instead (so the level that admits them is
+        current): the queue holds them, so turning the policy on leaves the waiting room, and the point where
+        requests get 503, where they were. A queued page holds less memory than a prepared one."""
+        self.max_rows = self._row_cap = rows  # the cap is lowered after a step ran out of memory, until it empties
+        extra = max(0, rows - ADAPTIVE_READY_AHEAD) if self.adaptive is not None else 0
+        self._queue.capacity = self.config.queue_size + extra
 
     # --- the front door's side ---------------------------------------------------------------
 
@@ -190,6 +198,12 @@ class Scheduler:
         return self._queue.pages
 
     @property
+    def queue_capacity(self) -> int:
+        """Pages that may wait before requests get 503 (``queue_size``, plus what the adaptive policy keeps
+        queued instead of prepared)."""
+        return self._queue.capacity
+
+    @property
     def running_pages(self) -> int:
         """Pages taken from the queue: decoding, prefilled soon, or being preprocessed."""
         return len(self._running) + len(self._ready) + len(self._host_work)
@@ -229,7 +243,7 @@ class Scheduler:
             if self.batch_tokens_limit is None:
                 self.batch_tokens_limit = default_batch_tokens(engine)
             if self.config.max_batch_size is None:
-                self.max_rows = self._row_cap = default_row_cap(engine, self.batch_tokens_limit)
+                self._set_row_cap(default_row_cap(engine, self.batch_tokens_limit))
         except BaseException as exc:  # a failed load must be reported, whatever it was
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("model loading failed: %s", self.error)
