@@ -393,7 +393,10 @@ def _ready_service_info(url: str, api_key: str | None, timeout: float = 600.0) -
         raise RuntimeError(f"{url} refused the API key (HTTP {response.status_code}): pass --api-key")
     if response.status_code != 200:
         raise RuntimeError(f"{url}/v1/info answered HTTP {response.status_code}; is this an rtprune-ocr service?")
-    if response.json().get("state") != "ready":
+    state = response.json().get("state")
+    if state in ("failed", "draining", "stopped"):
+        raise RuntimeError(f"{url} is {state}: it will not read pages (its /readyz says why)")
+    if state != "ready":
         wait_ready(url.rstrip("/"), timeout=timeout)
         response = httpx.get(f"{url.rstrip('/')}/v1/info", headers=headers, timeout=30)
     return response.json()
