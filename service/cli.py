@@ -372,7 +372,8 @@ def _run_grid(args: argparse.Namespace, protocol, pages, grid) -> int:
     weights = "random weights: meaningless text" if random_weights else "real weights"
     title = f"{name} ({weights}), {protocol.name}, {len(pages)} pages"
     plot_summary(protocol, summary, args.out / "relative.png", title)
-    written = ", ".join(str(args.out / name) for name in ("pages.csv", "summary.json", "summary.csv", "relative.png"))
+    names = ("pages.csv", "summary.json", "summary.csv", "relative.png", "predictions/")
+    written = ", ".join(str(args.out / name) for name in names)
     print(f"wrote {written}")
     return 0
 

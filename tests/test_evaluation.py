@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from service.evaluation.dataset import load_pages
-from service.evaluation.harness import Evaluation, Setting, engine_runner, parse_retentions, settings_grid
+from service.evaluation.harness import (
+    Evaluation,
+    Setting,
+    engine_runner,
+    parse_retentions,
+    score_predictions,
+    settings_grid,
+)
 from service.evaluation.metrics import (
     edit_counts,
     normalized_edit_distance,
@@ -93,6 +100,11 @@ def test_harness_on_tiny_scores_each_setting_relative_to_its_modes_unpruned_run_
     assert {"relative_table_teds", "prefill_speedup", "prompt_tokens", "text_edit_by_category"} <= set(
         saved["records"][0]
     )
+
+    written = out / "predictions" / "tiny_rtprune_0.5"
+    assert sorted(path.stem for path in written.glob("*.md")) == sorted(page.page_id for page in pages)
+    rescored = score_predictions(protocol, pages, written, tmp_path / "rescored")  # the benchmark's names
+    assert rescored["text_edit"] == pytest.approx(by_label["rtprune@0.5"]["text_edit"])
 
     def no_model(page, setting):
         raise AssertionError("the cached predictions should have been reused")

@@ -177,7 +177,18 @@ class Evaluation:
             summary.append({**_setting_fields(setting), **self._setting_summary(scores, outputs, setting)})
         self._add_relative(summary)
         self._write(rows, summary)
+        self._write_predictions(outputs)
         return summary
+
+    def _write_predictions(self, outputs: dict[Setting, list[dict[str, Any]]]) -> None:
+        """Each setting's markdown as ``predictions/<mode>_<pruner>_<retention>/<image stem>.md``, the names
+        OmniDocBench's evaluator reads: its own matching (``quick_match``), CDM and Overall, which we do not
+        compute, can be run on exactly these outputs, and ``--predictions`` scores them again."""
+        for setting, records in outputs.items():
+            folder = self.out / "predictions" / f"{setting.mode}_{setting.pruner}_{setting.retention}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for page, record in zip(self.pages, records, strict=True):
+                (folder / f"{page.page_id}.md").write_text(record["markdown"])
 
     def _setting_summary(self, scores: list[Any], outputs: dict, setting: Setting) -> dict[str, Any]:
         stats = [o["stats"] for o in outputs[setting]]
