@@ -54,7 +54,9 @@ class Metrics:
             "rtprune_adaptive_retention_level", "retention cap of pages admitted now (1: none, or off)", registry=r
         )
         self.queue_wait = Gauge(
-            "rtprune_queue_wait_seconds", "median queue wait of the pages admitted last (adaptive policy's signal)",
+            "rtprune_queue_wait_seconds",
+            "the adaptive policy's load signal: median queue wait of the pages admitted last, or the third "
+            "queued page's wait so far when longer",
             registry=r,
         )
         self.pages_adapted = Counter(

@@ -50,7 +50,8 @@ class Adaptation(BaseModel):
     adapted: bool = Field(description="the cap lowered this page's retention below what it asked for")
     cap: float = Field(description="the most retention the server allowed this page when it was admitted")
     queue_wait_s: float = Field(
-        description="the load signal when this page was admitted: the median queue wait of the pages admitted last"
+        description="the load signal when this page was admitted: the median queue wait of the pages admitted "
+        "last, or the wait so far of the third page still queued when longer"
     )
     target_wait_s: float = Field(description="the wait above which the policy prunes harder")
 
