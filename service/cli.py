@@ -340,19 +340,22 @@ def _run_grid(args: argparse.Namespace, protocol, pages, grid) -> int:
         engine_runner,
         plot_summary,
         print_summary,
+        ready_service_info,
+        service_client,
         url_runner,
     )
 
     if args.url:
+        client = service_client(args.url, args.api_key)
         try:
-            info = _ready_service_info(args.url, args.api_key)
+            info = ready_service_info(client)
             if missing := sorted({s.mode for s in grid} - set(info["modes"])):
                 raise ValueError(f"{args.url} serves modes {', '.join(info['modes'])}, not {', '.join(missing)}")
         except (RuntimeError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         name, random_weights = info["model"], bool(info["random_weights"])
-        runner = url_runner(args.url, args.max_new_tokens, api_key=args.api_key)
+        runner = url_runner(client, args.max_new_tokens)
         key = {"url": args.url, "model": name, "max_new_tokens": args.max_new_tokens}
     else:
         engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype, vllm_url=args.vllm_url)
@@ -376,31 +379,6 @@ def _run_grid(args: argparse.Namespace, protocol, pages, grid) -> int:
     written = ", ".join(str(args.out / name) for name in names)
     print(f"wrote {written}")
     return 0
-
-
-def _ready_service_info(url: str, api_key: str | None, timeout: float = 600.0) -> dict:
-    """The service's ``/v1/info`` once it is ready (a service still loading its model says which weights only
-    then); a RuntimeError that says why when it cannot be reached or does not become ready."""
-    import httpx
-
-    from service.loadtest import wait_ready
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        response = httpx.get(f"{url.rstrip('/')}/v1/info", headers=headers, timeout=30)
-    except httpx.TransportError as exc:
-        raise RuntimeError(f"cannot reach {url}: {exc}") from exc
-    if response.status_code in (401, 403):
-        raise RuntimeError(f"{url} refused the API key (HTTP {response.status_code}): pass --api-key")
-    if response.status_code != 200:
-        raise RuntimeError(f"{url}/v1/info answered HTTP {response.status_code}; is this an rtprune-ocr service?")
-    state = response.json().get("state")
-    if state in ("failed", "draining", "stopped"):
-        raise RuntimeError(f"{url} is {state}: it will not read pages (its /readyz says why)")
-    if state != "ready":
-        wait_ready(url.rstrip("/"), timeout=timeout)
-        response = httpx.get(f"{url.rstrip('/')}/v1/info", headers=headers, timeout=30)
-    return response.json()
 
 
 def run_synth(args: argparse.Namespace) -> int:

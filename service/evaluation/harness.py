@@ -97,14 +97,46 @@ class PageFailed(RuntimeError):
     """A page the service would not read (its answer says why); the grid stops, its cache kept."""
 
 
-def url_runner(base: str, max_new_tokens: int, timeout: float = 600.0, api_key: str | None = None) -> Runner:
+def service_client(base: str, api_key: str | None = None, timeout: float = 600.0):
+    """An HTTP client for a running service: its base URL and, when it has one, its API key."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=base.rstrip("/"), timeout=timeout, headers=headers)
+
+
+def ready_service_info(client, timeout: float = 600.0) -> dict[str, Any]:
+    """The service's ``/v1/info`` once it is ready (a service still loading its model says which weights only
+    then); a RuntimeError that says why when it cannot be reached, refuses the key, or will not read pages."""
+    import httpx
+
+    from service.loadtest import wait_ready
+
+    base = str(client.base_url).rstrip("/")  # httpx keeps a trailing slash on it
+    try:
+        response = client.get("/v1/info", timeout=30)
+    except httpx.TransportError as exc:
+        raise RuntimeError(f"cannot reach {base}: {exc}") from exc
+    if response.status_code in (401, 403):
+        raise RuntimeError(f"{base} refused the API key (HTTP {response.status_code}): pass --api-key")
+    if response.status_code != 200:
+        raise RuntimeError(f"{base}/v1/info answered HTTP {response.status_code}; is this an rtprune-ocr service?")
+    state = response.json().get("state")
+    if state in ("failed", "draining", "stopped"):
+        raise RuntimeError(f"{base} is {state}: it will not read pages (its /readyz says why)")
+    if state != "ready":
+        wait_ready(base, timeout=timeout)
+        response = client.get("/v1/info", timeout=30)
+    return response.json()
+
+
+def url_runner(client, max_new_tokens: int) -> Runner:
     """Pages sent to a running service's ``POST /v1/ocr`` (waiting out 503s as its Retry-After says)."""
     import time
 
     import httpx
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    client = httpx.Client(base_url=base.rstrip("/"), timeout=timeout, headers=headers)
+    base = str(client.base_url).rstrip("/")  # httpx keeps a trailing slash on it
 
     def run(page: EvalPage, setting: Setting) -> dict[str, Any]:
         data = {
