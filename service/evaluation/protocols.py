@@ -43,6 +43,14 @@ class Protocol:
         raise NotImplementedError
 
 
+def _benchmark_json(data: Path, name: str, images: str, whose: str = "") -> Path:
+    """``--data`` as users download a benchmark: its JSON of pages, or the folder holding it beside ``images``."""
+    annotations = data / name if data.is_dir() else data
+    if not annotations.is_file():
+        raise ValueError(f"{data}: expected {whose}{name} (or the folder holding it and {images})")
+    return annotations
+
+
 class OmniDocBench(Protocol):
     """``--data`` is ``OmniDocBench.json`` (images in ``images/`` beside it) or the folder holding both."""
 
@@ -56,9 +64,7 @@ class OmniDocBench(Protocol):
     }
 
     def load(self, data: Path, limit: int | None = None) -> list[EvalPage]:
-        annotations = data / "OmniDocBench.json" if data.is_dir() else data
-        if not annotations.is_file():
-            raise ValueError(f"{data}: expected OmniDocBench.json (or the folder holding it and images/)")
+        annotations = _benchmark_json(data, "OmniDocBench.json", "images/")
         pages = omnidocbench.load_truth(annotations)[:limit]
         return [EvalPage(Path(p.name).stem, annotations.parent / "images" / p.name, p) for p in pages]
 
@@ -86,9 +92,7 @@ class Fox(Protocol):
     }
 
     def load(self, data: Path, limit: int | None = None) -> list[EvalPage]:
-        annotations = data / "en_page_ocr.json" if data.is_dir() else data
-        if not annotations.is_file():
-            raise ValueError(f"{data}: expected Fox's en_page_ocr.json (or the folder holding it and en_pdf_png/)")
+        annotations = _benchmark_json(data, "en_page_ocr.json", "en_pdf_png/", whose="Fox's ")
         pages = fox.load_truth(annotations)[:limit]
         return [EvalPage(Path(p.name).stem, p.image, p) for p in pages]
 
