@@ -120,6 +120,21 @@ OCR_FLAGS = (
 )  # every page option but the web page's token map
 
 
+# labelled pages as `eval --protocol` reads them and `synth --format` writes them
+PAGE_LAYOUTS = {
+    "markdown": "page images with the truth as a same-stem .md beside each (page.png + page.md)",
+    "omnidocbench": "OmniDocBench.json + images/",
+    "fox": "en_page_ocr.json + en_pdf_png/",
+}
+
+
+def _add_layout_argument(parser: argparse.ArgumentParser, flag: str, what: str) -> None:
+    layouts = "; ".join(f"{name}: {layout}" for name, layout in PAGE_LAYOUTS.items())
+    parser.add_argument(
+        flag, choices=list(PAGE_LAYOUTS), default="markdown", help=f"{what}: {layouts} [default: %(default)s]"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtprune-ocr", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
@@ -152,13 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval", help="accuracy the benchmarks' way (OmniDocBench, Fox) vs retention, relative to unpruned"
     )
-    evaluate.add_argument(
-        "--protocol",
-        choices=["omnidocbench", "fox", "markdown"],
-        default="markdown",
-        help="omnidocbench: OmniDocBench.json + images/; fox: en_page_ocr.json + en_pdf_png/; markdown: a folder "
-        "of images with same-stem .md truth [default: %(default)s]",
-    )
+    _add_layout_argument(evaluate, "--protocol", "how --data is laid out and scored")
     evaluate.add_argument(
         "--data", type=Path, required=True, help="the benchmark's JSON (or the folder holding it), or the page folder"
     )
@@ -190,13 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, required=True, help="folder to write to")
     synth.add_argument("--n", type=int, default=20, help="pages [default: %(default)s]")
     synth.add_argument("--seed", type=int, default=0, help="[default: %(default)s]")
-    synth.add_argument(
-        "--format",
-        choices=["markdown", "omnidocbench", "fox"],
-        default="markdown",
-        help="markdown: page.png + page.md; omnidocbench: OmniDocBench.json + images/; fox: en_page_ocr.json + "
-        "en_pdf_png/ [default: %(default)s]",
-    )
+    _add_layout_argument(synth, "--format", "how the pages are written")
 
     load = commands.add_parser("loadtest", help="locust load test, headless; starts a tiny server unless --host")
     load.add_argument("--users", type=int, default=4, help="concurrent users [default: %(default)s]")
