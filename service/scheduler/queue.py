@@ -9,6 +9,7 @@ not fifty.
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections import deque
@@ -120,7 +121,8 @@ class PageQueue:
         first (fewer when fewer wait)."""
         with self._changed:
             waits: list[float] = []
-            for request in sorted(self._requests, key=lambda r: r.accepted_at):
+            # every request here has a page waiting, so the n oldest pages are among the n oldest requests
+            for request in heapq.nsmallest(n, self._requests, key=lambda r: r.accepted_at):
                 waits += [now - request.accepted_at] * min(request.waiting_pages, n - len(waits))
                 if len(waits) >= n:
                     break
