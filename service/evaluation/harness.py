@@ -85,8 +85,7 @@ def engine_runner(engine, max_new_tokens: int) -> Runner:
         if page.page_id not in images:
             images.clear()  # pages come one at a time: keep only the current image
             images[page.page_id] = open_document(page.image.read_bytes()).page(0)
-        chosen = {"mode": setting.mode, "pruner": setting.pruner, "retention": setting.retention}
-        options, _ = engine.resolve_options({**chosen, "max_new_tokens": max_new_tokens})
+        options, _ = engine.resolve_options({**_setting_fields(setting), "max_new_tokens": max_new_tokens})
         result = engine.run(images[page.page_id], options)
         return {"markdown": result.markdown, "stats": result.stats.model_dump(mode="json")}
 
