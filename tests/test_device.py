@@ -4,7 +4,12 @@ failure, an attention implementation, bf16 padding) and shown to be handled."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +31,7 @@ from tests.helpers import GatedEngine, text_page
 from tests.test_api import png_bytes, wait_ready
 
 GIB = 2**30
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- 1. the KV budget on CUDA, with the vLLM decoder's freed layers ---------------------------------------
@@ -239,17 +245,41 @@ def test_importing_the_pruner_imports_no_other_array_library(tmp_path):
     assert not list(tmp_path.glob("*.imported"))
 
 
-def test_a_cuda_device_is_prepared_before_the_first_allocation(monkeypatch):
-    """Expandable segments, the current device (POT allocates on a bare "cuda") and the process's share."""
+def prepare_emulated(count: int, device: str, fraction: float | None = None) -> dict:
+    """``prepare_device`` in a fresh process whose ``torch._C`` reports ``count`` GPUs (tests/emulated_cuda.py)."""
+    command = [sys.executable, "-m", "tests.emulated_cuda", str(count), device]
+    if fraction is not None:
+        command.append(str(fraction))
+    env = {**os.environ}
+    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=300)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_bare_cuda_device_gets_the_current_index_before_the_first_allocation():
+    """``--device cuda`` (every compose GPU service) must pass torch's own per-device checks: the index is
+    resolved, the device set (POT allocates on a bare "cuda") and this process's share capped on it."""
+    prepared = prepare_emulated(1, "cuda", 0.45)
+    assert prepared == {"device": "cuda:0", "calls": [["init"], ["setDevice", 0], ["setMemoryFraction", 0.45, 0]]}
+
+
+def test_an_indexed_cuda_device_is_kept_and_one_that_does_not_exist_is_refused():
+    assert prepare_emulated(2, "cuda:1") == {"device": "cuda:1", "calls": [["setDevice", 1]]}
+    refused = prepare_emulated(1, "cuda:1")
+    assert refused["error"].startswith("ModelLoadError") and "sees 1 GPU(s), cuda:0 to cuda:0" in refused["error"]
+    assert prepare_emulated(0, "cuda")["error"].endswith("CUDA is not available; use --device cpu")
+
+
+def test_cuda_allocation_settings_are_made_before_the_first_allocation_and_a_users_own_win(monkeypatch):
     from service.engine import device as device_module
 
-    calls = []
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("device", str(d))))
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append(("share", f, str(d))))
-    device_module.prepare_device(torch.device("cuda:1"), memory_fraction=0.45)
-    assert calls == [("device", "cuda:1"), ("share", 0.45, "cuda:1")]
+    assert device_module.prepare_device(torch.device("cpu"), memory_fraction=0.45) == torch.device("cpu")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in device_module.os.environ  # nothing is set for the CPU
+    monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", lambda: 1, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", lambda index: None, raising=False)
+    device_module.prepare_device(torch.device("cuda:0"))
     assert device_module.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    calls.clear()
-    device_module.prepare_device(torch.device("cpu"), memory_fraction=0.45)
-    assert calls == []
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
+    device_module.prepare_device(torch.device("cuda:0"))
+    assert device_module.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"

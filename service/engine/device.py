@@ -68,18 +68,30 @@ def on_device(values: list, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def prepare_device(device: torch.device, *, memory_fraction: float | None = None) -> None:
-    """Settings for a CUDA device, before the model's first allocation; nothing on the CPU.
+def prepare_device(device: torch.device, *, memory_fraction: float | None = None) -> torch.device:
+    """Settings for a CUDA device, before the model's first allocation; the device itself, with its index.
 
+    A bare ``"cuda"`` (what compose files and ``--device cuda`` say) names the current device; torch's
+    per-device calls (``set_device``, the memory fraction, ``mem_get_info``) refuse a device without an
+    index, so the index is resolved here once and everything after uses the device returned.
     Expandable segments let the KV cache grow without fragmenting the allocator's blocks (a
     setting the user made wins). ``memory_fraction`` caps this process's share of the GPU, for a
-    GPU shared with a vLLM server that budgets the rest."""
+    GPU shared with a vLLM server that budgets the rest. Nothing happens off CUDA."""
     if device.type != "cuda":
-        return
+        return device
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    torch.cuda.set_device(device)  # libraries that allocate on a bare "cuda" (POT) now use this device
+    indexed = with_index(device)
+    torch.cuda.set_device(indexed.index)  # libraries that allocate on a bare "cuda" (POT) now use this device
     if memory_fraction is not None:
-        torch.cuda.set_per_process_memory_fraction(memory_fraction, device)
+        torch.cuda.set_per_process_memory_fraction(memory_fraction, indexed.index)
+    return indexed
+
+
+def with_index(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:N`` for the current device N; a device that has an index, or none to have, as it is."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,12 @@ def resolve_device(device: str | None) -> torch.device:
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} was requested but CUDA is not available; use --device cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ModelLoadError(
+            f"device {device!r} was requested but this process sees {count} GPU(s), cuda:0 to cuda:{count - 1} "
+            "(CUDA_VISIBLE_DEVICES renumbers them from 0)"
+        )
     return resolved
 
 
@@ -84,9 +90,8 @@ def load_model(
     """Load DeepSeek-OCR (v1 or v2) from a hub id, a local directory, or a preset name. ``memory_fraction``
     caps this process's share of a GPU (see :func:`..device.prepare_device`)."""
     quiet_loading()
-    torch_device = resolve_device(device)
+    torch_device = prepare_device(resolve_device(device), memory_fraction=memory_fraction)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    prepare_device(torch_device, memory_fraction=memory_fraction)
     if model == "random-full":
         return _load_random_full(torch_device, torch_dtype, cache_dir)
     directory = tiny_checkpoint_dir(cache_dir, model) if model in ("tiny", "tiny-v2") else _checkpoint_directory(model)
