@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.scheduler.capacity import CPU_ROWS, choose_row_cap, default_row_cap, measure_step_ms
+from service.scheduler.capacity import CPU_ROWS, VLLM_ROWS, choose_row_cap, default_row_cap, measure_step_ms
 
 
 def test_the_cap_is_the_most_rows_whose_step_stays_within_twice_one_rows():
@@ -24,3 +24,18 @@ def test_a_cpus_steps_grow_with_the_rows_so_its_cap_stays_small():
 def test_the_cpu_keeps_its_constant_and_the_measurement_runs_on_any_device(tiny_engine):
     assert default_row_cap(tiny_engine, kv_budget=None) == CPU_ROWS
     assert measure_step_ms(tiny_engine, rows=3, width=32) > 0
+
+
+def test_pages_decoding_on_vllm_take_vllms_limits_and_nothing_is_measured_locally(preset_cache):
+    """The vLLM decoder releases the local decoder layers: a step timed through them cannot run, so the cap
+    must come from vLLM's side (its default max_num_seqs), on any device."""
+    import pytest
+
+    from service.engine import OCREngine
+
+    loaded = OCREngine.load("tiny", device="cpu", cache_dir=preset_cache)
+    loaded.model.release_decoder_layers()
+    on_vllm = OCREngine(loaded.model, decoder=object())
+    with pytest.raises(AttributeError):  # what a measurement meets: the cache has no layers to fill
+        measure_step_ms(on_vllm, rows=1, width=8)
+    assert default_row_cap(on_vllm, kv_budget=None) == VLLM_ROWS != CPU_ROWS

@@ -24,6 +24,9 @@ from service.engine.stats import StageTimer
 log = logging.getLogger(__name__)
 
 CPU_ROWS = 32  # the cap on a CPU (and wherever nothing is measured)
+# Decoding on vLLM: as many pages as vLLM itself batches by default (its max_num_seqs); vLLM schedules and
+# budgets them, so nothing here is measured (the local decoder layers are released anyway).
+VLLM_ROWS = 256
 CANDIDATE_ROWS = (1, 8, 32, 64, 128, 256)
 STEP_GROWTH = 2.0  # a step may take this many times the one-row step
 TYPICAL_WIDTH = 1024  # tokens a row holds when the KV budget bounds the rows (a Large page and its text)
@@ -47,8 +50,10 @@ def choose_row_cap(step_ms: Callable[[int], float], kv_budget: int | None) -> tu
 
 
 def default_row_cap(engine: OCREngine, kv_budget: int | None) -> int:
-    """The row cap for ``engine``'s device: measured on a GPU (a few synthetic steps after warm-up, well under
-    a second), ``CPU_ROWS`` elsewhere."""
+    """The row cap for ``engine``'s device: ``VLLM_ROWS`` when a vLLM server decodes (its own limits apply),
+    measured on a GPU (a few synthetic steps after warm-up, well under a second), ``CPU_ROWS`` elsewhere."""
+    if engine.decoder is not None:
+        return VLLM_ROWS
     if engine.device.type != "cuda":
         return CPU_ROWS
     cap, curve = choose_row_cap(lambda rows: measure_step_ms(engine, rows), kv_budget)
