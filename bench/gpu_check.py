@@ -1,13 +1,20 @@
 """One GPU check: what to run first on a GPU host, in one command, within a time budget.
 
-    python bench/gpu_check.py --out gpu-check                                  # a GPU: random-full, bf16, 8 min
-    python bench/gpu_check.py --device cpu --model tiny --budget-s 150 --out /tmp/gpu-check   # CI: the code path
+    python3 bench/gpu_check.py                       # a GPU: random-full, bf16, 8 minutes, results in /tmp
+    python3 bench/gpu_check.py --device cpu --model tiny --budget-s 150   # the code path, on a CPU
 
 Nothing of this project has run on a GPU before; this checks the serving path on one, in order of
 value, on the ``random-full`` preset (the real architecture with random weights: the compute is the
-real model's, the text is meaningless). Each section writes ``NN_name.json`` under ``--out`` as soon as
-it finishes, and each watches the clock (its share of ``--budget-s``), so a run cut short still
-leaves what it measured; a section that fails writes its error and the next one runs.
+real model's, the text is meaningless). Every section has a share of ``--budget-s``, checks the clock
+between its units of work (sizing a long unit from the ones before it) and skips the units that would
+not end inside its share. Each section ends ``complete``, ``partial`` (its ``skipped`` list names what
+did not run) or ``failed`` (its error; the next section runs). The exit status is 0 only if every
+section is complete.
+
+``--out`` (outside the checkout by default) holds two files, rewritten as each section ends, so a run
+cut short still leaves what it measured: ``summary.json`` (the statuses, versions, device) and
+``gpu-check.tar.gz`` (one ``NN_name.json`` per section). A machine that returns at most a few files
+(bench/gpu_wheels.sh prints the command for the lent one) gets them all.
 
  0 load         load time, GPU memory, device facts (torch and CUDA build, driver, attention and
                 experts implementations), KV bytes per token, warm-up and the KV budget chosen
@@ -19,10 +26,10 @@ leaves what it measured; a section that fails writes its error and the next one 
  5 decode       ms per decode step against rows and context width, and one step's profile
  6 pruner       the pruner on the device against the CPU, host reads per call
  7 vision       vision encoder time and peak memory per view and batch, against the estimate
- 8 batching     continuous against static batching on Base pages, if time remains
+ 8 batching     continuous against static batching on Base pages
 
-On a machine with PyTorch alone, carry the other wheels (``bench/gpu_wheels.sh``; README, "Checking a
-GPU"). Run from the repository root.
+On a machine with PyTorch alone, carry the other wheels (``bench/gpu_wheels.sh``; docs/gpu.md).
+Run from the repository root.
 """
 
 from __future__ import annotations
@@ -31,8 +38,12 @@ import argparse
 import contextlib
 import functools
 import importlib.metadata
+import io
 import json
+import os
 import sys
+import tarfile
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -46,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import count_host_reads, summarize, time_ms
 from bench.pages import document_page
-from bench.prefill_batch import run_batch_axis
+from bench.prefill_batch import RETENTIONS, large_page_block, measure_batch, prefill_ms
 from bench.pruner import BLOCKS, block_layout
 from pruning import build_pruner
 from service.engine import OCREngine, OcrOptions
@@ -55,7 +66,7 @@ from service.engine.decode.batch import RunningBatch
 from service.engine.device import memory_bytes
 from service.engine.engine import PageTask
 from service.engine.names import MODES_BY_VERSION
-from service.engine.preprocess import preprocess
+from service.engine.preprocess import PreparedImage, preprocess
 from service.engine.stats import StageTimer
 from service.scheduler.capacity import step_times_ms, synthetic_sequences
 from service.scheduler.memory import default_batch_tokens
@@ -74,6 +85,11 @@ SHARES = {
 }
 
 
+DEFAULT_OUT = Path(tempfile.gettempdir()) / "rtprune-gpu-check"
+ARCHIVE, SUMMARY = "gpu-check.tar.gz", "summary.json"
+SUMMARY_KEYS = ("section", "status", "seconds", "skipped", "why", "error")
+
+
 @dataclass
 class Check:
     args: argparse.Namespace
@@ -81,6 +97,8 @@ class Check:
     started: float = field(default_factory=time.monotonic)
     engine: OCREngine | None = None
     section_deadline: float = 0.0
+    skipped: list[str] = field(default_factory=list)  # the current section's units that did not run
+    pages: UnitClock = field(default_factory=lambda: UnitClock())  # one page's preparation, by vision cost
 
     @property
     def gpu(self) -> bool:
@@ -90,9 +108,18 @@ class Check:
         """Seconds left of the whole run."""
         return self.args.budget_s - (time.monotonic() - self.started)
 
-    def expired(self) -> bool:
-        """The current section's time is up (its loops stop and report what they have)."""
-        return time.monotonic() > self.section_deadline
+    def begin_section(self, seconds: float) -> None:
+        self.section_deadline = time.monotonic() + seconds
+        self.skipped = []
+
+    def out_of_time(self, unit: str, estimate_s: float = 0.0) -> bool:
+        """Whether ``unit``, expected to take ``estimate_s``, would end past the section's share; if so it
+        is recorded as skipped (the section ends ``partial``) and the caller goes on to the next unit,
+        which is recorded too."""
+        if time.monotonic() + estimate_s <= self.section_deadline:
+            return False
+        self.skipped.append(unit)
+        return True
 
     def sync(self) -> None:
         if self.gpu:
@@ -100,6 +127,38 @@ class Check:
 
     def page_options(self, **chosen) -> OcrOptions:
         return self.engine.resolve_options({"max_new_tokens": self.args.tokens, **chosen})[0]
+
+
+class UnitClock:
+    """Seconds per unit of work, learned from the units done so far: the estimate for the next one. Units
+    scale with their ``size``; the largest rate seen is kept (estimates err long, so a share is not
+    overrun). Before its first unit a clock estimates from ``fallback`` if it has one, else 0 s (that
+    first unit is the probe: make it the smallest)."""
+
+    def __init__(self, fallback: UnitClock | None = None) -> None:
+        self.seconds_per_size = 0.0
+        self.fallback = fallback
+
+    def estimate(self, size: float = 1.0) -> float:
+        if not self.seconds_per_size and self.fallback is not None:
+            return self.fallback.estimate(size)
+        return self.seconds_per_size * size
+
+    @contextlib.contextmanager
+    def unit(self, size: float = 1.0) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        self.seconds_per_size = max(self.seconds_per_size, (time.monotonic() - started) / max(size, 1e-9))
+
+
+def vision_cost(page: PreparedImage) -> float:
+    """A page's size for the clocks: SAM's global attention grows with the square of a view's patches,
+    so a view costs (side / 1024)^4 — long for the small parts of a small page, which errs on the side
+    of skipping rather than overrunning."""
+    sides = [page.global_view.shape[-1]]
+    if page.tiles is not None:
+        sides += [page.tiles.shape[-1]] * page.num_tiles
+    return sum((side / 1024) ** 4 for side in sides)
 
 
 def versions() -> dict[str, str | None]:
@@ -120,8 +179,8 @@ def section_load(check: Check) -> dict[str, Any]:
     engine = OCREngine.load(check.args.model, device=str(check.device), dtype=check.args.dtype)
     check.sync()
     loaded_s = time.perf_counter() - started
+    check.engine, check.device = engine, engine.device  # a bare "cuda" is now cuda:N
     after_load = memory_bytes(check.device)
-    check.engine = engine
     started = time.perf_counter()
     engine.warmup()  # as the service does: on a GPU every mode at its largest view, then the budget
     check.sync()
@@ -139,18 +198,21 @@ def section_load(check: Check) -> dict[str, Any]:
 
 
 def section_modes(check: Check) -> dict[str, Any]:
-    engine, cases = check.engine, []
+    engine, cases, clock = check.engine, [], check.pages  # the smallest mode first: the probe
     pages = {"document": document_page((1100, 800)), "tall": document_page((1240, 1754), seed=1)}
     for mode in MODES_BY_VERSION[engine.version]:
+        page = "tall" if mode == "gundam" else "document"
+        size = vision_cost(preprocess(pages[page], mode, version=engine.version))
         for retention in (1.0, 0.8425, "auto"):
             for positions in ("original", "compact"):
-                if check.expired():
-                    return {"cases": cases, "cut_short": True, "all_ok": all_ok(cases)}
-                page = "tall" if mode == "gundam" else "document"
+                unit = f"{mode.value} retention {retention} positions {positions}"
+                if check.out_of_time(unit, clock.estimate(size)):
+                    continue
                 case = {"mode": mode.value, "retention": retention, "positions": positions, "page": page}
                 try:
                     options = check.page_options(mode=mode, retention=retention, positions=positions)
-                    stats = engine.run(pages[page], options).stats
+                    with clock.unit(size):
+                        stats = engine.run(pages[page], options).stats
                     requested = stats.grid_tokens * retention if retention != "auto" else None
                     case.update(
                         ok=True,
@@ -167,7 +229,7 @@ def section_modes(check: Check) -> dict[str, Any]:
                 except Exception as exc:  # NaN logits, a shape error: recorded, the next case runs
                     case.update(ok=False, error=f"{type(exc).__name__}: {exc}")
                 cases.append(case)
-    return {"cases": cases, "all_ok": all_ok(cases)}
+    return {"cases": cases, "all_ok": all_ok(cases), "ok": all_ok(cases)}
 
 
 def all_ok(cases: list[dict[str, Any]]) -> bool:
@@ -191,14 +253,27 @@ def first_logits() -> Iterator[list[torch.Tensor]]:
         batch_module._choose = original
 
 
-def decode_alone(engine: OCREngine, task: PageTask, steps: int) -> tuple[list[int], torch.Tensor]:
-    page = engine.prepare([task])[0]
-    batch = RunningBatch(engine.model)
+def decode_alone(check: Check, task: PageTask, steps: int) -> tuple[list[int], torch.Tensor]:
+    """A page decoded alone for up to ``steps`` tokens, the clock checked before each step; its tokens
+    and the logits its first token was chosen from."""
+    page = check.engine.prepare([task])[0]
+    batch = RunningBatch(check.engine.model)
     with first_logits() as seen:
         batch.join([page.sequence])
-    while batch.rows and len(page.sequence.tokens) < steps:
-        batch.step()
+    decode_until(check, batch, f"{task.options.mode} alone", lambda: len(page.sequence.tokens) >= steps)
     return list(page.sequence.tokens), seen[0][0]
+
+
+def decode_until(check: Check, batch: RunningBatch, unit: str, done: Callable[[], bool]) -> None:
+    """Decode steps until ``done`` or the batch empties; a step past the section's share is not taken
+    (recorded as skipped with how far the unit got)."""
+    taken = 0
+    while batch.rows and not done():
+        if time.monotonic() > check.section_deadline:
+            check.skipped.append(f"{unit}: stopped after {taken} decode steps")
+            return
+        batch.step()
+        taken += 1
 
 
 def logit_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -213,45 +288,64 @@ def agreement(a: list[int], b: list[int]) -> int:
 
 
 def section_padding(check: Check) -> dict[str, Any]:
-    engine, steps = check.engine, 16
+    engine, steps, clock = check.engine, 16, UnitClock(fallback=check.pages)
     modes = [m for m in ("large", "gundam", "tiny") if m in {x.value for x in MODES_BY_VERSION[engine.version]}]
     tasks = [
         PageTask(document_page((1100, 800), seed=i), check.page_options(mode=m, max_new_tokens=steps), StageTimer())
         for i, m in enumerate(modes)
     ]
-    alone = [decode_alone(engine, task, steps) for task in tasks]
-    pages = engine.prepare(tasks)
-    batch = RunningBatch(engine.model)
-    with first_logits() as seen:
-        batch.join([page.sequence for page in pages])  # left-padded: every row but the longest
-    while batch.rows and not check.expired():
-        batch.step()
-    rows = []
-    for mode, (tokens, logits), page, joined in zip(modes, alone, pages, seen[0], strict=True):
-        rows.append(
-            {
-                "mode": mode,
-                "first_token_equal": bool(tokens[:1] == page.sequence.tokens[:1]),
-                "first_logit_max_abs_diff": logit_difference(logits, joined),
-                "logit_std": float(logits[torch.isfinite(logits)].std()),
-                "agree_tokens": agreement(tokens, page.sequence.tokens),
-                "of": min(steps, len(tokens)),
-                "nan": bool(torch.isnan(joined).any()),
-            }
-        )
+    sizes = [vision_cost(preprocess(task.image, task.options.mode, version=engine.version)) for task in tasks]
+    alone: dict[str, tuple[list[int], torch.Tensor]] = {}
+    for mode, task, size in zip(modes, tasks, sizes, strict=True):  # the prepare is sized by pixels
+        if not check.out_of_time(f"{mode} alone", clock.estimate(size)):
+            with clock.unit(size):
+                alone[mode] = decode_alone(check, task, steps)
+    result: dict[str, Any] = {"dtype": str(engine.model.dtype), "padded_batch": [], "mid_decode_join": None}
+    if not alone:
+        return result
+    # the pages measured alone, together (left-padded: every row but the longest), as far as they got
+    together = [(mode, task) for mode, task in zip(modes, tasks, strict=True) if mode in alone]
+    size = sum(size for mode, size in zip(modes, sizes, strict=True) if mode in alone)
+    if not check.out_of_time("padded batch", clock.estimate(size)):
+        pages = engine.prepare([task for _, task in together])
+        batch = RunningBatch(engine.model)
+        with first_logits() as seen:
+            batch.join([page.sequence for page in pages])
+        longest = max(len(alone[mode][0]) for mode, _ in together)
+        decode_until(check, batch, "padded batch", lambda: all(len(p.sequence.tokens) >= longest for p in pages))
+        for (mode, _), page, joined in zip(together, pages, seen[0], strict=True):
+            tokens, logits = alone[mode]
+            result["padded_batch"].append(
+                {
+                    "mode": mode,
+                    "first_token_equal": bool(tokens[:1] == page.sequence.tokens[:1]),
+                    "first_logit_max_abs_diff": logit_difference(logits, joined),
+                    "logit_std": float(logits[torch.isfinite(logits)].std()),
+                    "agree_tokens": agreement(tokens, page.sequence.tokens),
+                    "of": min(len(tokens), len(page.sequence.tokens)),
+                    "nan": bool(torch.isnan(joined).any()),
+                }
+            )
     # a page joining a batch that has run five steps
-    first, second = engine.prepare(tasks[:2])
+    if len(together) < 2:
+        check.skipped.append("mid-decode join (needs two pages measured alone)")
+        return result
+    (_, first_task), (second_mode, second_task) = together[:2]
+    if check.out_of_time("mid-decode join", clock.estimate(sizes[0] + sizes[1])):
+        return result
+    first, second = engine.prepare([first_task, second_task])
     batch = RunningBatch(engine.model)
     batch.join([first.sequence])
     for _ in range(5):
         batch.step()
     with first_logits() as seen:
         batch.join([second.sequence])
-    join = {
-        "first_logit_max_abs_diff": logit_difference(alone[1][1], seen[0][0]),
-        "first_token_equal": bool(alone[1][0][:1] == second.sequence.tokens[:1]),
+    tokens, logits = alone[second_mode]
+    result["mid_decode_join"] = {
+        "first_logit_max_abs_diff": logit_difference(logits, seen[0][0]),
+        "first_token_equal": bool(tokens[:1] == second.sequence.tokens[:1]),
     }
-    return {"padded_batch": rows, "mid_decode_join": join, "dtype": str(engine.model.dtype)}
+    return result
 
 
 def section_vllm_budget(check: Check) -> dict[str, Any]:
@@ -281,18 +375,29 @@ def kernel_ms(check: Check, fn: Callable[[], Any]) -> float | None:
 
 
 def section_prefill(check: Check) -> dict[str, Any]:
-    from bench.prefill_batch import prefill_ms
-
-    engine = check.engine
+    engine, clock = check.engine, UnitClock()
     batches = [1, 4, 8, 16, 32] if check.gpu else [1, 4]
-    records = run_batch_axis(engine, batches, repeats=3 if check.gpu else 2)
-    image = document_page((1100, 800))
-    block = engine.prepare([PageTask(image, OcrOptions(mode="large", pruner="none"), StageTimer())])[0].block
+    repeats = 3 if check.gpu else 2
+    calls = len(RETENTIONS) * (repeats + 1)  # a batch size's unit: a warm-up and the rounds, every retention
+    large = vision_cost(preprocess(document_page((1100, 800)), "large", version=engine.version))
+    if check.out_of_time("a Large page's preparation, and so every batch size", check.pages.estimate(large)):
+        return {"batch_axis": [], "wall_vs_kernel": []}
+    with check.pages.unit(large):
+        block = large_page_block(engine)
+    if check.out_of_time("probe: one prefill of one page"):
+        return {"batch_axis": [], "wall_vs_kernel": []}
+    with clock.unit(1):  # the cost of a page's prefill, from which each batch size's unit is sized
+        prefill_ms(engine, block, 1, 1.0)
+    records = []
+    for b in batches:
+        if not check.out_of_time(f"batch axis B={b}", clock.estimate(b * calls)):
+            with clock.unit(b * calls):
+                records += measure_batch(engine, block, b, repeats)
     kernels = []
     for b in (1, 16) if check.gpu else (1,):
         for retention in (1.0, 0.8425):
-            if check.expired():
-                break
+            if check.out_of_time(f"kernel time B={b} retention {retention}", clock.estimate(2 * b)):
+                continue
             kernels.append(
                 {
                     "batch": b,
@@ -301,7 +406,7 @@ def section_prefill(check: Check) -> dict[str, Any]:
                     "kernel_ms": kernel_ms(check, lambda b=b, r=retention: prefill_ms(engine, block, b, r)),
                 }
             )
-    return {"batch_axis": records, "wall_vs_kernel": kernels}
+    return {"retentions": list(RETENTIONS), "batch_axis": records, "wall_vs_kernel": kernels}
 
 
 def section_decode(check: Check) -> dict[str, Any]:
@@ -309,33 +414,37 @@ def section_decode(check: Check) -> dict[str, Any]:
     cost does not depend on the values), and one step's profile."""
     from bench.decode_step import filled_batch
 
-    engine, results = check.engine, []
+    engine, results, clock = check.engine, [], UnitClock()
     shapes = [(r, w) for w in (1024, 4096) for r in (1, 8, 32, 128)] if check.gpu else [(1, 256), (8, 256)]
     free = torch.cuda.mem_get_info(check.device)[0] if check.gpu else None
     steps = 8 if check.gpu else 2
-    for rows, width in shapes:
-        if check.expired():
-            return {"steps": results, "cut_short": True, "profile": None}
+    for rows, width in shapes:  # a shape's cost grows with the tokens it holds
+        if check.out_of_time(f"{rows} rows x {width}", clock.estimate(rows * width)):
+            continue
         if free is not None and rows * width * engine.model.kv_bytes_per_token() * 3 > free:
-            results.append({"rows": rows, "width": width, "skipped": "would not fit"})
+            results.append({"rows": rows, "width": width, "not_measured": "would not fit"})
             continue
         record: dict[str, Any] = {"rows": rows, "width": width}
-        for layout in ("slots", "padded"):
-            batch = filled_batch(engine, layout, rows, width)
-            record[f"{layout}_ms"] = summarize(step_times_ms(engine, batch, steps))
-            del batch
-            if check.gpu:
-                torch.cuda.empty_cache()
+        with clock.unit(rows * width):
+            for layout in ("slots", "padded"):
+                batch = filled_batch(engine, layout, rows, width)
+                record[f"{layout}_ms"] = summarize(step_times_ms(engine, batch, steps))
+                del batch
+                if check.gpu:
+                    torch.cuda.empty_cache()
         record["padded_over_slots"] = record["padded_ms"]["median"] / record["slots_ms"]["median"]
         results.append(record)
-    return {"steps": results, "profile": step_profile(check)}
+    profile_width = 1024 if check.gpu else 128
+    if check.out_of_time("one step's profile", 3 * clock.estimate(8 * profile_width)):
+        return {"steps": results, "profile": None}
+    return {"steps": results, "profile": step_profile(check, profile_width)}
 
 
-def step_profile(check: Check) -> dict[str, Any] | None:
-    """Where one step of 8 rows x 1024 goes: kernel time, the KV cache's concatenation, host reads."""
+def step_profile(check: Check, width: int) -> dict[str, Any] | None:
+    """Where one step of 8 rows x ``width`` goes: kernel time, the KV cache's concatenation, host reads."""
     engine = check.engine
     batch = RunningBatch(engine.model)
-    batch.join(synthetic_sequences(engine, 8, 1024 if check.gpu else 128, budget=10))
+    batch.join(synthetic_sequences(engine, 8, width, budget=10))
     batch.step()
     with count_host_reads() as reads:
         batch.step()
@@ -354,7 +463,7 @@ def step_profile(check: Check) -> dict[str, Any] | None:
 
 
 def section_pruner(check: Check) -> dict[str, Any]:
-    results = []
+    results, clock = [], UnitClock()
     hidden = check.engine.model.text_config.hidden_size
     for name in ("large-421", "gundam-3x2-893"):
         protected, newline, side = block_layout(*BLOCKS[name])
@@ -363,14 +472,16 @@ def section_pruner(check: Check) -> dict[str, Any]:
             image = torch.rand(3, side, side, device=where) * 2 - 1
             masks = protected.to(where), newline.to(where)
             for retention in (0.8425, None):
-                if check.expired():
-                    return {"calls": results, "cut_short": True}
-                pruner = build_pruner("rtprune", retention)
-                pruner(features, *masks, image)  # warm
-                call = functools.partial(pruner, features, *masks, image)
-                times = [time_ms(call, where) for _ in range(10)]
-                with count_host_reads() as reads:
-                    pruner(features, *masks, image)
+                unit = f"{name} on {where} retention {retention or 'auto'}"
+                if check.out_of_time(unit, clock.estimate(protected.numel())):
+                    continue
+                with clock.unit(protected.numel()):
+                    pruner = build_pruner("rtprune", retention)
+                    pruner(features, *masks, image)  # warm
+                    call = functools.partial(pruner, features, *masks, image)
+                    times = [time_ms(call, where) for _ in range(10)]
+                    with count_host_reads() as reads:
+                        pruner(features, *masks, image)
                 results.append(
                     {
                         "block": name,
@@ -380,7 +491,11 @@ def section_pruner(check: Check) -> dict[str, Any]:
                         "host_reads": dict(reads),
                     }
                 )
-    return {"calls": results, "together": pruner_together(check, hidden)}
+    together = None
+    # a unit above is 12 calls of one page; together is 2 retentions x 3 calls of 16 pages
+    if not check.out_of_time("16 pages pruned together", clock.estimate(16 * 421) * 6 / 12):
+        together = pruner_together(check, hidden)
+    return {"calls": results, "together": together}
 
 
 def pruner_together(check: Check, hidden: int) -> list[dict[str, Any]]:
@@ -408,18 +523,20 @@ def pruner_together(check: Check, hidden: int) -> list[dict[str, Any]]:
 
 
 def section_vision(check: Check) -> dict[str, Any]:
-    engine, results = check.engine, []
+    engine, results, clock = check.engine, [], UnitClock(fallback=check.pages)
     cases = [("large", 1), ("large", 4), ("large", 16), ("gundam", 8)] if check.gpu else [("base", 1), ("base", 2)]
     for mode, count in cases:
-        if check.expired():
-            return {"calls": results, "cut_short": True}
         view = preprocess(document_page((1240, 1754)), mode, version=engine.version)
+        size = count * vision_cost(view)
+        if check.out_of_time(f"{mode} x {count}", clock.estimate(size)):
+            continue
         views = [view] * count
         if check.gpu:
             torch.cuda.reset_peak_memory_stats(check.device)
         before = memory_bytes(check.device)["allocated"]
-        engine.model.encode(views)  # warm
-        ms = time_ms(lambda v=views: engine.model.encode(v), check.device)
+        with clock.unit(size):
+            engine.model.encode(views)  # warm
+            ms = time_ms(lambda v=views: engine.model.encode(v), check.device)
         peak = memory_bytes(check.device)["peak"] - before if check.gpu else None
         estimate = sum(engine.model.vision_bytes(v) for v in views)
         results.append(
@@ -429,16 +546,20 @@ def section_vision(check: Check) -> dict[str, Any]:
 
 
 def section_batching(check: Check) -> dict[str, Any]:
-    """Continuous against static batching, closed loop: N Base pages of mixed lengths submitted at once."""
+    """Continuous against static batching, closed loop: N Base pages of mixed lengths submitted at once.
+    Each run has half of what is left of the share, as its pages' deadline: the scheduler ends a page
+    past it, and such pages are reported as skipped."""
     from service.inputs import Document
     from service.scheduler import PageRequest, Scheduler, SchedulerConfig
 
     engine, runs = check.engine, {}
     n, short, long = (32, 16, 256) if check.gpu else (6, 2, 8)
     image = document_page((1100, 800))
-    for batching in ("continuous", "static"):
-        if check.expired():
-            break
+    admission = n * check.pages.estimate(vision_cost(preprocess(image, "base", version=engine.version)))
+    for index, batching in enumerate(("continuous", "static")):
+        share = (check.section_deadline - time.monotonic()) / (2 - index)
+        if check.out_of_time(f"{batching} batching", admission if share > admission else float("inf")):
+            continue
         scheduler = Scheduler(lambda: engine, SchedulerConfig(batching=batching, warmup=False, max_batch_size=n))
         scheduler.start()
         while scheduler.state == "loading":
@@ -448,25 +569,25 @@ def section_batching(check: Check) -> dict[str, Any]:
         for i in range(n):
             tokens = long if i % 3 == 0 else short
             options = check.page_options(mode="base", max_new_tokens=tokens, ngram_size=0)
-            request = PageRequest(Document([1], _images=[image]), options, deadline=started + check.left())
+            request = PageRequest(Document([1], _images=[image]), options, deadline=started + share)
             request.future.add_done_callback(functools.partial(record_latency, latencies, started))
             scheduler.submit(request)
             requests.append(request)
         for request in requests:
             with contextlib.suppress(Exception):
-                request.future.result(timeout=max(1.0, check.section_deadline - time.monotonic()))
+                request.future.result(timeout=max(0.1, started + share + 5 - time.monotonic()))
         elapsed = max(latencies, default=time.monotonic() - started)
-        scheduler.stop()
+        scheduler.stop(timeout=24 * 3600)  # its thread ends after the step in hand: wait for it, a step at most
+        if len(latencies) < n:
+            check.skipped.append(f"{batching} batching: {n - len(latencies)} of {n} pages past its share")
         runs[batching] = {
             "pages": len(latencies),
             "of": n,
             "seconds": elapsed,
             "latency_s": summarize(latencies) if latencies else None,
         }
-    if len(runs) == 2 and runs["static"]["pages"] and runs["continuous"]["pages"]:
-        runs["throughput_ratio"] = (runs["continuous"]["pages"] / runs["continuous"]["seconds"]) / (
-            runs["static"]["pages"] / runs["static"]["seconds"]
-        )
+    if all(runs.get(b, {}).get("pages") == n for b in ("continuous", "static")):
+        runs["throughput_ratio"] = runs["static"]["seconds"] / runs["continuous"]["seconds"]
     return runs
 
 
@@ -489,32 +610,78 @@ SECTIONS: list[tuple[str, Callable[[Check], dict[str, Any]]]] = [
 
 
 def run(check: Check, out: Path) -> list[dict[str, Any]]:
+    """Every section in order; after each, ``out`` holds the summary and the archive of the sections so far."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = []
+    records: dict[str, dict[str, Any]] = {}
+    summary: list[dict[str, Any]] = []
     remaining_share = sum(SHARES.values())
     for number, (name, section) in enumerate(SECTIONS):
-        path = out / f"{number:02d}_{name}.json"
         left = check.left()
         if left < 5 or (name != "load" and check.engine is None):
-            record = {"skipped": "no time left" if left < 5 else "the model did not load"}
+            record = {"status": "skipped", "why": "no time left" if left < 5 else "the model did not load"}
         else:
-            check.section_deadline = time.monotonic() + left * SHARES[name] / remaining_share
+            check.begin_section(left * SHARES[name] / remaining_share)
             started = time.monotonic()
-            try:
-                with torch.inference_mode():
-                    record = section(check)
-                record["ok"] = record.get("ok", True)
-            except Exception as exc:
-                record = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            record = run_section(check, section)
             record["seconds"] = round(time.monotonic() - started, 2)
         remaining_share -= SHARES[name]
         record["section"] = name
-        path.write_text(json.dumps(record, indent=2, default=str))
-        status = "skipped" if "skipped" in record else ("ok" if record.get("ok") else "FAILED")
-        print(f"[{time.monotonic() - check.started:6.1f} s] {name}: {status} -> {path}", flush=True)
-        summary.append({"section": name, "status": status, "seconds": record.get("seconds")})
-    (out / "summary.json").write_text(json.dumps({"budget_s": check.args.budget_s, "sections": summary}, indent=2))
+        records[f"{number:02d}_{name}.json"] = record
+        print(f"[{time.monotonic() - check.started:6.1f} s] {name}: {record['status']}", flush=True)
+        summary.append({key: record[key] for key in SUMMARY_KEYS if key in record})
+        write_results(out, check, records, summary)
     return summary
+
+
+def run_section(check: Check, section: Callable[[Check], dict[str, Any]]) -> dict[str, Any]:
+    """One section's record with its status: failed (an error, or a check that did not hold), partial
+    (units skipped for time, listed), else complete."""
+    try:
+        with torch.inference_mode():
+            record = section(check)
+    except Exception as exc:
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    if record.pop("ok", True) is False:
+        record["status"] = "failed"
+    elif check.skipped:
+        record["status"] = "partial"
+    else:
+        record["status"] = "complete"
+    if check.skipped:
+        record["skipped"] = list(check.skipped)
+    return record
+
+
+def write_results(out: Path, check: Check, records: dict[str, dict[str, Any]], summary: list[dict[str, Any]]) -> None:
+    """``out``/gpu-check.tar.gz (one JSON per section) and ``out``/summary.json, each replaced whole."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, record in records.items():
+            data = json.dumps(record, indent=2, default=str).encode()
+            member = tarfile.TarInfo(name)
+            member.size, member.mtime = len(data), int(time.time())
+            archive.addfile(member, io.BytesIO(data))
+    load = records.get("00_load.json", {})
+    overview = {
+        "complete": len(summary) == len(SECTIONS) and all(s["status"] == "complete" for s in summary),
+        "budget_s": check.args.budget_s,
+        "elapsed_s": round(time.monotonic() - check.started, 1),
+        "model": check.args.model,
+        "device": str(check.device),
+        "versions": load.get("versions") or versions(),
+        "facts": load.get("facts"),
+        "sections": summary,
+        "archive": ARCHIVE,
+    }
+    replace_file(out / ARCHIVE, buffer.getvalue())
+    replace_file(out / SUMMARY, json.dumps(overview, indent=2, default=str).encode() + b"\n")
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write beside, then rename: a run killed mid-write leaves the previous version, never half of one."""
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_bytes(data)
+    os.replace(staging, path)
 
 
 def main() -> None:
@@ -524,12 +691,13 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--budget-s", type=float, default=480.0, help="the whole run, in seconds")
     parser.add_argument("--tokens", type=int, default=None, help="new tokens per page (default 32 GPU, 4 CPU)")
-    parser.add_argument("--out", type=Path, default=Path("gpu-check"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     args = parser.parse_args()
     device = torch.device(args.device)
     args.tokens = args.tokens or (32 if device.type == "cuda" else 4)
     summary = run(Check(args, device), args.out)
-    sys.exit(0 if all(s["status"] == "ok" for s in summary) else 1)
+    print(f"results: {args.out / SUMMARY} and {args.out / ARCHIVE}")
+    sys.exit(0 if all(s["status"] == "complete" for s in summary) else 1)
 
 
 if __name__ == "__main__":

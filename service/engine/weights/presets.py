@@ -81,6 +81,11 @@ def tiny_config() -> dict[str, Any]:
 
 
 def default_cache_dir() -> Path:
+    """Where the project keeps what it writes once and reuses (presets, WordNet): ``RTPRUNE_CACHE_DIR``
+    (the service's ``cache_dir`` setting, honoured also by the tools that load no settings: the GPU check,
+    the evaluation), else ``$XDG_CACHE_HOME/rtprune-ocr``, else ``~/.cache/rtprune-ocr``."""
+    if chosen := os.environ.get("RTPRUNE_CACHE_DIR"):
+        return Path(chosen).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "rtprune-ocr"
 
