@@ -1,35 +1,46 @@
 #!/usr/bin/env bash
-# Wheels for bench/gpu_check.py on a GPU host that has PyTorch but no network (or not our packages):
+# Wheels for bench/gpu_check.py on a GPU host without network (or without our packages), from a plain
+# checkout: the versions are the project's pins in bench/gpu_image/carry-<preset>.txt, downloaded as
+# CPython 3.12 manylinux x86_64 wheels (PYTHON_VERSION changes that).
 #
-#   bash bench/gpu_wheels.sh .whl                       # everything the check imports, except torch itself
-#   bash bench/gpu_wheels.sh .whl transformers pot pydantic pydantic-core annotated-types typing-inspection
+#   bash bench/gpu_wheels.sh                 # preset "image": the lent GPU machine (bench/gpu_image/image.txt)
+#   bash bench/gpu_wheels.sh --preset bare   # a host with PyTorch alone: everything else (~150 MB)
+#   bash bench/gpu_wheels.sh --dir DIR       # where the wheels go (default .whl, ignored by git)
 #
-# Run it in this project's own venv (the README's test line makes one): each package is taken at the
-# version installed there, the one the tests ran with, as a CPython 3.12 manylinux x86_64 wheel
-# (PYTHON_VERSION and PLATFORMS change that). On the GPU host, from the repository root:
-#
-#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. \
-#     python bench/gpu_check.py --out gpu-check
+# It checks that the wheels and the checkout's tracked files fit what the lent machine carries (60 MiB)
+# and prints the one command to run there, from the repository root.
 set -euo pipefail
-out=${1:?usage: bench/gpu_wheels.sh DIR [PACKAGE ...]}
-shift
-python_version=${PYTHON_VERSION:-3.12}
-platforms=${PLATFORMS:-"manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64"}
-if [ $# -eq 0 ]; then
-  # The check's imports and theirs, without torch and its CUDA libraries (a GPU host has those).
-  set -- transformers tokenizers huggingface-hub hf-xet safetensors accelerate psutil pot scipy numpy pillow \
-    pydantic pydantic-core annotated-types typing-inspection typing-extensions regex pyyaml packaging filelock \
-    tqdm fsspec httpx httpcore h11 anyio idna certifi typer click shellingham rich markdown-it-py mdurl pygments
-fi
-mkdir -p "$out"
-platform_flags=()
-for platform in $platforms; do platform_flags+=(--platform "$platform"); done
-for package in "$@"; do
-  version=$(python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$package") || {
-    echo "error: $package is not installed here; run this in the project's venv" >&2
-    exit 1
-  }
-  python -m pip download --quiet --no-deps --only-binary=:all: --python-version "$python_version" \
-    --implementation cp "${platform_flags[@]}" -d "$out" "$package==$version"
+cd "$(dirname "$0")/.."
+preset=image
+dir=.whl
+while [ $# -gt 0 ]; do
+  case $1 in
+    --preset) preset=${2:?--preset image|bare}; shift 2 ;;
+    --dir) dir=${2:?--dir DIR}; shift 2 ;;
+    *) echo "usage: bench/gpu_wheels.sh [--preset image|bare] [--dir DIR]" >&2; exit 2 ;;
+  esac
 done
-du -sh "$out"
+pins=bench/gpu_image/carry-$preset.txt
+[ -f "$pins" ] || { echo "error: no preset $preset (bench/gpu_image/carry-*.txt)" >&2; exit 2; }
+python=$(command -v python3 || command -v python)
+platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+rm -rf "$dir" && mkdir -p "$dir"
+grep -v -e '^#' -e '^$' "$pins" | xargs "$python" -m pip download --quiet --disable-pip-version-check --no-deps \
+  --only-binary=:all: --python-version "${PYTHON_VERSION:-3.12}" --implementation cp "${platforms[@]}" -d "$dir"
+
+limit=$((60 * 1024 * 1024))
+wheels=$(cat "$dir"/*.whl | wc -c)
+tracked=$(git ls-files -z | xargs -0 cat | wc -c)
+total=$((wheels + tracked))
+echo "$dir: $(ls "$dir" | wc -l) wheels, $((wheels / 1048576)) MiB; with the tracked files $((total / 1048576)) MiB (limit 60)"
+if [ "$total" -gt "$limit" ]; then
+  if [ "$preset" = image ]; then
+    echo "error: over the 60 MiB the lent machine carries" >&2
+    exit 1
+  fi
+  echo "note: over the 60 MiB the lent machine carries; fine for a host of your own"
+fi
+echo "On the GPU host, from the repository root (results in \$OUT, else /tmp/rtprune-gpu-check; 8 minutes):"
+echo
+echo "  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site $dir/*.whl && PYTHONPATH=/tmp/site timeout 560 python3 bench/gpu_check.py --out \"\${OUT:-/tmp/rtprune-gpu-check}\""
