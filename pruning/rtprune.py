@@ -66,9 +66,15 @@ class RTPrune(TokenPruner):
     def options(self) -> Options:
         return Options(self.dustbin_score, self.temperature, self.sinkhorn_iters, self.merge_weight)
 
-    def __call__(self, *inputs: torch.Tensor | None) -> PruneResult:
-        """Prune one image: the inputs of :meth:`.block` (and of every pruner), through the batched path."""
-        return prune_blocks([self.block(*inputs)], self.options)[0]
+    def __call__(
+        self,
+        features: torch.Tensor,
+        protected: torch.Tensor | None = None,
+        newline: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+    ) -> PruneResult:
+        """Prune one image, called as every pruner is (:meth:`TokenPruner.__call__`), through the batched path."""
+        return prune_blocks([self.block(features, protected, newline, image)], self.options)[0]
 
     def block(
         self,

@@ -84,7 +84,10 @@ def test_streaming_sends_the_same_text_as_deltas_and_ends_with_usage(client, ser
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == ocr_text(server, mode="tiny", task="free", retention="0.5", max_new_tokens="10")["text"]
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # really incremental
-    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 10
+    *text_chunks, finish, usage = chunks  # as OpenAI: the usage chunk comes last, with no choice
+    assert finish.choices[0].finish_reason == "length" and finish.usage is None
+    assert usage.choices == [] and usage.usage.completion_tokens == 10
+    assert all(c.usage is None for c in text_chunks)
 
 
 def test_a_grounding_prompt_with_its_own_placeholder(client):
@@ -105,7 +108,20 @@ def test_models_lists_the_served_model(client):
     ("change", "status", "needle"),
     [
         ({"temperature": 0.7}, 400, "greedy"),  # 400 on the OpenAI-compatible routes, as OpenAI and vLLM answer
-        ({"messages": [{"role": "user", "content": "Free OCR."}]}, 400, "exactly one image_url"),
+        ({"messages": [{"role": "user", "content": "Free OCR."}]}, 400, "no text-only request"),
+        ({"messages": [*messages(), *messages()]}, 400, "roles are ['user', 'user']"),
+        ({"messages": [{"role": "assistant", "content": "hi"}, *messages()]}, 400, "roles are ['assistant', 'user']"),
+        ({"messages": [*messages(), {"role": "system", "content": "OCR."}]}, 400, "roles are ['user', 'system']"),
+        (
+            {"messages": [messages()[0], {"role": "user", "content": [messages()[0]["content"][0]] * 2}][1:]},
+            400,
+            "exactly one image_url part in the user turn; it has 2",
+        ),
+        (
+            {"messages": [{"role": "system", "content": messages()[0]["content"]}, *messages()]},
+            400,
+            "messages[0] (system) may hold text only",
+        ),
         ({"vllm_xargs": {"whitelist_token_ids": [5]}}, 400, "whitelist_token_ids"),
         ({"messages": messages(url="https://example.invalid/p.png")}, 400, "fetching http(s) URLs is off"),
         ({"rtprune": {"mode": "huge"}}, 400, "mode"),
@@ -235,3 +251,37 @@ def test_the_mistral_route_refuses_an_empty_page_list_and_measures_only_the_page
         assert client.post("/v1/ocr", json=body).status_code == 413  # the whole document is over the budget
         one = client.post("/v1/ocr", json={**body, "pages": [1]})
         assert one.status_code == 200 and [p["index"] for p in one.json()["pages"]] == [1]
+
+
+def test_a_system_instruction_before_an_image_only_user_turn_is_read_as_the_closest_task(client, server):
+    """What OCR pipelines send: the instruction as a system turn, the page alone in the user turn."""
+    image_only = [{"role": "user", "content": [messages()[0]["content"][0]]}]
+    cases = {
+        "Convert the document to markdown. Return only the markdown.": "markdown",
+        "You are an OCR engine: extract all the text of the page.": "free",
+    }
+    for instruction, task in cases.items():
+        completion = client.chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "system", "content": instruction}, *image_only],
+            max_tokens=4,
+            temperature=0,
+        )
+        answer = completion.model_dump()
+        assert completion.choices[0].message.content == ocr_text(server, task=task, max_new_tokens="4")["text"]
+        assert any(f"read as DeepSeek-OCR's {task!r} task" in w for w in answer["warnings"])
+    # text parts in a developer turn, and a user turn with its own prompt: that prompt wins
+    completion = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "developer", "content": [{"type": "text", "text": "Describe it."}]}, *messages()],
+        max_tokens=4,
+    )
+    assert completion.choices[0].message.content == ocr_text(server, task="free", max_new_tokens="4")["text"]
+    assert "the system turn was not used" in completion.model_dump()["warnings"][0]
+
+
+def test_models_retrieve_answers_for_every_id_chat_accepts(client):
+    for model_id in ("tiny", "deepseek-ocr", "deepseek-ai/DeepSeek-OCR"):
+        card = client.models.retrieve(model_id)
+        assert card.id == model_id and card.model_dump()["root"] == "tiny"
+        assert client.chat.completions.create(model=model_id, messages=messages(), max_tokens=1).model == "tiny"

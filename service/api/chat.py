@@ -2,13 +2,17 @@
 
 One user turn with one image (a data URL; http(s) only when ``RTPRUNE_ALLOW_URL_FETCH`` is on)
 and a task prompt such as "Free OCR." or "<image>\\n<|grounding|>Convert the document to
-markdown.". vLLM's knobs (``vllm_xargs``: ngram_size, window_size, whitelist_token_ids;
-``skip_special_tokens``) map onto ours; our own (mode, pruner, retention, positions, max_crops)
-go in ``rtprune``. The fields frameworks send by habit (``user``, ``metadata``, ``stop``, penalties,
-``logprobs``, ``response_format``, ...) are accepted at their neutral values; any other value is a
-400 that says why, never silently ignored (decoding is greedy: ``temperature`` must be 0). Any model
-id is accepted (clients send their own) and the answer names the model that ran. The page walks the
-same way as ``/v1/ocr`` (limits, scheduler, errors).
+markdown.", after any number of system (or developer) turns: OCR pipelines send their instruction
+there. DeepSeek-OCR knows a few fixed prompts, so a system instruction is read as the closest of its
+tasks when the user turn has no text (the answer's warnings say which), and left unused when it has.
+
+vLLM's knobs (``vllm_xargs``: ngram_size, window_size, whitelist_token_ids; ``skip_special_tokens``)
+map onto ours; our own (mode, pruner, retention, positions, max_crops) go in ``rtprune``. The fields
+frameworks send by habit (``user``, ``metadata``, ``stop``, penalties, ``logprobs``,
+``response_format``, ...) are accepted at their neutral values; any other value is a 400 that says
+why, never silently ignored (decoding is greedy: ``temperature`` must be 0). Any model id is
+accepted, by chat and by ``GET /v1/models/{id}`` alike (clients send their own), and the answer
+names the model that ran. The page walks the same way as ``/v1/ocr`` (limits, scheduler, errors).
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ from service.api.common import (
 from service.api.deps import get_scheduler, get_settings
 from service.engine import PageResult
 from service.engine.decode.sequence import TABLE_CELL_IDS
+from service.engine.names import Task
 from service.engine.options import PageKnobs
-from service.errors import InvalidParameter, NotFound
+from service.engine.prompts import IMAGE_TOKEN, TASK_PROMPTS
+from service.errors import InvalidParameter
 from service.scheduler import PageRequest, Scheduler
 from service.settings import ServiceSettings
 
@@ -58,8 +64,25 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["user"] = Field(description="DeepSeek-OCR takes one user turn")
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="system or developer turns (text), then one user turn with the image"
+    )
+    content: str | list[ContentPart] | None = None
+
+    def parts(self) -> list[ContentPart]:
+        if self.content is None:
+            return []
+        return [ContentPart(type="text", text=self.content)] if isinstance(self.content, str) else self.content
+
+    def text(self) -> str:
+        return "\n".join(p.text for p in self.parts() if p.type == "text" and p.text).strip()
+
+
+INSTRUCTION_ROLES = ("system", "developer")
+TURN_RULE = (
+    "DeepSeek-OCR reads one user turn (one image_url part and an optional prompt), optionally after "
+    "system or developer turns that hold text"
+)
 
 
 class VllmXargs(BaseModel):
@@ -71,7 +94,9 @@ class VllmXargs(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = True
+    include_usage: bool = Field(
+        False, description="as OpenAI: one last chunk with empty choices carries usage; earlier chunks usage null"
+    )
 
 
 class ResponseFormat(BaseModel):
@@ -106,7 +131,7 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="any id is accepted; the answer names the model that ran")
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=16, description=TURN_RULE)
     max_tokens: int | None = Field(None, ge=1, le=8192)
     max_completion_tokens: int | None = Field(None, ge=1, le=8192)
     temperature: float | None = Field(None, description="only 0 (greedy) is supported")
@@ -138,12 +163,20 @@ def chat_options(body: ChatRequest) -> tuple[dict[str, Any], str]:
     """The options a chat body chose (our field names) and its image URL; InvalidParameter for anything
     we cannot honour."""
     refuse_non_neutral(body)
-    content = body.messages[0].content
-    parts = [ContentPart(type="text", text=content)] if isinstance(content, str) else content
-    images = [p.image_url.url for p in parts if p.type == "image_url" and p.image_url]
+    user = the_user_turn(body.messages)
+    images = [p.image_url.url for p in user.parts() if p.type == "image_url" and p.image_url]
     if len(images) != 1:
-        raise InvalidParameter(f"send exactly one image_url part; this message has {len(images)}", param="messages")
-    text = "\n".join(p.text for p in parts if p.type == "text" and p.text).strip()
+        raise InvalidParameter(
+            f"send exactly one image_url part in the user turn; it has {len(images)} ({TURN_RULE})",
+            param="messages",
+        )
+    text, notes = user.text(), []
+    instruction = "\n".join(m.text() for m in body.messages if m.role in INSTRUCTION_ROLES).strip()
+    if instruction and text:
+        notes.append("the system turn was not used: the user turn's text is the prompt")
+    elif instruction:
+        text, note = prompt_for_instruction(instruction)
+        notes.append(note)
     xargs = body.vllm_xargs or VllmXargs()
     if xargs.whitelist_token_ids is not None and set(xargs.whitelist_token_ids) != TABLE_CELL_IDS:
         raise InvalidParameter(
@@ -156,7 +189,51 @@ def chat_options(body: ChatRequest) -> tuple[dict[str, Any], str]:
     chosen["ngram_window"] = max(xargs.window_size, xargs.ngram_size)
     if body.max_completion_tokens or body.max_tokens:
         chosen["max_new_tokens"] = body.max_completion_tokens or body.max_tokens
-    return chosen, images[0]
+    return chosen, images[0], notes
+
+
+def the_user_turn(messages: list[ChatMessage]) -> ChatMessage:
+    """The one user turn, last, after instruction turns only; InvalidParameter naming the rule otherwise."""
+    roles = [m.role for m in messages]
+    if roles.count("user") != 1 or roles[-1] != "user" or set(roles[:-1]) - set(INSTRUCTION_ROLES):
+        raise InvalidParameter(f"{TURN_RULE}; this request's roles are {roles}", param="messages")
+    for index, message in enumerate(messages[:-1]):
+        if any(p.type != "text" for p in message.parts()):
+            raise InvalidParameter(
+                f"messages[{index}] ({message.role}) may hold text only: the image goes in the user turn",
+                param=f"messages[{index}].content",
+            )
+    if not any(p.type == "image_url" for p in messages[-1].parts()):
+        raise InvalidParameter(
+            f"the user turn has no image_url part: this server reads pages and answers no text-only "
+            f"request ({TURN_RULE}); to check that it is up, GET /readyz or /v1/models",
+            param="messages",
+        )
+    return messages[-1]
+
+
+# An instruction's words -> the DeepSeek-OCR task they come closest to (first match wins).
+INSTRUCTION_TASKS: tuple[tuple[tuple[str, ...], Task], ...] = (
+    (("markdown", "convert the document", "layout"), Task.markdown),
+    (("ocr", "text", "transcri", "extract"), Task.free),
+    (("figure", "chart", "diagram"), Task.figure),
+    (("describe", "caption"), Task.describe),
+)
+
+
+def prompt_for_instruction(instruction: str) -> tuple[str, str]:
+    """A system instruction as DeepSeek-OCR's prompt: one of its own prompts verbatim, else the task whose
+    words it uses (markdown when none: a page's usual ask); with the warning that says which."""
+    if IMAGE_TOKEN in instruction or "<|grounding|>" in instruction:
+        return instruction, "the system turn's text is the prompt (it is a DeepSeek-OCR prompt)"
+    lowered = instruction.lower()
+    task = next((task for words, task in INSTRUCTION_TASKS if any(w in lowered for w in words)), Task.markdown)
+    prompt = TASK_PROMPTS[task]
+    note = (
+        f"the system turn was read as DeepSeek-OCR's {task.value!r} task (prompt {prompt!r}): the model knows a "
+        "few fixed prompts; send one as the user turn's text to choose"
+    )
+    return prompt, note
 
 
 def refuse_non_neutral(body: ChatRequest) -> None:
@@ -181,10 +258,9 @@ async def models(request: Request) -> dict:
 
 @router.get("/v1/models/{model_id:path}", summary="One model (OpenAI-compatible)", responses=ERROR_RESPONSES)
 async def model(model_id: str, request: Request) -> dict:
-    card = model_card(request)
-    if model_id != card["id"]:
-        raise NotFound(f"this server serves {card['id']!r}, not {model_id!r}", param="model")
-    return card
+    """Any id, as chat completions accept any (clients send their own): the served model under that name,
+    ``root`` naming what runs."""
+    return {**model_card(request), "id": model_id, "root": request.app.state.settings.model}
 
 
 @router.post(
@@ -197,8 +273,9 @@ async def chat_completions(
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ):
     engine = scheduler.ensure_ready()
-    chosen, url = chat_options(body)
-    options, notes = door_options(engine, chosen, settings)  # e.g. compact positions on the vLLM decoder
+    chosen, url, turn_notes = chat_options(body)
+    options, notes = door_options(engine, chosen, settings)
+    notes = [*turn_notes, *notes]  # e.g. compact positions on the vLLM decoder
     document = await open_upload(await read_url(request, url, settings), settings, page_range=(1, 1))
     accepted_at = time.monotonic()
     pages = page_request(request, document, options, settings, accepted_at)
@@ -207,7 +284,7 @@ async def chat_completions(
         tokens: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         pages.on_token = lambda page, position, token: loop.call_soon_threadsafe(tokens.put_nowait, (position, token))
-        usage = body.stream_options is None or body.stream_options.include_usage
+        usage = body.stream_options is not None and body.stream_options.include_usage
         response, lease = event_stream(request, reply.stream(request, pages, tokens, usage, settings))
         try:
             scheduler.submit(pages)
@@ -224,6 +301,7 @@ class Reply:
 
     def __init__(self, model: str, detokenize: Callable[[list[int]], str], warnings: list[str] | None = None) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.include_usage = False
         self.created = int(time.time())
         self.model, self.detokenize, self.warnings = model, detokenize, warnings
 
@@ -270,20 +348,25 @@ class Reply:
             "warnings": self.warnings_for(page),
         }
 
-    def chunk(self, delta: dict, finish: str | None = None, **extra) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        body = {**self._base("chat.completion.chunk"), "choices": [choice]}
+    def chunk(self, delta: dict | None, finish: str | None = None, **extra) -> str:
+        """One chunk; ``delta`` None is OpenAI's usage chunk, with no choice."""
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        body = {**self._base("chat.completion.chunk"), "choices": choices}
+        if self.include_usage:
+            body["usage"] = None  # as OpenAI: null on every chunk but the last
         return f"data: {json.dumps({**body, **extra}, ensure_ascii=False)}\n\n"
 
     async def stream(
         self, request: Request, pages: PageRequest, tokens: asyncio.Queue, usage: bool, settings: ServiceSettings
     ) -> AsyncIterator[str]:
-        """Server-sent events: a role chunk, text deltas as tokens are decoded, a final chunk, [DONE].
+        """Server-sent events: a role chunk, text deltas as tokens are decoded, a final chunk (finish reason,
+        statistics, warnings), with ``include_usage`` OpenAI's usage chunk (no choices), then [DONE].
         A client that leaves cancels the work (the generator is closed and the page cancelled). A failure
         after the status line is an ``error`` event with the code and message a plain request gets. While
         the page waits in the queue, a ``: keep-alive`` comment every ``sse_keepalive_s`` keeps proxies
         from cutting the stream (clients ignore comments)."""
         future = asyncio.wrap_future(pages.future)
+        self.include_usage = usage
         generated: list[int] = []
         shown = 0  # tokens whose text has been sent
         try:
@@ -314,9 +397,10 @@ class Reply:
                 return
             if delta := self.text(generated[shown:]):
                 yield self.chunk({"content": delta})
-            extra = {"usage": self.usage(page), "rtprune": page.stats.model_dump(mode="json")} if usage else {}
-            extra["warnings"] = self.warnings_for(page)
-            yield self.chunk({}, FINISH[page.stats.finish_reason], **extra)
+            stats = {"rtprune": page.stats.model_dump(mode="json"), "warnings": self.warnings_for(page)}
+            yield self.chunk({}, FINISH[page.stats.finish_reason], **stats)
+            if usage:
+                yield self.chunk(None, usage=self.usage(page))
             yield "data: [DONE]\n\n"
         finally:
             pages.cancel.set()
