@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import subprocess
 
 import httpx
 import openai
@@ -269,3 +271,41 @@ def test_an_unknown_field_on_the_form_names_the_expected_one(server):
     refused = httpx.post(f"{server}/v1/ocr", files={"image": ("p.png", png(PAGE))}, timeout=60).json()["error"]
     assert refused["message"] == "`image` is not a field of this request; did you mean `file`?"
     assert refused["param"] == "image" and refused["type"] == "invalid_request_error"
+
+
+def test_langchain_chat_openai_with_a_system_instruction_and_an_image(server):
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(model="deepseek-ocr", base_url=f"{server}/v1", api_key="unused", max_tokens=4, temperature=0)
+    messages = [
+        SystemMessage("Convert the document to markdown."),
+        HumanMessage(content=[{"type": "image_url", "image_url": {"url": IMAGE_URL}}]),
+    ]
+    answer = chat.invoke(messages)
+    streamed = "".join(chunk.content for chunk in chat.stream(messages))
+    expected = httpx.post(
+        f"{server}/v1/ocr", files={"file": ("p.png", png(PAGE))}, data={"task": "markdown", "max_new_tokens": "4"}
+    ).json()["pages"][0]["text"]
+    assert answer.content == streamed == expected
+    assert answer.usage_metadata["output_tokens"] == 4
+
+
+NODE_CLIENT = os.environ.get("RTPRUNE_NODE_CLIENT_DIR")  # a folder with node_modules/openai (.ci/run makes one)
+
+
+def test_openai_node_client_with_a_system_instruction_streamed_with_usage(server):
+    if not NODE_CLIENT:
+        reason = "set RTPRUNE_NODE_CLIENT_DIR to a folder where `npm install openai` ran (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    script = os.path.join(os.path.dirname(__file__), "clients", "openai_node.cjs")
+    env = {**os.environ, "NODE_PATH": os.path.join(NODE_CLIENT, "node_modules")}
+    done = subprocess.run(
+        ["node", script, server, IMAGE_URL], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["plain"] == answer["streamed"] and answer["usage"]["completion_tokens"] == 4
+    assert answer["model"] == "deepseek-ocr"
