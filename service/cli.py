@@ -408,12 +408,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll or vLLM request
-    from service.engine import ModelLoadError
-
+    commands = {"ocr": run_ocr, "serve": run_serve, "loadtest": run_load, "eval": run_eval, "synth": run_synth}
     try:
-        commands = {"ocr": run_ocr, "serve": run_serve, "loadtest": run_load, "eval": run_eval, "synth": run_synth}
         return commands[args.command](args)
-    except ModelLoadError as exc:
+    except Exception as exc:
+        # imported here: a model error comes only after torch was imported, and a mistake in the input
+        # must be reported before torch is (seconds on a busy machine)
+        from service.engine import ModelLoadError
+
+        if not isinstance(exc, ModelLoadError):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -273,9 +273,8 @@ def test_queue_full_is_503_with_retry_after_at_once(tiny_engine):
         while app.state.scheduler.queued_pages < 1:  # request 2 waits in the only slot
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        start = time.perf_counter()
         refused = post(client)
-        assert time.perf_counter() - start < 2.0  # immediately, not after the queue drains
+        assert not results  # refused while both others still wait: not after the queue drains
         assert_error(refused, 503, "overloaded")
         assert refused.headers["retry-after"] == "2"
         engine.gate.set()

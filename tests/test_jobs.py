@@ -42,9 +42,8 @@ def wait_state(get, job_id: str, states=("done", "failed", "cancelled"), timeout
 def test_a_job_answers_202_at_once_and_its_result_equals_v1_ocr(tiny_engine, tmp_path):
     with app_client(tiny_engine, tmp_path) as client:
         ready(client)
-        start = time.monotonic()
         accepted = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST)
-        assert accepted.status_code == 202 and time.monotonic() - start < 2
+        assert accepted.status_code == 202 and accepted.json()["pages_done"] < 3  # before its pages ran
         job_id = accepted.json()["id"]
         assert accepted.headers["location"] == f"http://testserver/v1/jobs/{job_id}"  # absolute
         assert accepted.json()["pages_total"] == 3
