@@ -249,3 +249,49 @@ def test_the_loadtest_extra_is_complete():
 def test_a_queue_smaller_than_the_largest_document_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="raise RTPRUNE_QUEUE_SIZE"):
         ServiceSettings(queue_size=10, max_pdf_pages=50)
+
+
+@pytest.fixture(scope="module")
+def tried(tiny_engine, tmp_path_factory):
+    """A service as a new user first meets it: the tiny preset, jobs on, nothing else set."""
+    jobs = tmp_path_factory.mktemp("jobs")
+    settings = ServiceSettings(model="tiny", warmup=False, log_json=False, jobs_dir=jobs)
+    with TestClient(create_app(settings, load_engine=lambda: tiny_engine)) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.05)
+        yield client
+
+
+def test_every_json_answer_ends_with_a_newline_and_the_page_has_an_icon(tried):
+    png = (ROOT / "docker/samples/letter-page.png").read_bytes()
+    for answer in (
+        tried.get("/v1/info"),
+        tried.post("/v1/ocr", files={"file": ("p.png", png)}, data={"mode": "tiny", "max_new_tokens": "2"}),
+        tried.post("/v1/ocr", files={"file": ("p.png", png)}, data={"retention": "2"}),
+        tried.get("/v1/nowhere"),
+    ):
+        assert answer.content.endswith(b"}\n"), answer.content[-40:]
+    icon = tried.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert 'rel="icon"' in tried.get("/").text
+
+
+def test_a_bad_page_range_names_its_field_and_a_bad_value_is_said_once(tried):
+    pdf = (ROOT / "docker/samples/two-pages.pdf").read_bytes()
+    outside = tried.post("/v1/ocr", files={"file": ("d.pdf", pdf)}, data={"pages": "5-9"}).json()
+    assert outside["error"]["param"] == "pages" and outside["detail"][0]["loc"] == ["body", "pages"]
+    refused = tried.post("/v1/ocr", files={"file": ("d.pdf", pdf)}, data={"retention": "2"})
+    sentence = "retention must be a number in (0, 1] or 'auto'; got 2"
+    assert refused.json()["error"]["message"] == sentence and refused.text.count(sentence) == 2  # message + detail
+    assert "details" not in refused.json()["error"]
+
+
+def test_a_jobs_warnings_stay_on_its_status_and_result(tried):
+    pdf = (ROOT / "docker/samples/two-pages.pdf").read_bytes()
+    form = {"mode": "tiny", "max_new_tokens": "8192", "ngram_size": "0"}
+    created = tried.post("/v1/jobs", files={"file": ("d.pdf", pdf)}, data=form).json()
+    capped = next(w for w in created["warnings"] if "max_new_tokens 8192 is capped" in w)
+    while (status := tried.get(f"/v1/jobs/{created['id']}").json())["state"] not in ("done", "failed"):
+        time.sleep(0.1)
+    assert status["state"] == "done" and capped in status["warnings"]
+    assert capped in tried.get(f"/v1/jobs/{created['id']}/result").json()["warnings"]

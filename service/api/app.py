@@ -26,6 +26,7 @@ from service.api.middleware import (
     StreamLimits,
 )
 from service.api.openapi import describe_uploads_as_multipart
+from service.api.responses import JSONResponse
 from service.engine import OCREngine
 from service.jobs import JobRunner, open_store
 from service.jobs.webhooks import Webhooks
@@ -112,6 +113,7 @@ def create_app(
         summary="DeepSeek-OCR with RTPrune visual-token pruning",
         lifespan=lifespan,
         static_url="/static/docs",
+        default_response_class=JSONResponse,
     )
     app.state.settings = settings
     app.state.metrics = metrics

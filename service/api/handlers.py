@@ -12,9 +12,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.responses import JSONResponse
 from service.errors import ErrorInfo, ErrorResponse, ServiceError, error_type, field_path, validation_message
 from service.inputs import UploadError
 
@@ -52,8 +52,10 @@ def error_json(
 ) -> JSONResponse:
     """The one error body: handlers and the plain-ASGI middlewares (which have no Request) both use it.
     ``param`` is kept even when None (OpenAI's bodies always have it)."""
+    # one problem: the message says it, and `detail` carries its location
+    details_said = None if details and len(details) == 1 and details[0]["msg"] == message else details
     info = ErrorInfo(
-        code=code, message=message, type=error_type(status), param=param, request_id=request_id, details=details
+        code=code, message=message, type=error_type(status), param=param, request_id=request_id, details=details_said
     )
     detail = [{"loc": d["loc"], "msg": d["msg"], "type": d["type"]} for d in details] if details else None
     if detail is None and status == 422:  # a check of ours, not pydantic's: one entry, for Mistral's SDK
@@ -84,7 +86,8 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
 
 
 async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
-    return error_response(request, exc.status, exc.code, exc.message)
+    param = "pages" if exc.code == "invalid_page_range" else None  # every door's page-range field
+    return error_response(request, exc.status, exc.code, exc.message, param=param)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

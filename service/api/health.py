@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pruning import PRUNERS
 from service import __version__
 from service.api.deps import get_metrics, get_scheduler, get_settings
+from service.api.responses import JSONResponse
 from service.engine import OcrOptions
 from service.engine.options import MAX_NEW_TOKENS
 from service.metrics import Metrics

@@ -14,17 +14,18 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Form, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.common import ERROR_RESPONSES, OcrForm, build_response, door_options, event_stream, read_upload
 from service.api.deps import get_scheduler, get_settings
 from service.api.middleware import key_digest
+from service.api.responses import JSONResponse
 from service.engine import OcrOptions
 from service.errors import InvalidParameter, JobCancelled, JobFailed, NotFinished, NotFound, Overloaded, TooManyJobs
 from service.jobs import JobRecord, JobRunner, JobStore, stored_page
 from service.jobs.runner import LEASE_S
+from service.jobs.store import WARNINGS_KEY
 from service.outbound import OutboundRefused, resolve
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
@@ -52,7 +53,9 @@ class JobStatus(BaseModel):
     updated: float
     error: str | None
     pages: list[PageProgress]
-    warnings: list[str] = Field(default_factory=list, description="on creation: notes on the chosen options")
+    warnings: list[str] = Field(
+        default_factory=list, description="notes on the chosen options, from creation to expiry"
+    )
 
 
 def check_webhook(url: str, settings: ServiceSettings) -> None:
@@ -93,6 +96,7 @@ async def status_of(record: JobRecord, store: JobStore) -> JobStatus:
         updated=record.updated,
         error=record.error,
         pages=[PageProgress(page=n, done_at=done.get(p)) for p, n in enumerate(record.numbers)],
+        warnings=record.warnings,
     )
 
 
@@ -122,7 +126,8 @@ async def create_job(
         )
     if await run_in_threadpool(store.total_bytes) + len(data) > settings.jobs_max_bytes:
         raise Overloaded("job storage is full; retry later", headers={"Retry-After": str(settings.retry_after_s)})
-    options_json, holder = options.model_dump(mode="json"), runner.holder_for_new_job()
+    options_json = {**options.model_dump(mode="json"), WARNINGS_KEY: notes}
+    holder = runner.holder_for_new_job()
     record = await run_in_threadpool(
         store.create, owner, options_json, document.numbers, data, form.webhook_url, holder, LEASE_S
     )
@@ -130,7 +135,7 @@ async def create_job(
         runner.run(record.id)
     else:
         runner.wake()
-    body = (await status_of(record, store)).model_copy(update={"warnings": notes}).model_dump(mode="json")
+    body = (await status_of(record, store)).model_dump(mode="json")
     location = str(request.url_for("job_status", job_id=record.id))  # absolute, as RFC 9110 prefers
     return JSONResponse(body, status_code=202, headers={"Location": location})
 
@@ -163,10 +168,10 @@ async def job_result(
     return build_response(
         settings.model,
         random_weights,
-        OcrOptions(**record.options),
+        OcrOptions(**record.page_options),
         record.numbers,
         results,
-        [],
+        record.warnings,
         (record.updated - record.created) * 1e3,
     )
 

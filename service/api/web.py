@@ -17,6 +17,12 @@ async def index() -> FileResponse:
     return FileResponse(WEB_DIR / "index.html", media_type="text/html")
 
 
+@router.get("/favicon.ico")
+async def favicon() -> FileResponse:
+    """Browsers ask for it on every page; the page links the same icon."""
+    return FileResponse(WEB_DIR / "favicon.svg", media_type="image/svg+xml")
+
+
 def attach(app: FastAPI) -> None:
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")

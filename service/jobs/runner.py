@@ -204,7 +204,7 @@ class JobRunner:
         remaining = [p for p in range(len(record.numbers)) if p not in done]
         try:
             if remaining:
-                await self._run_pages(job_id, record.options, record.numbers, remaining)
+                await self._run_pages(job_id, record.page_options, record.numbers, remaining)
             state, error = "done", None
         except asyncio.CancelledError:
             raise

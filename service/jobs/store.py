@@ -41,6 +41,20 @@ class JobRecord:
     error: str | None
     webhook: str | None
 
+    @property
+    def page_options(self) -> dict:
+        """The options each page runs with (the stored options less the job's warnings)."""
+        return {name: value for name, value in self.options.items() if name != WARNINGS_KEY}
+
+    @property
+    def warnings(self) -> list[str]:
+        """The notes on the options made when the job was created (e.g. a capped max_new_tokens): its status
+        and result repeat them for as long as the job is kept."""
+        return list(self.options.get(WARNINGS_KEY, []))
+
+
+WARNINGS_KEY = "_warnings"  # stored inside the options object: no column, so no migration on either backend
+
 
 @dataclass(frozen=True)
 class Backlog:

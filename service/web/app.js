@@ -100,7 +100,7 @@ function showPage(index) {
   ];
   if (req.dynamic != null) rows.push(["dynamic ratio", `${req.dynamic.toFixed(4)} (r_sim ${req.r_sim.toFixed(4)}, r_txt ${req.r_txt.toFixed(4)})`]);
   rows.push(["prompt tokens", String(s.prompt_tokens)], ["output tokens", `${s.output_tokens} (${s.finish_reason})`],
-            ["decode speed", `${s.decode_tokens_per_s.toFixed(1)} tokens/s`], ["total latency", `${s.latency_ms.total.toFixed(0)} ms`]);
+            ["decode speed", `${s.decode_tokens_per_s.toFixed(1)} tokens/s`], ["this page's time (its stages, below)", `${s.latency_ms.total.toFixed(0)} ms`]);
   $("token-stats").innerHTML = rows.map(([k, v]) => `<dt>${escapeHtml(k)}</dt><dd>${escapeHtml(v)}</dd>`).join("");
   const longest = Math.max(1, ...STAGES.map((k) => s.latency_ms[k]));
   $("latency-chart").setAttribute("aria-label", STAGES.map((k) => `${k} ${s.latency_ms[k].toFixed(0)} ms`).join(", "));
@@ -137,7 +137,7 @@ async function run(event) {
     $("results").hidden = false;
     showPage(0);
     const pages = body.pages.length === 1 ? "the page" : `all ${body.pages.length} pages`;
-    setStatus(`Done in ${body.stats.latency_ms.total.toFixed(0)} ms: ${body.stats.visual_tokens_kept} of ${body.stats.visual_tokens} visual tokens (grid + newlines + separators) of ${pages} reached the model.`);
+    setStatus(`Request answered in ${body.stats.latency_ms.total.toFixed(0)} ms, upload to answer: ${body.stats.visual_tokens_kept} of ${body.stats.visual_tokens} visual tokens (grid + newlines + separators) of ${pages} reached the model.`);
   } catch (error) {
     setStatus(`Request failed: ${error}`);
   } finally {
