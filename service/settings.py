@@ -1,7 +1,8 @@
 """Every setting of the service, from CLI flags or ``RTPRUNE_*`` environment variables.
 
-This is the only module that reads the environment. ``rtprune-ocr serve --help`` and
-the README's table list the same fields.
+This is the only module that reads the service's environment (``RTPRUNE_CACHE_DIR`` is also read by
+``presets.default_cache_dir`` for the tools that load no settings: the GPU check, the evaluation).
+``rtprune-ocr serve --help`` and docs/settings.md's table list the same fields.
 """
 
 from __future__ import annotations

@@ -243,7 +243,8 @@ def test_out_of_range_parameters_are_422(service, field, value):
     client, _ = service
     body = assert_error(post(client, {field: value}), 422, "invalid_parameter")
     # each detail keeps location, message and type only: the input is never echoed back
-    assert all(set(detail) == {"loc", "msg", "type"} for detail in body["error"]["details"])
+    assert all(set(detail) == {"loc", "msg", "type"} for detail in body["detail"])
+    assert all(set(detail) == {"loc", "msg", "type"} for detail in body["error"].get("details", []))
 
 
 def test_missing_file_is_422(service):

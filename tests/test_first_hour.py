@@ -22,17 +22,26 @@ from tests.helpers import serve_process, text_pdf
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def documented(marker: str) -> str:
+    """The README and docs/ page holding ``<!-- marker -->``."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return next(text for page in pages if f"<!-- {marker} -->" in (text := page.read_text()))
+
+
 def readme_block(marker: str) -> list[str]:
-    """The command lines of the fenced block after ``<!-- marker -->`` in the README."""
-    text = (ROOT / "README.md").read_text()
+    """The command lines of the fenced block after ``<!-- marker -->`` in the README or docs/."""
+    text = documented(marker)
     block = text.split(f"<!-- {marker} -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     return [line.split(" #")[0].strip() for line in block.strip().splitlines() if line.strip()]
 
 
-def test_the_readme_try_out_answers_in_seconds(preset_cache, tmp_path):
-    """`serve --model tiny`, then the README's curl of the shipped sample, exactly as written."""
-    serve_line, curl_line = readme_block("try-out")
+def test_the_readme_try_out_answers_with_a_labelled_page_and_a_clean_log(preset_cache, tmp_path):
+    """`serve --model tiny`, then the README's curl of the shipped sample (tests/test_docs.py runs the
+    block whole; this reads the answer and the server's log)."""
+    serve_line, wait_line, curl_line = readme_block("try-out")
     assert serve_line.startswith("rtprune-ocr serve --model tiny") and curl_line.startswith("curl ")
+    assert "/readyz" in wait_line and "--retry" in wait_line  # the try-out waits until the model is ready
+    serve_line = serve_line.removesuffix("&").strip()
     log_path = tmp_path / "server.log"
     with serve_process(preset_cache, *shlex.split(serve_line)[2:], log_path=log_path) as (base, _, _):
         curl = shlex.split(curl_line.replace("http://localhost:8000", base))
@@ -49,13 +58,13 @@ def test_the_readme_try_out_answers_in_seconds(preset_cache, tmp_path):
 
 
 def readme_python(marker: str) -> str:
-    """The fenced Python block after ``<!-- marker -->`` in the README."""
-    text = (ROOT / "README.md").read_text()
+    """The fenced Python block after ``<!-- marker -->`` in the README or docs/."""
+    text = documented(marker)
     return text.split(f"<!-- {marker} -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
 
 
 @pytest.mark.parametrize(("marker", "printed"), [("chat-example", ""), ("mistral-example", "[0, 1]")])
-def test_the_readme_client_examples_run_as_written_against_tiny_in_seconds(tiny_engine, marker, printed):
+def test_the_documented_client_examples_print_their_answer(tiny_engine, marker, printed):
     """The OpenAI and Mistral examples, unchanged but for the port, from the checkout as the README says;
     the chat example asks for no max_tokens, so on tiny its page stops at the preset's small default."""
     from tests.helpers import live_server

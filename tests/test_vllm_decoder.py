@@ -267,7 +267,7 @@ def test_decoder_vllm_needs_a_url():
 
 
 def test_the_documented_vllm_flags_are_the_ones_the_live_test_runs():
-    """README, compose and the live test start vLLM the same way (prompt embeds, no vision tower, guard)."""
+    """The docs, compose and the live test start vLLM the same way (prompt embeds, no vision tower, guard)."""
     from pathlib import Path
 
     import yaml
@@ -275,7 +275,7 @@ def test_the_documented_vllm_flags_are_the_ones_the_live_test_runs():
     from tests.test_vllm_live import SERVE_FLAGS
 
     root = Path(__file__).resolve().parents[1]
-    readme = root.joinpath("README.md").read_text()
+    readme = root.joinpath("docs/scaling.md").read_text()
     command = readme[readme.index("vllm serve deepseek-ai/DeepSeek-OCR") :].split("rtprune-ocr serve")[0]
     compose = yaml.safe_load(root.joinpath("docker/docker-compose.yml").read_text())["services"]
     for flag in SERVE_FLAGS:

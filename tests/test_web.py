@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,26 +19,14 @@ def find_chromium() -> tuple[str, str] | None:
     return (chromium, driver) if chromium and driver else None
 
 
-def install_chromium() -> None:
-    """Debian's headless Chromium, installed when the tests run as root on a Debian/Ubuntu machine."""
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-    packages = ["chromium", "chromium-driver"]
-    subprocess.run(["apt-get", "install", "-y", "-qq", *packages], env=env, capture_output=True, timeout=900)
-
-
 @pytest.fixture(scope="session")
 def chromium() -> tuple[str, str]:
     """(browser, driver) paths; only the browser tests fail, with one line, when there is none."""
     found = find_chromium()
     if found is None:
-        install_chromium()
-        found = find_chromium()
-    if found is None:
         pytest.fail(
-            "headless Chromium is needed for the browser tests: apt-get install chromium chromium-driver",
+            "headless Chromium is needed for the browser tests: apt-get install chromium chromium-driver "
+            "(the README's test command installs it)",
             pytrace=False,
         )
     return found

@@ -349,7 +349,7 @@ def summarize(scores: list[PageScore]) -> dict[str, Any]:
         "formula_edit": formula["page_avg"],
         "formula_edit_whole": formula["whole"],
         "formula_blocks": formula["blocks"],
-        "formula_cdm": None,  # CDM renders LaTeX (LaTeX + ImageMagick + node): not computed, see the README
+        "formula_cdm": None,  # CDM renders LaTeX (LaTeX + ImageMagick + node): not computed, see docs/evaluation.md
         "table_teds": _mean([p.teds for p in tables if p.teds is not None]),
         "table_teds_s": _mean([p.teds_structure for p in tables if p.teds_structure is not None]),
         "table_edit": _edit_summary([s.table for s in scores])["page_avg"],

@@ -8,7 +8,7 @@ some pages a paragraph runs on from the left column into the right, a ``truncate
 relation), inline and display formulas, a captioned HTML table with row and column spans,
 a footer and a page number, each block with its category, reading order, polygon and
 attributes as the benchmark writes them. The image draws the same blocks. The datasets
-themselves are research-only and never shipped; this is what the tests and the README's
+themselves are research-only and never shipped; this is what the tests and docs/evaluation.md's
 synthetic run use.
 """
 

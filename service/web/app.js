@@ -137,7 +137,7 @@ async function run(event) {
     $("results").hidden = false;
     showPage(0);
     const pages = body.pages.length === 1 ? "the page" : `all ${body.pages.length} pages`;
-    setStatus(`Request answered in ${body.stats.latency_ms.total.toFixed(0)} ms, upload to answer: ${body.stats.visual_tokens_kept} of ${body.stats.visual_tokens} visual tokens (grid + newlines + separators) of ${pages} reached the model.`);
+    setStatus(`Done: the request took ${body.stats.latency_ms.total.toFixed(0)} ms, upload to answer; ${body.stats.visual_tokens_kept} of ${body.stats.visual_tokens} visual tokens (grid + newlines + separators) of ${pages} reached the model.`);
   } catch (error) {
     setStatus(`Request failed: ${error}`);
   } finally {
