@@ -184,7 +184,10 @@ def test_the_headline_numbers_agree():
     assert summary["formula_edit"] == pytest.approx(
         reference["display_formula"]["all"]["Edit_dist"]["ALL_page_avg"], abs=1e-6
     )
-    assert summary["table_teds"] == pytest.approx(reference["table"]["all"]["TEDS"]["all"], abs=1e-3)
+    tables = reference["table"]
+    assert summary["table_teds"] == pytest.approx(tables["page"]["TEDS"]["ALL"], abs=1e-3)  # the leaderboard's
+    assert summary["table_teds_s"] == pytest.approx(tables["page"]["TEDS_structure_only"]["ALL"], abs=1e-3)
+    assert summary["table_teds_table_avg"] == pytest.approx(tables["all"]["TEDS"]["all"], abs=1e-3)
     assert summary["reading_order_edit"] == pytest.approx(
         reference["reading_order"]["all"]["Edit_dist"]["ALL_page_avg"], abs=1e-6
     )
@@ -211,3 +214,58 @@ def test_fox_agrees_with_fox_tool_on_every_pair():
                 pair["image"],
                 metric,
             )
+
+
+def long_page(words: int, seed: int, chinese: bool = False) -> str:
+    """A real-length page: Fox's pages run 600-1,300 tokens, mostly past nltk's 2,000-character limit."""
+    import random
+
+    rng = random.Random(seed)
+    if chinese:
+        return "".join(
+            rng.choice("的一是不了人我在有他这为之大来以个中上们到说国和地也子时道出而要于就下得可你年生")
+            for _ in range(words)
+        )
+    vocabulary = ["model", "token", "page", "vision", "encoder", "layout", "table", "formula", "reading", "order"]
+    return " ".join(rng.choice(vocabulary) for _ in range(words))
+
+
+@pytest.mark.parametrize("chinese", [False, True], ids=["english", "chinese"])
+def test_fox_scores_real_length_pages_with_the_edit_distance_nltk_computes(chinese):
+    import nltk
+
+    truth = long_page(900 if not chinese else 4200, seed=1, chinese=chinese)
+    assert len(truth) >= 4000
+    changed = list(truth)
+    for position in range(100, len(changed), 700):  # substitutions far apart: the distance is their count
+        changed[position] = "#"
+    prediction = "".join(changed)[:-50]  # and the last 50 characters missing
+    substitutions = len(range(100, len(truth) - 50, 700))
+    scores = fox.score(truth, prediction)
+    assert scores["edit_dist"] == pytest.approx((substitutions + 50) / len(truth))
+    assert all(0.0 <= scores[m] <= 1.0 for m in fox.METRICS) and scores["bleu"] > 0.5
+    # on a prefix short enough for nltk (what Fox's tool calls), the two distances are the same number
+    short_truth, short_prediction = truth[:1500], prediction[:1400]
+    assert fox.score(short_truth, short_prediction)["edit_dist"] == pytest.approx(
+        nltk.edit_distance(short_truth, short_prediction) / 1500
+    )
+
+
+def test_fox_scores_an_empty_prediction_zero_where_its_tool_would_crash():
+    scores = fox.score("the cat sat down", "")
+    assert scores["edit_dist"] == 1.0 and scores["precision"] == scores["recall"] == scores["f_measure"] == 0.0
+    assert fox.summarize([scores, fox.score("a b", "a b")])["pages"] == 2
+
+
+def test_teds_is_averaged_within_each_page_then_over_pages_as_the_leaderboard_does():
+    def table(teds: float) -> omnidocbench.Pair:
+        return omnidocbench.Pair("table", "t", "p", 0, 1, teds=teds, teds_structure=teds)
+
+    pages = [
+        omnidocbench.PageScore("a.png", {}, [], [], [table(1.0), table(0.5)], None),
+        omnidocbench.PageScore("b.png", {}, [], [], [table(0.0)], None),
+        omnidocbench.PageScore("c.png", {}, [], [], [], None),  # no table: not in the average
+    ]
+    summary = omnidocbench.summarize(pages)
+    assert summary["table_teds"] == summary["table_teds_s"] == pytest.approx((0.75 + 0.0) / 2)
+    assert summary["table_teds_table_avg"] == pytest.approx(0.5)

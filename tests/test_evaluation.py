@@ -22,7 +22,7 @@ from service.evaluation.metrics import (
     normalized_edit_distance,
     set_edit_distance,
 )
-from service.evaluation.protocols import OmniDocBench, relative
+from service.evaluation.protocols import PROTOCOLS, OmniDocBench, relative
 from service.evaluation.synth import make_page, write_pages
 from service.evaluation.synth_benchmarks import write_omnidocbench
 
@@ -200,3 +200,37 @@ def test_eval_cli_grid_against_a_running_service_matches_the_in_process_grid(
         assert (there["pruner"], there["retention"]) == (here["pruner"], here["retention"])
         assert there["text_edit"] == pytest.approx(here["text_edit"])
         assert there["visual_tokens_kept"] == here["visual_tokens_kept"]
+
+
+def test_the_grid_times_warm_settings_in_rotated_rounds_so_the_identity_reads_one(tmp_path):
+    """A setting's first call is slow (cold kernels); the grid warms each setting before timing it, so
+    rtprune at retention 1.0 — the same work as none — reads 1.0x, and the order rotates by page."""
+    from service.evaluation.harness import MIN_TIMED_PAGES
+
+    calls: list[str] = []
+
+    def run(page, setting):
+        calls.append(setting.label)
+        cold = calls.count(calls[-1]) == 1
+        ms = 100.0 if cold else 10.0
+        stats = {
+            "retention": 1.0,
+            "visual_tokens": 10,
+            "visual_tokens_kept": 10,
+            "prompt_tokens": 12,
+            "output_tokens": 1,
+            "latency_ms": {"prefill": ms, "vision": ms},
+        }
+        return {"markdown": str(page.truth), "stats": stats}
+
+    protocol = PROTOCOLS["markdown"]()
+    write_pages(tmp_path / "pages", MIN_TIMED_PAGES, seed=0)
+    pages = protocol.load(tmp_path / "pages")
+    grid = settings_grid(["tiny"], ["rtprune"], [1.0])
+    summary = Evaluation(protocol, pages, grid, run, cache_key={"t": 1}, out=tmp_path / "out").run(progress=False)
+    assert [r["prefill_speedup"] for r in summary] == [1.0, 1.0]
+    assert calls[:2] == [calls[0]] * 2 and calls[2] == calls[3] != calls[0]  # each setting warmed, then timed
+    assert calls[4:6] == [calls[2], calls[0]]  # the second page starts with the other setting
+
+    few = Evaluation(protocol, pages[:2], grid, run, cache_key={"t": 2}, out=tmp_path / "few").run(progress=False)
+    assert [r["prefill_speedup"] for r in few] == [None, None]  # two pages: no speed column

@@ -3,8 +3,11 @@ and character edit distance per page, averaged over pages.
 
 As Fox's ``eval_tools/eval_ocr_test.py`` computes them (Apache-2.0, read, not copied): words are
 whitespace-split, or cut by jieba when either side holds Chinese; BLEU and METEOR are nltk's;
-F1, precision and recall are nltk's on the two *sets* of words; edit distance is nltk's
-Levenshtein over characters divided by the longer text. Fox's tool is fed its output file's
+F1, precision and recall are nltk's on the two *sets* of words; edit distance is Levenshtein over
+characters divided by the longer text (Fox calls nltk's; rapidfuzz computes the same number, and
+nltk 3.10.3 and newer refuse texts over 2,000 characters, which most real Fox pages are).
+An empty prediction scores 0 where nltk's set metrics return None; Fox's own tool passes that None
+to its average and crashes. Fox's tool is fed its output file's
 ``label`` (the truth) and ``answer`` (the model) as ``(pred, gt)``, so its "precision" divides by
 the truth's distinct words and its BLEU takes the model's text as the reference. We keep that
 order, so our numbers are the numbers Fox's tool prints (``fox_pairs.json``-style files written by
@@ -105,6 +108,7 @@ def score(label: str, answer: str) -> dict[str, float]:
     import nltk
     from nltk.metrics import f_measure, precision, recall
     from nltk.translate.meteor_score import meteor_score
+    from rapidfuzz.distance import Levenshtein
 
     chinese = bool(_CHINESE.search(answer) or _CHINESE.search(label))
     reference, hypothesis = _words(answer, chinese), _words(label, chinese)
@@ -117,7 +121,7 @@ def score(label: str, answer: str) -> dict[str, float]:
     result["precision"] = precision(reference_set, hypothesis_set)
     result["recall"] = recall(reference_set, hypothesis_set)
     longest = max(len(label), len(answer))
-    result["edit_dist"] = nltk.edit_distance(label, answer) / longest if longest else 0.0
+    result["edit_dist"] = Levenshtein.distance(label, answer) / longest if longest else 0.0
     return {k: (float(v) if v is not None else 0.0) for k, v in result.items()}
 
 
