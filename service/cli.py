@@ -162,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads; on a shared host give each process its share [default: the CPUs it may use]",
     )
 
+    convert = commands.add_parser(
+        "convert", help="convert files, folders and globs of PDFs and images to markdown; resumable"
+    )
+    _add_model_arguments(convert)
+    _add_option_arguments(convert, OCR_FLAGS)
+    from service.convert.command import add_arguments as add_convert_arguments
+
+    add_convert_arguments(convert)
+
     serve = commands.add_parser("serve", help="start the HTTP service; every flag is also an RTPRUNE_* variable")
     _add_settings_arguments(serve)
     evaluate = commands.add_parser(
@@ -268,6 +277,19 @@ def run_ocr(args: argparse.Namespace) -> int:
     if not args.json:
         print(PAGE_SEPARATOR.join(result.markdown for result in results))
     return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from service.convert.command import run
+    from service.engine.options import resolve_options
+
+    chosen = {name: getattr(args, name) for name in OCR_FLAGS if getattr(args, name) is not None}
+    try:  # the options first: a mistake is reported at once, before any file is read or torch imported
+        resolve_options(chosen)
+    except ValidationError as exc:
+        print(f"error: {readable(exc)}", file=sys.stderr)
+        return 2
+    return run(args, chosen)
 
 
 def readable(exc: ValidationError) -> str:
@@ -408,7 +430,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll or vLLM request
-    commands = {"ocr": run_ocr, "serve": run_serve, "loadtest": run_load, "eval": run_eval, "synth": run_synth}
+    commands = {
+        "ocr": run_ocr,
+        "convert": run_convert,
+        "serve": run_serve,
+        "loadtest": run_load,
+        "eval": run_eval,
+        "synth": run_synth,
+    }
     try:
         return commands[args.command](args)
     except Exception as exc:
