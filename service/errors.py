@@ -113,6 +113,10 @@ class PayloadTooLarge(ServiceError):
     status, code = 413, "upload_too_large"
 
 
+class JsonTooLarge(ServiceError):
+    status, code = 413, "json_too_large"
+
+
 class InvalidParameter(ServiceError):
     status, code = 422, "invalid_parameter"
 

@@ -4,6 +4,8 @@ and idle or stalled connections cannot starve the server."""
 from __future__ import annotations
 
 import io
+import json
+import random
 import resource
 import socket
 import struct
@@ -367,3 +369,43 @@ def test_a_page_range_with_any_whitespace_reads_as_its_numbers():
     assert page_range("2-\t\n\x0b\r\x0c") == (2, None)
     assert page_range(" 3 ") == (3, 3)
     assert page_range("\t1\n-\n4 ") == (1, 4)
+
+
+def data_url(data: bytes, media_type: str) -> str:
+    import base64
+
+    return f"data:{media_type};base64," + base64.b64encode(data).decode()
+
+
+def test_a_short_page_string_cannot_ask_for_millions_of_pages(client):
+    """Ranges are counted before any is expanded: 16 KB of '0-99999' asks for 99,999 pages a range."""
+    pdf = data_url(text_pdf(2, lines=2), "application/pdf")
+    body = {"document": {"type": "document_url", "document_url": pdf}, "pages": ",".join(["0-99999"] * 2000)}
+    refused = client.post("/v1/ocr", json=body)
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "pages"
+    assert "selects 100000 pages; a request takes at most 50" in refused.json()["error"]["message"]
+    overlapping = {**body, "pages": "0-1,1,0-1", "rtprune": {"mode": "tiny"}, "max_new_tokens": 2}
+    assert [p["index"] for p in client.post("/v1/ocr", json=overlapping).json()["pages"]] == [0, 1]
+
+
+def test_what_a_json_body_holds_besides_its_images_is_capped_before_it_is_parsed(client):
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (700, 700), random.Random(0).randbytes(700 * 700 * 3)).save(buffer, format="PNG")
+    image = data_url(buffer.getvalue(), "image/png")
+    assert len(image) > 1 << 20  # the image alone is over the cap: images do not count
+    parts = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Free OCR."}]
+    chat = {"messages": [{"role": "user", "content": parts}], "max_tokens": 2, "rtprune": {"mode": "tiny"}}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    for padding in (
+        {"tools": [{"type": "function", "function": {"name": "f"}}] * 40_000},  # many small objects
+        {"messages": [{"role": "user", "content": parts + [{"type": "text", "text": "x"}] * 60_000}]},
+    ):
+        refused = client.post("/v1/chat/completions", json={**chat, **padding})
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "json_too_large", refused.text
+    escaped = client.post(
+        "/v1/chat/completions",
+        content=json.dumps(chat).encode().replace(b"/", b"\\/"),  # escaped slashes, as PHP's encoder writes
+        headers={"content-type": "application/json"},
+    )
+    assert escaped.status_code == 200, escaped.text
+

@@ -22,6 +22,7 @@ from service.api.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     ConcurrencyLimitMiddleware,
+    JsonBodyMiddleware,
     RequestContextMiddleware,
     StreamLimits,
 )
@@ -35,6 +36,7 @@ from service.scheduler import Scheduler
 from service.settings import ServiceSettings
 
 FETCH_THREADS = 8  # image fetches at once; more wait (each has its own deadline)
+JSON_BESIDE_IMAGES_BYTES = 1 << 20  # a JSON body's fields other than data URLs, together (docs/limits.md)
 
 
 def default_loader(settings: ServiceSettings) -> Callable[[], OCREngine]:
@@ -132,6 +134,7 @@ def create_app(
     web.attach(app)
     describe_uploads_as_multipart(app)
     # added last = outermost: the request id exists before auth, admission and the body limit answer
+    app.add_middleware(JsonBodyMiddleware, max_bytes=JSON_BESIDE_IMAGES_BYTES)  # inside the body limit
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(
         AdmissionMiddleware,

@@ -98,24 +98,42 @@ PAGES_IN_WORDS = in_one_sentence(
 )
 
 
-def parse_pages(pages: list[int] | str) -> list[int]:
+def parse_pages(pages: list[int] | str, most: int) -> list[int]:
     """Mistral's page selection, 0-based: a list, or a string such as ``"0,2-4"`` (ranges inclusive).
-    InvalidParameter for a reversed range or a selection of nothing."""
+    InvalidParameter for a reversed range, or a selection of more than ``most`` pages (the page limit:
+    counted from the ranges before any is expanded, so a short string cannot ask for millions)."""
     if isinstance(pages, list):
-        return sorted(set(pages))
-    if not PAGE_LIST.match(pages):
+        ranges = [(page, page) for page in pages]
+    elif not PAGE_LIST.match(pages):
         raise InvalidParameter(
             f"pages {pages[:40]!r} is not a page list: write numbers and ranges such as '0,2-4' (0-based)",
             param="pages",
         )
-    wanted: set[int] = set()
-    for part in pages.split(","):
-        first, _, last = "".join(part.split()).partition("-")
-        low, high = int(first), int(last or first)
-        if high < low:
-            raise InvalidParameter(f"pages: the range {low}-{high} runs backwards", param="pages")
-        wanted.update(range(low, high + 1))
-    return sorted(wanted)
+    else:
+        ranges = []
+        for part in pages.split(","):
+            first, _, last = "".join(part.split()).partition("-")
+            low, high = int(first), int(last or first)
+            if high < low:
+                raise InvalidParameter(f"pages: the range {low}-{high} runs backwards", param="pages")
+            ranges.append((low, high))
+    selected = sum(high - low + 1 for low, high in _merged(ranges))
+    if selected > most:
+        raise InvalidParameter(
+            f"pages selects {selected} pages; a request takes at most {most} (RTPRUNE_MAX_PDF_PAGES)", param="pages"
+        )
+    return sorted({page for low, high in ranges for page in range(low, high + 1)})
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping or touching inclusive ranges joined, in order."""
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
 
 
 # Mistral's fields that change nothing here: accepted when set, and named in a warning (field -> why)
@@ -222,7 +240,7 @@ async def mistral_ocr(
     engine = scheduler.ensure_ready()
     ignored = body.without_effect()
     url = body.url()
-    wanted = parse_pages(body.pages) if body.pages is not None else None
+    wanted = parse_pages(body.pages, settings.max_pdf_pages) if body.pages is not None else None
     if wanted == []:
         raise InvalidParameter("pages selects no page; leave it out to OCR every page", param="pages")
     options, notes = door_options(engine, mistral_options(body), settings)
