@@ -37,6 +37,24 @@ class OutboundTooLarge(OutboundRefused):
     """The answer was larger than the caller's limit (a 413 for an image)."""
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the last 32 bits are an IPv4 address
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # RFC 4291's deprecated ::a.b.c.d
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, NAT64, IPv4-compatible, 6to4, Teredo's client), which
+    is where a connection to it ends up: the policy judges that one."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in NAT64 or (ip in IPV4_COMPATIBLE and int(ip) > 1):  # :: and ::1 are not IPv4 addresses
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    return None
+
+
 @dataclass(frozen=True)
 class Policy:
     """Where the service may connect: public addresses, plus ``allow`` (networks a setting names)."""
@@ -49,8 +67,10 @@ class Policy:
 
     def permits(self, address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone id is not part of the address
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.is_site_local:  # fec0::/10, deprecated but still routed on some networks
+                return any(ip in network for network in self.allow)
+            ip = embedded_ipv4(ip) or ip
         if any(ip in network for network in self.allow):
             return True
         return ip.is_global and not ip.is_multicast
@@ -67,10 +87,13 @@ class Target:
 
 def resolve(url: str, policy: Policy) -> Target:
     """The URL's host resolved once, and checked against ``policy``; OutboundRefused otherwise."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)  # a bad port raises here
+    except ValueError as exc:  # a port out of range or not a number, an unclosed IPv6 bracket
+        raise OutboundRefused(f"not a valid URL: {url[:100]!r}: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise OutboundRefused(f"not an http(s) URL: {url[:100]!r}")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:

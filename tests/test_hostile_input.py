@@ -409,3 +409,12 @@ def test_what_a_json_body_holds_besides_its_images_is_capped_before_it_is_parsed
     )
     assert escaped.status_code == 200, escaped.text
 
+
+def test_an_image_url_given_as_a_string_is_read_and_a_lone_surrogate_is_a_4xx(client):
+    image = data_url(encoded("PNG"), "image/png")
+    plain = {"type": "image_url", "image_url": image}  # the URL itself, as vLLM accepts it
+    body = {"messages": [{"role": "user", "content": [plain]}], "max_tokens": 2, "rtprune": {"mode": "tiny"}}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    surrogate = json.dumps({**body, "rtprune": {"retention": "@@"}}).replace("@@", "\\ud800")
+    refused = client.post("/v1/chat/completions", content=surrogate, headers={"content-type": "application/json"})
+    assert refused.status_code == 400 and "not valid Unicode" in refused.json()["error"]["message"]

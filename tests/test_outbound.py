@@ -197,3 +197,23 @@ def test_webhooks_are_signed_and_a_stored_one_stays_silent_once_webhooks_are_off
     expected = hmac.new(b"s3cret", timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
     assert headers["X-RTPrune-Signature"] == f"sha256={expected}"
     assert json.loads(body) == {"id": "j1", "state": "done"}
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["64:ff9b::7f00:1", "::127.0.0.1", "::10.0.0.1", "fec0::1", "::ffff:10.0.0.1", "2002:7f00:1::1", "::1"],
+)
+def test_ipv6_addresses_that_carry_an_internal_ipv4_address_are_refused(address):
+    assert not Policy().permits(address)
+
+
+def test_public_addresses_stay_reachable_in_ipv6_forms_too():
+    assert all(Policy().permits(a) for a in ["2001:4860:4860::8888", "64:ff9b::808:808", "8.8.8.8"])
+
+
+@pytest.mark.parametrize("url", ["http://example.com:99999/p.png", "http://example.com:abc/p.png", "http://[::1/p.png"])
+def test_a_malformed_url_is_refused_like_any_other_fetch_never_a_500(url):
+    from service.outbound import OutboundRefused, resolve
+
+    with pytest.raises(OutboundRefused):
+        resolve(url, Policy())

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.api.common import (
     ERROR_RESPONSES,
@@ -61,6 +61,12 @@ class ContentPart(BaseModel):
     type: Literal["text", "image_url"]
     text: str | None = None
     image_url: ImageUrl | None = None
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def url_as_a_string(cls, value: Any) -> Any:
+        """Some clients send the URL itself, as vLLM accepts it, where OpenAI's shape has ``{"url": ...}``."""
+        return {"url": value} if isinstance(value, str) else value
 
 
 class ChatMessage(BaseModel):

@@ -131,6 +131,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error_response(request, exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
 
+async def _not_unicode(request: Request, exc: UnicodeEncodeError) -> JSONResponse:
+    """JSON may carry a lone surrogate ("\\ud800"), which no text field can hold: the client's mistake."""
+    message = "the request holds text that is not valid Unicode (a lone surrogate, e.g. \\ud800)"
+    return error_response(request, 422, "invalid_parameter", message)
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", extra={"request_id": getattr(request.state, "request_id", None)})
     return error_response(request, 500, "internal_error", "internal server error; the request id is in the logs")
@@ -142,4 +148,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UploadError, _upload_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(UnicodeEncodeError, _not_unicode)
     app.add_exception_handler(Exception, _unhandled)

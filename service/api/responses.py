@@ -6,6 +6,7 @@ line-oriented tools (``jq -c``, ``tail``, log shippers reading saved answers) ex
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi.responses import JSONResponse as FastAPIJSONResponse
@@ -13,4 +14,7 @@ from fastapi.responses import JSONResponse as FastAPIJSONResponse
 
 class JSONResponse(FastAPIJSONResponse):
     def render(self, content: Any) -> bytes:
-        return super().render(content) + b"\n"
+        # as FastAPI's, but a lone surrogate a client sent (JSON allows "\ud800") and an answer repeats
+        # becomes U+FFFD instead of failing the encoding with a 500
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+        return text.encode("utf-8", errors="replace") + b"\n"
