@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import httpx
 import openai
@@ -285,3 +286,22 @@ def test_models_retrieve_answers_for_every_id_chat_accepts(client):
         card = client.models.retrieve(model_id)
         assert card.id == model_id and card.model_dump()["root"] == "tiny"
         assert client.chat.completions.create(model=model_id, messages=messages(), max_tokens=1).model == "tiny"
+
+
+def test_a_stream_past_its_deadline_ends_with_an_error_event_not_silence(tiny_engine):
+    settings = ServiceSettings(
+        model="tiny", log_json=False, warmup=False, request_timeout_s=1.0, random_max_new_tokens=8192
+    )
+    with live_server(create_app(settings, load_engine=lambda: tiny_engine)) as base:
+        body = {
+            "messages": messages(),
+            "max_tokens": 8192,
+            "stream": True,
+            "rtprune": {"mode": "tiny"},
+            "vllm_xargs": {"ngram_size": 0},
+        }
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] != "data: [DONE]"
+    error = json.loads(lines[-1].removeprefix("data: "))["error"]
+    assert error["code"] == "deadline_exceeded", error

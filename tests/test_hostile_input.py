@@ -418,3 +418,18 @@ def test_an_image_url_given_as_a_string_is_read_and_a_lone_surrogate_is_a_4xx(cl
     surrogate = json.dumps({**body, "rtprune": {"retention": "@@"}}).replace("@@", "\\ud800")
     refused = client.post("/v1/chat/completions", content=surrogate, headers={"content-type": "application/json"})
     assert refused.status_code == 400 and "not valid Unicode" in refused.json()["error"]["message"]
+
+
+def test_content_length_with_transfer_encoding_is_refused_and_the_connection_closed(server):
+    """`serve`'s own HTTP stack (uvicorn's h11, with the head timeout): the second request must not be read."""
+    _, port, _ = server
+    smuggled = (
+        b"POST /v1/ocr HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+        conn.sendall(smuggled)
+        answer = b""
+        while chunk := conn.recv(65536):  # until the server closes the connection
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1 ") == 1, answer[:300]

@@ -39,7 +39,7 @@ from service.api.common import (
     wait_for,
 )
 from service.api.deps import get_scheduler, get_settings
-from service.engine import PageResult
+from service.engine import Cancelled, PageResult
 from service.engine.decode.sequence import TABLE_CELL_IDS
 from service.engine.names import Task
 from service.engine.options import PageKnobs
@@ -382,7 +382,12 @@ class Reply:
                 try:
                     position, token = await asyncio.wait_for(tokens.get(), timeout=0.1)
                 except TimeoutError:
-                    if time.monotonic() > pages.deadline or await request.is_disconnected():
+                    if await request.is_disconnected():
+                        return
+                    if time.monotonic() > pages.deadline:  # said in the stream, as any failure after the status
+                        error = failure(Cancelled("past its deadline"), pages, settings)
+                        body = {"code": error.code, "message": error.message, "request_id": pages.request_id}
+                        yield f"data: {json.dumps({'error': body})}\n\n"
                         return
                     if time.monotonic() - last_sent >= settings.sse_keepalive_s:
                         last_sent = time.monotonic()

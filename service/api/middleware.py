@@ -143,7 +143,15 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        if declared is not None and "transfer-encoding" in headers:
+            # two framings: the way request smuggling starts (RFC 9112 6.3): refuse, and close the connection
+            message = "Content-Length and Transfer-Encoding together: send one"
+            response = error_json(400, "bad_request", message, scope.get("state", {}).get("request_id"))
+            response.headers["connection"] = "close"
+            await response(scope, receive, send)
+            return
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             too_large = UploadTooLarge(self.max_bytes)
             response = error_json(413, too_large.code, too_large.detail, scope.get("state", {}).get("request_id"))
