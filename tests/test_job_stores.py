@@ -47,6 +47,7 @@ def test_a_job_is_stored_with_its_upload_and_belongs_to_its_owner(stores):
     second.set_state(job.id, "failed", "why")
     assert (first.get(job.id).state, first.get(job.id).error) == ("failed", "why")
     assert first.count_unfinished("alice") == 0
+    assert first.total_bytes() == 0 and first.get(job.id).bytes == 0  # an ended job's upload is freed at once
 
 
 def test_a_finished_or_cancelled_job_keeps_its_state(stores):

@@ -141,11 +141,13 @@ class PostgresStore:
 
     @timed
     def set_state(self, job_id: str, state: str, error: str | None = None) -> None:
-        query = (
+        query = (  # an ended job needs neither its lease nor its upload: both go in the same statement
             "WITH job AS (UPDATE rtprune_jobs SET state = %(state)s, error = %(error)s, updated = %(now)s, "
             "runner = CASE WHEN %(final)s THEN NULL ELSE runner END, "
-            "lease_expires = CASE WHEN %(final)s THEN NULL ELSE lease_expires END "
-            "WHERE id = %(job)s AND state = ANY(%(unfinished)s) RETURNING id) "
+            "lease_expires = CASE WHEN %(final)s THEN NULL ELSE lease_expires END, "
+            "bytes = CASE WHEN %(final)s THEN 0 ELSE bytes END "
+            "WHERE id = %(job)s AND state = ANY(%(unfinished)s) RETURNING id), "
+            "freed AS (DELETE FROM rtprune_uploads WHERE %(final)s AND job_id IN (SELECT id FROM job)) "
             "SELECT pg_notify(%(channel)s, %(news)s) FROM job"
         )
         params = {

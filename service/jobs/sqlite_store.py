@@ -111,8 +111,11 @@ class SQLiteStore:
                 "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ? AND state IN (?, ?)",
                 (state, error, time.time(), job_id, *UNFINISHED),
             ).rowcount
-            if changed and state not in UNFINISHED:
+            if changed and state not in UNFINISHED:  # an ended job needs neither its lease nor its upload
                 self._db.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
+                self._db.execute("UPDATE jobs SET bytes = 0 WHERE id = ?", (job_id,))
+        if changed and state not in UNFINISHED:
+            (self.uploads / job_id).unlink(missing_ok=True)
 
     @timed
     def save_page(self, job_id: str, position: int, result: str) -> float:
