@@ -71,7 +71,7 @@ class ServiceSettings(BaseSettings):
         512, ge=1, description="long-lived streams (job events, streamed chat) open at once; more get 503"
     )
     max_streams_per_client: int = Field(
-        16, ge=1, description="streams one client (its API key, else its address) may hold open; more get 429"
+        16, ge=1, description="streams one client (its address: the API key is shared) may hold open; more get 429"
     )
     stream_idle_s: float = Field(
         600.0, gt=0, description="a job's event stream that has had nothing to say this long ends (reconnect)"

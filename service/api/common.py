@@ -120,7 +120,8 @@ async def read_url(request: Request, url: str, settings: ServiceSettings) -> byt
     """The bytes of a JSON door's data URL (or allowed http(s) URL), off the event loop and off the threads
     that read uploads: fetches have their own small pool, so slow servers cannot stall uploads."""
     limits = (settings.max_upload_bytes, settings.allow_url_fetch, settings.fetch_timeout_s)
-    pool = request.app.state.fetch_pool
+    # a data URL is decoded on the common threads: it must not wait behind slow remote fetches
+    pool = None if url.startswith("data:") else request.app.state.fetch_pool
     call = functools.partial(bytes_of_url, url, *limits, settings.outbound_policy())
     return await asyncio.get_running_loop().run_in_executor(pool, call)
 

@@ -293,8 +293,9 @@ def _is_event_stream(message: Message) -> bool:
 
 class StreamLimits:
     """Long-lived streams (job events, streamed chat) have their own limits, per client and in total, so that
-    one client holding hundreds of them cannot make every other request 503. A client is the API key it
-    presents, or its address."""
+    one client holding hundreds of them cannot make every other request 503. A client is its address: the
+    service has one API key, which its users share (and without one, a client may invent any), so a key
+    says nothing about who holds the streams."""
 
     def __init__(self, *, total: int, per_client: int, retry_after_s: int) -> None:
         self.total, self.per_client, self.retry_after_s = total, per_client, retry_after_s
@@ -321,11 +322,7 @@ class StreamLimits:
 
     @staticmethod
     def client_of(scope: Scope) -> str:
-        digest = key_digest(Headers(scope=scope))
-        if digest:
-            return f"key:{digest}"
-        host = (scope.get("client") or ("-", 0))[0]
-        return f"address:{host}"
+        return f"address:{(scope.get('client') or ('-', 0))[0]}"
 
 
 def overloaded(scope: Scope, message: str, retry_after_s: int):
