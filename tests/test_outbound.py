@@ -217,3 +217,18 @@ def test_a_malformed_url_is_refused_like_any_other_fetch_never_a_500(url):
 
     with pytest.raises(OutboundRefused):
         resolve(url, Policy())
+
+
+def test_a_failed_webhook_is_tried_again_with_backoff_on_its_own_threads():
+    answers = iter(["500 Internal Server Error", "503 Service Unavailable", "204 No Content"])
+    policy = Policy.from_setting(["127.0.0.1/32"])
+    with listener(lambda connection: http_reply(next(answers))(connection)) as (port, contacts):
+        hooks = Webhooks(enabled=True, policy=policy, secret="s3cret", backoff_s=0.05)
+        delivery = hooks.deliver(f"http://127.0.0.1:{port}/", "j1", "done")
+        assert delivery.result(timeout=60) is True  # the third try got its 2xx
+        assert len(contacts) == 3
+    with listener(http_reply("500 Internal Server Error")) as (port, contacts):
+        hooks = Webhooks(enabled=True, policy=policy, backoff_s=0.01, attempts=3)
+        assert hooks.deliver(f"http://127.0.0.1:{port}/", "j2", "failed").result(timeout=60) is False
+        assert len(contacts) == 3  # a bounded number of tries
+        hooks.close()

@@ -106,6 +106,7 @@ def create_app(
             await run_in_threadpool(scheduler.stop)
             await run_in_threadpool(app.state.jobs.store.close)
             app.state.fetch_pool.shutdown(wait=False, cancel_futures=True)
+            app.state.jobs.webhooks.close()
 
     # /docs and /redoc from assets in the fastapi-offline package: FastAPI's default pages load them
     # from a CDN and stay blank on an offline or air-gapped host, the kind that often runs a GPU service

@@ -234,7 +234,7 @@ class JobRunner:
             return False
         self._announce(record.id, "state", {"state": state, "error": error})
         if record.webhook:
-            asyncio.get_running_loop().run_in_executor(None, self.webhooks.send, record.webhook, record.id, state)
+            self.webhooks.deliver(record.webhook, record.id, state)
         return True
 
     async def _run_pages(self, job_id: str, options: dict, numbers: list[int], remaining: list[int]) -> None:
