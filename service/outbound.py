@@ -157,7 +157,11 @@ def request(
             if time.monotonic() >= deadline:
                 raise OutboundRefused(f"{target.host} did not answer within {deadline_s:g} s")
             chunk = response.read1(65536)
-            if not chunk:
+            if not chunk:  # the end, unless the deadline cut it or the server declared more than it sent
+                if time.monotonic() >= deadline:
+                    raise OutboundRefused(f"{target.host} was cut off at the {deadline_s:g} s deadline")
+                if response.length:  # bytes still owed by the Content-Length it declared
+                    raise OutboundRefused(f"{target.host} closed {response.length:,} bytes short of what it declared")
                 return bytes(data)
             data += chunk
         raise OutboundTooLarge(f"{target.host} sent more than {max_bytes:,} bytes")

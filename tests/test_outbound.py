@@ -232,3 +232,15 @@ def test_a_failed_webhook_is_tried_again_with_backoff_on_its_own_threads():
         assert hooks.deliver(f"http://127.0.0.1:{port}/", "j2", "failed").result(timeout=60) is False
         assert len(contacts) == 3  # a bounded number of tries
         hooks.close()
+
+
+def test_an_answer_shorter_than_it_declared_is_a_failed_fetch_not_a_truncated_image():
+    from service.outbound import OutboundRefused, request
+
+    def short(connection):
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n" + b"x" * 10)
+
+    policy = Policy.from_setting(["127.0.0.1/32"])
+    with listener(short) as (port, _):
+        with pytest.raises(OutboundRefused, match="990 bytes short"):
+            request(f"http://127.0.0.1:{port}/p.png", policy, deadline_s=10, max_bytes=10_000)
