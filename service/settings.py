@@ -67,6 +67,9 @@ class ServiceSettings(BaseSettings):
     max_concurrent_requests: int = Field(
         256, ge=1, description="requests in flight at once (health and metrics exempt); more get 503"
     )
+    max_concurrent_requests_per_client: int = Field(
+        64, ge=1, description="requests one client (its address) may have in flight; more get 429"
+    )
     max_streams: int = Field(
         512, ge=1, description="long-lived streams (job events, streamed chat) open at once; more get 503"
     )
@@ -80,6 +83,9 @@ class ServiceSettings(BaseSettings):
         10.0, gt=0, description="a connection whose request head has not arrived in this time is closed"
     )
     body_timeout_s: float = Field(30.0, gt=0, description="an upload that sends nothing for this long gets 408")
+    min_upload_bytes_per_s: int = Field(
+        1024, ge=0, description="an upload slower than this on average, 10 s after its start, gets 408 (0: no minimum)"
+    )
     queue_size: int = Field(
         128, ge=1, description="pages that may wait for the model; a document that does not fit gets 503"
     )

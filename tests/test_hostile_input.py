@@ -433,3 +433,63 @@ def test_content_length_with_transfer_encoding_is_refused_and_the_connection_clo
         while chunk := conn.recv(65536):  # until the server closes the connection
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1 ") == 1, answer[:300]
+
+
+def test_one_client_has_a_share_of_the_requests_in_flight_and_the_others_keep_theirs(tiny_engine):
+    from tests.helpers import GatedEngine
+
+    gated = GatedEngine(tiny_engine)
+    gated.gate.clear()  # pages wait: their requests stay in flight
+    settings = ServiceSettings(
+        model="tiny", log_json=False, warmup=False, max_concurrent_requests=10, max_concurrent_requests_per_client=2
+    )
+    page = encoded("PNG")
+    answers: list[httpx.Response] = []
+
+    def post(address: str) -> None:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=120) as client:
+            answers.append(client.post(f"{base}/v1/ocr", files={"file": page}, data={"mode": "tiny"}))
+
+    try:
+        with live_server(create_app(settings, load_engine=lambda: gated)) as base:
+            holders = [threading.Thread(target=post, args=("127.0.0.1",)) for _ in range(2)]
+            for holder in holders:
+                holder.start()
+            assert gated.started.wait(60)
+            while len([t for t in holders if t.is_alive()]) < 2:
+                time.sleep(0.01)
+            time.sleep(0.5)  # both requests are in flight
+            with httpx.Client(timeout=120) as same:
+                third = same.post(f"{base}/v1/ocr", files={"file": page}, data={"mode": "tiny"})
+            assert third.status_code == 429 and third.headers["retry-after"], third.text
+            assert third.json()["error"]["code"] == "too_many_requests"
+            other = threading.Thread(target=post, args=("127.0.0.2",))  # another client: still admitted
+            other.start()
+            gated.gate.set()
+            for thread in [*holders, other]:
+                thread.join(120)
+    finally:
+        gated.gate.set()
+    assert sorted(a.status_code for a in answers) == [200, 200, 200]
+
+
+def test_an_upload_slower_than_the_minimum_rate_is_cut_with_408(server):
+    _, port, _ = server  # `serve` with its own HTTP stack
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as conn:
+        head = b"POST /v1/ocr HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        conn.sendall(head + b"Content-Length: 100000\r\n\r\n--b\r\n")
+        answer = b""
+        for _ in range(120):  # two bytes a second (the fixture's body timeout is 1 s): far under 1 KiB/s
+            try:
+                conn.sendall(b"x")
+            except OSError:
+                break
+            conn.settimeout(0.5)
+            try:
+                answer += conn.recv(65536)
+            except TimeoutError:
+                continue
+            if answer:
+                break
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"slower than 1,024 bytes a second" in answer

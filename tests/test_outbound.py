@@ -241,6 +241,5 @@ def test_an_answer_shorter_than_it_declared_is_a_failed_fetch_not_a_truncated_im
         connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n" + b"x" * 10)
 
     policy = Policy.from_setting(["127.0.0.1/32"])
-    with listener(short) as (port, _):
-        with pytest.raises(OutboundRefused, match="990 bytes short"):
-            request(f"http://127.0.0.1:{port}/p.png", policy, deadline_s=10, max_bytes=10_000)
+    with listener(short) as (port, _), pytest.raises(OutboundRefused, match="990 bytes short"):
+        request(f"http://127.0.0.1:{port}/p.png", policy, deadline_s=10, max_bytes=10_000)

@@ -136,7 +136,12 @@ def create_app(
     describe_uploads_as_multipart(app)
     # added last = outermost: the request id exists before auth, admission and the body limit answer
     app.add_middleware(JsonBodyMiddleware, max_bytes=JSON_BESIDE_IMAGES_BYTES)  # inside the body limit
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        timeout_s=settings.body_timeout_s,
+        min_rate=settings.min_upload_bytes_per_s,
+    )
     app.add_middleware(
         AdmissionMiddleware,
         paths={"/v1/ocr", "/v1/chat/completions"},
@@ -144,7 +149,10 @@ def create_app(
         retry_after_s=lambda: app.state.scheduler.retry_after_s(),
     )
     app.add_middleware(
-        ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests, retry_after_s=settings.retry_after_s
+        ConcurrencyLimitMiddleware,
+        limit=settings.max_concurrent_requests,
+        per_client=settings.max_concurrent_requests_per_client,
+        retry_after_s=settings.retry_after_s,
     )
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value() if settings.api_key else None)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

@@ -57,7 +57,7 @@ ERROR_RESPONSES = {
         413: "upload, image, PDF or JSON over a limit",
         415: "unsupported file type",
         422: "invalid parameter or corrupt file (400 on the OpenAI-compatible routes, as OpenAI answers)",
-        429: "too many unfinished jobs or open streams for this client",
+        429: "too many unfinished jobs, open streams or requests in flight for this client",
         499: "client closed the request",
         500: "internal error",
         503: "not ready, queue full, shutting down or out of memory (Retry-After)",

@@ -30,10 +30,12 @@ class UploadTooLarge(StarletteHTTPException):
 
 
 class UploadStalled(StarletteHTTPException):
-    """The client stopped sending its body; an HTTPException so FastAPI's body parsing passes it on."""
+    """The client stopped sending its body, or sends it too slowly to finish (a slow-body attack holds a
+    request slot for as long as it likes otherwise); an HTTPException so FastAPI's body parsing passes it on."""
 
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__(408, f"the upload sent nothing for {timeout_s:g} s; send the body without pauses")
+    def __init__(self, timeout_s: float, message: str | None = None) -> None:
+        message = message or f"the upload sent nothing for {timeout_s:g} s; send the body without pauses"
+        super().__init__(408, message)
         self.code = "request_timeout"
 
 

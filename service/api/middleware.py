@@ -130,14 +130,18 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+RATE_GRACE_S = 10.0  # a body's first seconds are not held to the minimum rate (slow starts, small bodies)
+
+
 class BodyLimitMiddleware:
     """Refuse bodies over the limit: at once from Content-Length, else while reading (never buffer it all);
     and an upload that stalls (no bytes for ``timeout_s`` while the body is still coming) gets 408."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0, min_rate: int = 0) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.min_rate = min_rate  # bytes a second on average, from RATE_GRACE_S after the body began
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -159,6 +163,7 @@ class BodyLimitMiddleware:
             return
         received = 0
         body_done = False
+        began = time.monotonic()
 
         async def counting_receive() -> Message:
             nonlocal received, body_done
@@ -173,6 +178,10 @@ class BodyLimitMiddleware:
                 body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise UploadTooLarge(self.max_bytes)
+                elapsed = time.monotonic() - began
+                if not body_done and elapsed > RATE_GRACE_S and received < self.min_rate * elapsed:
+                    slow = f"the upload is slower than {self.min_rate:,} bytes a second; send it faster"
+                    raise UploadStalled(self.timeout_s, slow)
             return message
 
         await self.app(scope, counting_receive, send)
@@ -254,41 +263,59 @@ class ConcurrencyLimitMiddleware:
     """At most ``limit`` requests in flight (health, metrics and docs exempt, so probes answer under load);
     more get 503 with Retry-After. Idle connections are not requests: the head timeout closes those."""
 
-    def __init__(self, app: ASGIApp, *, limit: int, retry_after_s: int) -> None:
+    def __init__(self, app: ASGIApp, *, limit: int, per_client: int, retry_after_s: int) -> None:
         self.app = app
         self.limit = limit
+        self.per_client = per_client
         self.retry_after_s = retry_after_s
         self.in_flight = 0
+        self.by_client: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith(OPEN_PATHS):
             await self.app(scope, receive, send)
             return
+        client = StreamLimits.client_of(scope)
+        if self.by_client.get(client, 0) >= self.per_client:  # one client's share: the others keep theirs
+            message = f"this client has {self.per_client} requests in flight; retry once one has ended"
+            too_many = error_json(
+                429,
+                "too_many_requests",
+                message,
+                scope.get("state", {}).get("request_id"),
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+            await too_many(scope, receive, send)
+            return
         if self.in_flight >= self.limit:
             message = f"{self.limit} requests are in flight; retry shortly"
             await overloaded(scope, message, self.retry_after_s)(scope, receive, send)
             return
-        self.in_flight += 1
+        self._count(client, +1)
         held = True
 
         async def sending(message: Message) -> None:
             nonlocal held
             if held and message["type"] == "http.response.start" and _is_event_stream(message):
                 held = False  # a stream is counted by the stream limits, not as a request in flight
-                self.in_flight -= 1
+                self._count(client, -1)
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
         finally:
             if held:
-                self.in_flight -= 1
+                self._count(client, -1)
+
+    def _count(self, client: str, change: int) -> None:
+        self.in_flight += change
+        self.by_client[client] = self.by_client.get(client, 0) + change
+        if not self.by_client[client]:
+            del self.by_client[client]
 
 
 def _is_event_stream(message: Message) -> bool:
-    return any(
-        name == b"content-type" and value.startswith(b"text/event-stream") for name, value in message["headers"]
-    )
+    return any(name == b"content-type" and value.startswith(b"text/event-stream") for name, value in message["headers"])
 
 
 class StreamLimits:
