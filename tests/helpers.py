@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -197,3 +197,21 @@ def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, dict]]:
             event = line.removeprefix("event: ")
         elif line.startswith("data: "):
             yield event, json.loads(line.removeprefix("data: "))
+
+
+def wait_until(condition: Callable[[], object], what: str, patience_s: float = 300.0) -> None:
+    """Wait for ``condition``; fail saying ``what`` did not happen. The patience is liveness (a busy machine
+    may be slow), never a speed claim: speed is measured in bench/."""
+    deadline = time.monotonic() + patience_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def stopped_before_its_budget(app, budget: int = 8192) -> None:
+    """The app's running pages ended, and fewer decode steps ran than one page's budget: the page was
+    cancelled, not run to its end."""
+    scheduler = app.state.scheduler
+    wait_until(lambda: not scheduler.running_pages and not scheduler.queued_pages, "the pages kept running")
+    steps = app.state.metrics.registry.get_sample_value("rtprune_decode_steps_total") or 0
+    assert steps < budget, f"{steps} decode steps: the page ran to its budget instead of stopping"

@@ -16,7 +16,7 @@ from PIL import Image
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.helpers import GatedEngine, live_server, text_page
+from tests.helpers import GatedEngine, live_server, stopped_before_its_budget, text_page
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -270,7 +270,7 @@ def test_queue_full_is_503_with_retry_after_at_once(tiny_engine):
         assert engine.started.wait(10)  # the scheduler holds request 1
         second = threading.Thread(target=send, args=("queued",))
         second.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120  # liveness on a busy machine, not a speed claim
         while app.state.scheduler.queued_pages < 1:  # request 2 waits in the only slot
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -310,7 +310,7 @@ def test_failed_load_reports_and_calls_on_fatal():
 
     app = create_app(settings(), load_engine=broken, on_fatal=fatal.append)
     with TestClient(app) as client:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120  # liveness on a busy machine, not a speed claim
         while not fatal:
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -336,15 +336,9 @@ def test_a_failing_request_does_not_take_down_the_service(tiny_engine):
 def test_deadline_is_504_and_cancels_the_generation(tiny_engine):
     engine = GatedEngine(tiny_engine)
     with client_for(engine, request_timeout_s=1.0, random_max_new_tokens=8192) as (client, app):
-        start = time.perf_counter()
         response = post(client, {"max_new_tokens": "8192", "ngram_size": "0", "mode": "tiny"})
         assert_error(response, 504, "deadline_exceeded")
-        assert time.perf_counter() - start < 5
-        scheduler = app.state.scheduler
-        deadline = time.monotonic() + 3  # 8192 tokens take ~30 s on this model: stopping early proves cancellation
-        while scheduler.running_pages:
-            assert time.monotonic() < deadline, "the cancelled generation kept running"
-            time.sleep(0.02)
+        stopped_before_its_budget(app)  # the generation was cancelled, not run to its 8192 tokens
 
 
 def test_api_key(tiny_engine):
@@ -390,15 +384,12 @@ def test_client_disconnect_cancels_the_work(tiny_engine):
         port = int(base.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as conn:
             conn.sendall(head + body)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 120  # liveness on a busy machine, not a speed claim
             while not scheduler.running_pages:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
-        # the socket is closed: the generation must stop long before its 8192 tokens (~30 s)
-        deadline = time.monotonic() + 5
-        while scheduler.running_pages:
-            assert time.monotonic() < deadline, "work continued after the client left"
-            time.sleep(0.02)
+        # the socket is closed: the generation must stop long before its 8192 tokens
+        stopped_before_its_budget(app)
 
 
 def test_concurrent_requests_are_all_served(service):

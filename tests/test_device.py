@@ -124,7 +124,7 @@ def test_a_sticky_cuda_error_turns_readyz_red_and_asks_the_process_to_exit(tiny_
         answer = client.post("/v1/ocr", files={"file": ("p.png", page)}, data={"mode": "tiny"})
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "device_failed"
         assert answer.headers["retry-after"] == "3"
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 120  # liveness on a busy machine, not a speed claim
         while client.get("/readyz").status_code != 503:
             assert time.monotonic() < deadline, "/readyz stayed green on a broken device"
             time.sleep(0.02)

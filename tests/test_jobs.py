@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.helpers import GatedEngine, serve_process, text_pdf
+from tests.helpers import GatedEngine, serve_process, stopped_before_its_budget, text_pdf
 
 FAST = {"mode": "tiny", "max_new_tokens": "5"}
 PDF = text_pdf(3, lines=3)
@@ -79,11 +79,7 @@ def test_cancelling_a_job_stops_its_pages(tiny_engine, tmp_path):
         job_id = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=long).json()["id"]
         wait_state(client.get, job_id, states=("running",))
         assert client.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
-        scheduler = client.app.state.scheduler
-        deadline = time.monotonic() + 5
-        while scheduler.running_pages or scheduler.queued_pages:
-            assert time.monotonic() < deadline, "the cancelled job's pages kept running"
-            time.sleep(0.05)
+        stopped_before_its_budget(client.app)  # the cancelled job's pages stopped
         result = client.get(f"/v1/jobs/{job_id}/result")
         assert result.status_code == 409 and result.json()["error"]["code"] == "job_cancelled"
 
@@ -110,7 +106,7 @@ def test_expired_jobs_are_deleted_with_their_files(tiny_engine, tmp_path):
     time.sleep(0.6)
     with app_client(tiny_engine, tmp_path, job_retention_s=0.5) as client:  # the sweep runs at start
         ready(client)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 120  # liveness on a busy machine, not a speed claim
         while client.get(f"/v1/jobs/{job_id}").status_code != 404:
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -145,7 +141,7 @@ def test_a_webhook_hears_the_end_when_the_server_allows_it(tiny_engine, tmp_path
                 "id"
             ]
             wait_state(client.get, job_id)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 120  # liveness on a busy machine, not a speed claim
             while not heard:
                 assert time.monotonic() < deadline, "the webhook was not called"
                 time.sleep(0.05)

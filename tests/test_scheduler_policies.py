@@ -117,7 +117,7 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_finish():
         endless.cancel.set()
         with pytest.raises(Cancelled):
             endless.future.result(timeout=10)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 120  # liveness on a busy machine, not a speed claim
         while scheduler.running_pages:
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -201,7 +201,7 @@ def test_a_sticky_device_error_while_preparing_pages_answers_them_and_stops():
     with running(engine, [request], on_fatal=fatal.append) as scheduler:
         with pytest.raises(torch.AcceleratorError):
             request.future.result(timeout=5)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 120  # liveness on a busy machine, not a speed claim
         while scheduler.state != "failed":
             assert time.monotonic() < deadline
             time.sleep(0.01)

@@ -247,7 +247,7 @@ def test_a_page_that_leaves_closes_its_vllm_stream(stand_in, tiny_engine):
     stop.set()  # the request is cancelled (client gone, deadline)
     worker.join(timeout=10)
     assert type(outcome[0]).__name__ == "Cancelled"
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 120  # liveness on a busy machine, not a speed claim
     while stand_in.closed_streams == 0:  # the HTTP stream was closed: vLLM aborts a request whose client left
         assert time.monotonic() < deadline, "the stream to vLLM was left running"
         time.sleep(0.05)
