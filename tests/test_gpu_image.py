@@ -66,8 +66,9 @@ def carried(tmp_path_factory) -> tuple[Path, str]:
 
 def test_the_printed_command_is_the_documented_one(carried):
     folder, command = carried
-    documented = re.search(r"^(python3 -m pip install .*gpu_check\.py.*)$", (ROOT / "docs/gpu.md").read_text(), re.M)
-    assert documented is not None and command == documented.group(1).replace(".whl/", f"{folder}/")
+    for page in ("README.md", "docs/gpu.md"):
+        documented = re.search(r"^(python3 -m pip install .*gpu_check\.py.*)$", (ROOT / page).read_text(), re.M)
+        assert documented is not None and command == documented.group(1).replace(".whl/", f"{folder}/"), page
 
 
 def test_the_gpu_check_runs_on_the_gpu_image_as_documented_and_returns_every_section_complete(
