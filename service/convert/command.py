@@ -107,7 +107,11 @@ def run(args: argparse.Namespace, chosen: dict[str, Any]) -> int:
             file=sys.stderr,
         )
     for outcome in failed:
-        print(f"failed: {outcome.source}: {outcome.error['message']}", file=sys.stderr)
+        message = outcome.error["message"]
+        print(
+            f"failed: {message if message.startswith(outcome.source) else f'{outcome.source}: {message}'}",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 
