@@ -177,3 +177,21 @@ def test_inputs_are_files_folders_and_globs_and_names_never_collide(tmp_path):
     assert [s.name for s in sources] == ["one", "same", "two"] and problems == [
         "nowhere: no such file, folder or match"
     ]
+
+
+def test_through_a_service_with_a_key_the_key_comes_from_the_flag_or_the_environment(
+    tiny_engine, tmp_path, monkeypatch
+):
+    from service.cli import main
+
+    page = tmp_path / "p.png"
+    text_page((300, 200)).save(page)
+    settings = ServiceSettings(model="tiny", warmup=False, log_json=False, jobs_dir=tmp_path / "jobs", api_key="k1")
+    args = ["convert", str(page), "--mode", "tiny", "--max-new-tokens", "2", "--quiet"]
+    with live_server(create_app(settings, load_engine=lambda: tiny_engine)) as base:
+        assert main([*args, "--out", str(tmp_path / "none"), "--url", base]) == 1  # 401: the report says why
+        report = json.loads((tmp_path / "none" / "report.json").read_text())
+        assert report["documents"][0]["error"]["code"] == "unauthorized"
+        assert main([*args, "--out", str(tmp_path / "flag"), "--url", base, "--api-key", "k1"]) == 0
+        monkeypatch.setenv("RTPRUNE_API_KEY", "k1")
+        assert main([*args, "--out", str(tmp_path / "env"), "--url", base]) == 0

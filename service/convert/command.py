@@ -197,15 +197,14 @@ def _run_remote(args, sources: list[Source], workspace: Workspace, form: dict[st
     from service.convert.remote import RemoteFailure, RemoteRunner
     from service.engine import PageResult
 
-    runner = RemoteRunner(args.url, args.api_key, form)
+    runner = RemoteRunner(args.url, args.api_key or _api_key_from_environment(), form)
     try:
         key = options_key(f"{runner.model()}@{','.join(args.url)}", form)
     except (RemoteFailure, OSError) as exc:
         print(f"error: {args.url[0]}: {exc}", file=sys.stderr)
         runner.close()
-        return [
-            Outcome(s.name, str(s.path), "failed", error={"code": "unreachable", "message": str(exc)}) for s in sources
-        ]
+        error = {"code": getattr(exc, "code", "unreachable"), "message": str(exc)}
+        return [Outcome(s.name, str(s.path), "failed", error=error) for s in sources]
     outcomes = [Outcome(s.name, str(s.path)) for s in sources]
     todo = []
     for source, outcome in zip(sources, outcomes, strict=True):
@@ -250,6 +249,15 @@ def _run_remote(args, sources: list[Source], workspace: Workspace, form: dict[st
     return outcomes
 
 
+def _api_key_from_environment() -> str | None:
+    """``RTPRUNE_API_KEY``, through the settings (the one reader of the environment): the key a service on
+    this host was started with is the key its clients send."""
+    from service.settings import ServiceSettings
+
+    key = ServiceSettings().api_key
+    return key.get_secret_value() if key else None
+
+
 def _failed(workspace: Workspace, source: Source, outcome: Outcome, code: str, message: str) -> None:
     outcome.state, outcome.error = "failed", {"code": code, "message": message}
     workspace.fail(source, message)
@@ -262,7 +270,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url", action="append", help="convert on this running service instead of in this process (repeatable)"
     )
-    parser.add_argument("--api-key", metavar="KEY", help="the services' API key, with --url [default: none]")
+    parser.add_argument(
+        "--api-key", metavar="KEY", help="the services' API key, with --url [default: RTPRUNE_API_KEY, else none]"
+    )
     parser.add_argument(
         "--concurrency", type=int, default=4, metavar="INT", help="documents in flight per --url [default: 4]"
     )
