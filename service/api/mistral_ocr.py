@@ -13,6 +13,7 @@ this service cannot honour (annotations, files in Mistral's store) are a 422 tha
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from typing import Annotated, Any, Literal
@@ -98,31 +99,26 @@ PAGES_IN_WORDS = in_one_sentence(
 )
 
 
-def parse_pages(pages: list[int] | str, most: int) -> list[int]:
-    """Mistral's page selection, 0-based: a list, or a string such as ``"0,2-4"`` (ranges inclusive).
-    InvalidParameter for a reversed range, or a selection of more than ``most`` pages (the page limit:
-    counted from the ranges before any is expanded, so a short string cannot ask for millions)."""
+def parse_pages(pages: list[int] | str) -> list[tuple[int, int]]:
+    """Mistral's page selection, 0-based — a list, or a string such as ``"0,2-4"`` (ranges inclusive) — as
+    sorted, merged ranges. Nothing is expanded here: a 16 KB string of ``0-99999`` ranges asks for
+    hundreds of millions of pages; the document's size bounds them before any list of pages is made.
+    InvalidParameter for a reversed range."""
     if isinstance(pages, list):
-        ranges = [(page, page) for page in pages]
-    elif not PAGE_LIST.match(pages):
+        return _merged([(page, page) for page in pages])
+    if not PAGE_LIST.match(pages):
         raise InvalidParameter(
             f"pages {pages[:40]!r} is not a page list: write numbers and ranges such as '0,2-4' (0-based)",
             param="pages",
         )
-    else:
-        ranges = []
-        for part in pages.split(","):
-            first, _, last = "".join(part.split()).partition("-")
-            low, high = int(first), int(last or first)
-            if high < low:
-                raise InvalidParameter(f"pages: the range {low}-{high} runs backwards", param="pages")
-            ranges.append((low, high))
-    selected = sum(high - low + 1 for low, high in _merged(ranges))
-    if selected > most:
-        raise InvalidParameter(
-            f"pages selects {selected} pages; a request takes at most {most} (RTPRUNE_MAX_PDF_PAGES)", param="pages"
-        )
-    return sorted({page for low, high in ranges for page in range(low, high + 1)})
+    ranges = []
+    for part in pages.split(","):
+        first, _, last = "".join(part.split()).partition("-")
+        low, high = int(first), int(last or first)
+        if high < low:
+            raise InvalidParameter(f"pages: the range {low}-{high} runs backwards", param="pages")
+        ranges.append((low, high))
+    return _merged(ranges)
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -134,6 +130,11 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             merged.append((low, high))
     return merged
+
+
+def expand(ranges: list[tuple[int, int]]) -> list[int]:
+    """The pages of ranges already checked against the document (so there are at most its pages)."""
+    return [page for low, high in ranges for page in range(low, high + 1)]
 
 
 # Mistral's fields that change nothing here: accepted when set, and named in a warning (field -> why)
@@ -240,13 +241,13 @@ async def mistral_ocr(
     engine = scheduler.ensure_ready()
     ignored = body.without_effect()
     url = body.url()
-    wanted = parse_pages(body.pages, settings.max_pdf_pages) if body.pages is not None else None
+    wanted = parse_pages(body.pages) if body.pages is not None else None
     if wanted == []:
         raise InvalidParameter("pages selects no page; leave it out to OCR every page", param="pages")
     options, notes = door_options(engine, mistral_options(body), settings)
     data = await read_url(request, url, settings)
     # only the pages asked for are measured against the limits (1-based range of the PDF, then a selection)
-    span = (wanted[0] + 1, wanted[-1] + 1) if wanted and is_pdf(data) else None
+    span = (wanted[0][0] + 1, wanted[-1][1] + 1) if wanted and is_pdf(data) else None
     try:
         document = await open_upload(data, settings, span)
     except PageRangeOutside as exc:  # said 0-based, as the request numbers its pages
@@ -255,7 +256,7 @@ async def mistral_ocr(
     if wanted is not None:
         first = span[0] - 1 if span else 0
         check_pages_exist(wanted, first + len(document))  # an image has one page
-        document = document.select([p - first for p in wanted])
+        document = document.select([p - first for p in expand(wanted)])  # at most the document's pages
     request_pages = page_request(request, document, options, settings, accepted_at)
     scheduler.submit(request_pages)
     results = await wait_for(request, request_pages, settings)
@@ -273,11 +274,14 @@ async def mistral_ocr(
     )
 
 
-def check_pages_exist(wanted: list[int], n_pages: int) -> None:
-    """InvalidParameter naming (the first few of) the 0-based pages the document does not have."""
-    missing = [p for p in wanted if p >= n_pages]
-    if missing:
-        shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+def check_pages_exist(ranges: list[tuple[int, int]], n_pages: int) -> None:
+    """InvalidParameter naming (the first few of) the 0-based pages the document does not have, counted
+    from the ranges (never expanded)."""
+    outside = [(max(low, n_pages), high) for low, high in ranges if high >= n_pages]
+    if outside:
+        count = sum(high - low + 1 for low, high in outside)
+        first = list(itertools.islice((p for low, high in outside for p in range(low, high + 1)), 5))
+        shown = ", ".join(map(str, first)) + (f" and {count - 5} more" if count > 5 else "")
         raise InvalidParameter(f"pages {shown} are outside the document's {n_pages} pages (0-based)", param="pages")
 
 
