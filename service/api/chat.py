@@ -165,9 +165,9 @@ class ChatRequest(BaseModel):
     rtprune: PageKnobs | None = Field(None, description="rtprune-ocr's page knobs (mode, pruner, retention, ...)")
 
 
-def chat_options(body: ChatRequest) -> tuple[dict[str, Any], str]:
-    """The options a chat body chose (our field names) and its image URL; InvalidParameter for anything
-    we cannot honour."""
+def chat_options(body: ChatRequest) -> tuple[dict[str, Any], str, list[str]]:
+    """The options a chat body chose (our field names), its image URL and notes on how its turns were
+    read; InvalidParameter for anything we cannot honour."""
     refuse_non_neutral(body)
     user = the_user_turn(body.messages)
     images = [p.image_url.url for p in user.parts() if p.type == "image_url" and p.image_url]
