@@ -26,7 +26,7 @@ def chromium() -> tuple[str, str]:
     if found is None:
         pytest.fail(
             "headless Chromium is needed for the browser tests: apt-get install chromium chromium-driver "
-            "(the README's test command installs it)",
+            "(the README's test command installs it on Debian)",
             pytrace=False,
         )
     return found
