@@ -174,9 +174,8 @@ def test_inputs_are_files_folders_and_globs_and_names_never_collide(tmp_path):
     sources, problems = find_sources([str(tmp_path)])
     assert sorted(s.name for s in sources) == ["deep/er/three", "deep/two", "one", "same.pdf", "same.png"]
     sources, problems = find_sources([str(tmp_path / "*.pdf"), str(tmp_path / "deep" / "two.png"), "nowhere"])
-    assert [s.name for s in sources] == ["one", "same", "two"] and problems == [
-        "nowhere: no such file, folder or match"
-    ]
+    assert [s.name for s in sources] == ["one", "same", "two"]
+    assert problems == [("nowhere", "no such file, folder or match")]
 
 
 def test_through_a_service_with_a_key_the_key_comes_from_the_flag_or_the_environment(

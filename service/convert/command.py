@@ -79,9 +79,7 @@ def run(args: argparse.Namespace, chosen: dict[str, Any]) -> int:
     started = time.monotonic()
     sources, problems = find_sources(args.inputs)
     workspace = Workspace(args.out)
-    outcomes = [Outcome(name=p.split(":")[0], source=p.split(":")[0]) for p in problems]
-    for outcome, problem in zip(outcomes, problems, strict=True):
-        outcome.state, outcome.error = "failed", {"code": "not_found", "message": problem}
+    outcomes = [Outcome(given, given, "failed", error={"code": "not_found", "message": why}) for given, why in problems]
     form = {name: str(value) for name, value in chosen.items()}
     if args.url:
         converted = _run_remote(args, sources, workspace, form)
@@ -107,11 +105,7 @@ def run(args: argparse.Namespace, chosen: dict[str, Any]) -> int:
             file=sys.stderr,
         )
     for outcome in failed:
-        message = outcome.error["message"]
-        print(
-            f"failed: {message if message.startswith(outcome.source) else f'{outcome.source}: {message}'}",
-            file=sys.stderr,
-        )
+        print(f"failed: {outcome.source}: {outcome.error['message']}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -129,11 +123,8 @@ def _run_local(args, sources: list[Source], workspace: Workspace, chosen: dict[s
             continue
         try:
             document = open_document(source.path.read_bytes(), max_pdf_pages=MAX_PAGES)
-        except UploadError as exc:
-            _failed(workspace, source, outcome, exc.code, exc.message)
-            continue
-        except OSError as exc:
-            _failed(workspace, source, outcome, "unreadable", str(exc))
+        except (UploadError, OSError) as exc:
+            _failed(workspace, source, outcome, exc, "unreadable")
             continue
         todo.append((source, outcome, document))
     if not todo:
@@ -184,10 +175,9 @@ def _work(workspace, source, outcome, document, finished, options, meta, started
     def on_end(error) -> None:
         outcome.seconds = time.monotonic() - started
         if error is not None:
-            _failed(workspace, source, outcome, getattr(error, "code", "error"), getattr(error, "message", str(error)))
+            _failed(workspace, source, outcome, error, "error")
         else:
-            outcome.stats = workspace.finish(source, pages, meta, outcome.seconds)
-            outcome.state, outcome.pages = "converted", len(pages)
+            _converted(workspace, source, outcome, pages, meta)
         progress.document(outcome)
 
     return Work(source.name, document, options, on_page, on_end)
@@ -226,7 +216,7 @@ def _run_remote(args, sources: list[Source], workspace: Workspace, form: dict[st
             answer = runner.convert(source.path, on_progress)
         except (RemoteFailure, OSError) as exc:
             outcome.seconds = time.monotonic() - started
-            _failed(workspace, source, outcome, getattr(exc, "code", "unreachable"), getattr(exc, "message", str(exc)))
+            _failed(workspace, source, outcome, exc, "unreachable")
         else:
             pages = {}
             for page in answer["pages"]:
@@ -236,8 +226,7 @@ def _run_remote(args, sources: list[Source], workspace: Workspace, form: dict[st
             meta |= {"options": {k: answer[k] for k in ("mode", "task", "pruner", "retention")}}
             meta["warnings"] = answer["warnings"]
             outcome.seconds = time.monotonic() - started
-            outcome.stats = workspace.finish(source, pages, meta, outcome.seconds)
-            outcome.state, outcome.pages = "converted", len(pages)
+            _converted(workspace, source, outcome, pages, meta)
         progress.document(outcome)
 
     try:
@@ -258,8 +247,15 @@ def _api_key_from_environment() -> str | None:
     return key.get_secret_value() if key else None
 
 
-def _failed(workspace: Workspace, source: Source, outcome: Outcome, code: str, message: str) -> None:
-    outcome.state, outcome.error = "failed", {"code": code, "message": message}
+def _converted(workspace: Workspace, source: Source, outcome: Outcome, pages: dict, meta: dict[str, Any]) -> None:
+    outcome.stats = workspace.finish(source, pages, meta, outcome.seconds)
+    outcome.state, outcome.pages = "converted", len(pages)
+
+
+def _failed(workspace: Workspace, source: Source, outcome: Outcome, error: Exception, code: str) -> None:
+    """The document failed: the error's own code and message (the error table's), else ``code`` and its text."""
+    message = getattr(error, "message", None) or str(error)
+    outcome.state, outcome.error = "failed", {"code": getattr(error, "code", None) or code, "message": message}
     workspace.fail(source, message)
 
 

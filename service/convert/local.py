@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
@@ -45,7 +45,7 @@ class LocalRunner:
     def run(self, works: list[Work]) -> None:
         capacity = max(1, self.scheduler.queue_capacity // 2)
         parts = deque((work, chunk) for work in works for chunk in _chunks(len(work.document), capacity))
-        parts_left = {work: len(_chunks(len(work.document), capacity)) for work in works}
+        parts_left = Counter(work for work, _ in parts)
         failed: set[Work] = set()
         in_flight: dict[Future, tuple[Work, PageRequest]] = {}
         while parts or in_flight:

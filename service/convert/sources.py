@@ -17,30 +17,30 @@ class Source:
     name: str
 
 
-def find_sources(inputs: list[str]) -> tuple[list[Source], list[str]]:
-    """The documents the inputs name, in a stable order, and a message for each input that names none.
+def find_sources(inputs: list[str]) -> tuple[list[Source], list[tuple[str, str]]]:
+    """The documents the inputs name, in a stable order, and (input, why) for each input that names none.
 
     A folder contributes every PDF and image below it, named by its path inside the folder (the
     structure is mirrored under ``--out``); a file or a glob match is named by its file name. Two
     documents that would share a name (``a.pdf`` and ``a.png``) keep their suffix in it."""
     found: list[tuple[Path, Path]] = []  # (file, its path relative to what named it)
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     for given in inputs:
         path = Path(given).expanduser()
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
             found += [(p, p.relative_to(path)) for p in files]
             if not files:
-                problems.append(f"{given}: no PDF or image in this folder")
+                problems.append((given, "no PDF or image in this folder"))
         elif path.is_file():
             found.append((path, Path(path.name)))
         elif matches := sorted(glob.glob(given, recursive=True)):
             files = [Path(m) for m in matches if Path(m).is_file() and Path(m).suffix.lower() in SUFFIXES]
             found += [(p, Path(p.name)) for p in files]
             if not files:
-                problems.append(f"{given}: matches no PDF or image")
+                problems.append((given, "matches no PDF or image"))
         else:
-            problems.append(f"{given}: no such file, folder or match")
+            problems.append((given, "no such file, folder or match"))
     return _named(found), problems
 
 

@@ -84,14 +84,12 @@ class Workspace:
 
     def finish(self, source: Source, pages: dict[int, dict[str, Any]], meta: dict[str, Any], seconds: float) -> dict:
         """Write the document's ``.md`` and ``.json`` from its pages; the manifest marks it done."""
-        from service.engine import PageResult  # here: a rerun with nothing to do never imports torch
-        from service.schemas import PAGE_SEPARATOR, PageOut, aggregate
+        from service.schemas import PAGE_SEPARATOR, PageOut, aggregate  # here: a rerun with nothing to do
+        # never imports torch
 
-        numbers = sorted(pages)
-        results = [PageResult.model_validate(pages[n]) for n in numbers]
-        out_pages = [PageOut(page=n, **pages[n]) for n in numbers]
+        out_pages = [PageOut(page=n, **pages[n]) for n in sorted(pages)]
         markdown = PAGE_SEPARATOR.join(p.markdown for p in out_pages)
-        stats = aggregate(results, seconds * 1e3)
+        stats = aggregate(out_pages, seconds * 1e3)  # a PageOut is a PageResult with its number
         document = {
             "source": str(source.path),
             **meta,
