@@ -194,3 +194,15 @@ def test_through_a_service_with_a_key_the_key_comes_from_the_flag_or_the_environ
         assert main([*args, "--out", str(tmp_path / "flag"), "--url", base, "--api-key", "k1"]) == 0
         monkeypatch.setenv("RTPRUNE_API_KEY", "k1")
         assert main([*args, "--out", str(tmp_path / "env"), "--url", base]) == 0
+
+
+def test_a_service_that_cannot_be_reached_is_a_reported_failure_not_a_traceback(tmp_path):
+    from service.cli import main
+    from service.loadtest import free_port
+
+    page = tmp_path / "p.png"
+    text_page((300, 200)).save(page)
+    out = tmp_path / "out"
+    assert main(["convert", str(page), "--out", str(out), "--url", f"http://127.0.0.1:{free_port()}", "--quiet"]) == 1
+    (document,) = json.loads((out / "report.json").read_text())["documents"]
+    assert document["state"] == "failed" and document["error"]["code"] == "unreachable"

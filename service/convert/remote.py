@@ -4,10 +4,11 @@ when it is done. A service that is full (503, 429) is waited out as its ``Retry-
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ class RemoteRunner:
 
     def model(self) -> str:
         """The model the first service runs (all of them should run the same), once it is ready."""
-        info = self.clients[0].get("/v1/info")
+        with _reaching(self.clients[0]):
+            info = self.clients[0].get("/v1/info")
         _raise_for(info)
         return info.json()["model"]
 
@@ -43,7 +45,10 @@ class RemoteRunner:
         number of its pages done so far, as they finish."""
         with self._lock:
             client = self.clients[next(self._next)]
-        job = self._create(client, path)
+        with _reaching(client):
+            return self._follow(client, self._create(client, path), on_progress)
+
+    def _follow(self, client: httpx.Client, job: str, on_progress: Callable[[int], None]) -> dict[str, Any]:
         done = 0
         while True:
             status = client.get(f"/v1/jobs/{job}")
@@ -72,6 +77,15 @@ class RemoteRunner:
     def close(self) -> None:
         for client in self.clients:
             client.close()
+
+
+@contextlib.contextmanager
+def _reaching(client: httpx.Client) -> Iterator[None]:
+    """A service that cannot be reached (refused, reset, timed out) is a RemoteFailure like any other."""
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        raise RemoteFailure("unreachable", f"{client.base_url}: {exc}") from None
 
 
 def _raise_for(answer: httpx.Response) -> None:
