@@ -220,7 +220,8 @@ class JsonBodyMiddleware:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        if await asyncio.to_thread(json_beside_images, body) > self.max_bytes:
+        # a body under the cap is under it whatever it holds: only a larger one is measured
+        if len(body) > self.max_bytes and await asyncio.to_thread(json_beside_images, body) > self.max_bytes:
             too_large = JsonTooLarge(
                 f"the JSON body holds more than {self.max_bytes // 1024} KiB besides its images (data URLs); "
                 "send the document as an image or file, not as text"
