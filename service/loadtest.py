@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -79,6 +80,34 @@ def percentile(histogram: Counter[int], q: float) -> float:
     return 0.0
 
 
+def report_folder_problem(out: Path) -> str | None:
+    """Why the report cannot be written into ``out`` (made if missing), in one line; None when it can.
+    Checked before the run, so a folder the load test cannot write costs a clear error, not a minute of
+    load and a traceback at the end (as in a container whose mounted folder belongs to another user)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        owner = f" (owned by uid {out.stat().st_uid}" if out.exists() else " ("
+        return (
+            f"cannot write the load report into {out}: {error.strerror}{owner}; this process runs as uid "
+            f"{os.getuid()}); choose another --out, or make the folder writable"
+        )
+    return None
+
+
+def give_to_folder_owner(out: Path) -> None:
+    """Hand the report's files to the owner of ``out`` when running as root: the compose service runs the
+    load test as root so that it can write into ``./load-report`` whoever owns it (Docker makes the folder
+    as root when it is missing), and the files then belong to whoever owns the folder, not to root."""
+    if os.getuid() != 0:
+        return
+    folder = out.stat()
+    for path in out.iterdir():
+        os.chown(path, folder.st_uid, folder.st_gid)
+
+
 def run_loadtest(
     users: int,
     duration_s: int,
@@ -95,7 +124,10 @@ def run_loadtest(
             file=sys.stderr,
         )
         return 2
-    out.mkdir(parents=True, exist_ok=True)
+    unwritable = report_folder_problem(out)
+    if unwritable:
+        print(f"error: {unwritable}", file=sys.stderr)
+        return 2
     server = None
     if host is None:
         port = free_port()
@@ -168,6 +200,7 @@ def run_loadtest(
             + (f" (--duration {needed:.0f} or more here)" if needed else "")
         )
     (out / "summary.txt").write_text(line + "\n")
+    give_to_folder_owner(out)
     print(line)
     print(f"reports: {out / 'report.html'}, {out / 'locust_stats.json'}, {out / 'locust_server_stats.csv'}")
     return 0 if stats["requests"] > 0 and stats["failures"] == 0 and result.returncode == 0 else 1
