@@ -28,6 +28,7 @@ FROM ${BASE_IMAGE} AS runtime
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=
 ARG EXTRAS=load,postgres
+ARG LOCAL_WHEELS=
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/cache/huggingface \
@@ -35,13 +36,21 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RTPRUNE_HOST=0.0.0.0 \
     RTPRUNE_PORT=8000 \
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-COPY --from=build /wheels /wheels
-# torch first (the tested version, from the chosen index), then the service with its extras (load test; ray)
+# torch alone first, in a layer of its own: the largest layer (GBs with CUDA) is shared by every image
+# built with the same torch, index and base (the default, Ray and vLLM-profile images), and a change to
+# the project rebuilds only the small layer after it. With LOCAL_WHEELS=1, pip also looks in
+# docker/wheels/ of the build context and prefers what it finds there (torch's CPU wheel, say, on a
+# machine that reaches PyPI but not PyTorch's CPU index); the folder is mounted, never copied into a layer.
+# (DL3013: torch is pinned, through TORCH_VERSION)
+# hadolint ignore=DL3013
+RUN --mount=type=bind,source=docker/wheels,target=/local-wheels \
+    python -m pip install --no-cache-dir ${LOCAL_WHEELS:+--find-links /local-wheels} \
+        ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
+# then the service with its extras (load test, PostgreSQL; + ray); torch is already satisfied
 # (DL3013: the wheel is this project, built above; its dependencies are bounded in pyproject.toml)
 # hadolint ignore=DL3013
-RUN python -m pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}" \
-    && python -m pip install --no-cache-dir "$(find /wheels -name 'rtprune_ocr-*.whl')[${EXTRAS}]" \
-    && rm -rf /wheels \
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    python -m pip install --no-cache-dir "$(find /wheels -name 'rtprune_ocr-*.whl')[${EXTRAS}]" \
     && useradd --create-home --uid 10001 app \
     && mkdir -p /cache /jobs \
     && chown app:app /cache /jobs
