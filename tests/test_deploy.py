@@ -144,7 +144,8 @@ def test_image_entrypoint_becomes_ready_with_the_image_environment(preset_cache,
         if keyword == "ENV":
             env.update(dict(pair.split("=", 1) for pair in shlex.split(args)))
     compose = yaml.safe_load(COMPOSE.read_text())
-    env.update(compose["services"]["rtprune-ocr-cpu"]["environment"])
+    for name, value in compose["services"]["rtprune-ocr-cpu"]["environment"].items():  # ${VAR:-default} as compose
+        env[name] = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m[1]) or m[2], str(value))
     port = free_port()
     env.update(
         RTPRUNE_HOST="127.0.0.1",
