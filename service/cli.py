@@ -199,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--retention", default="1.0,0.9,0.8425,0.7,auto", help="comma-separated grid [default: %(default)s]"
     )
+    evaluate.add_argument(
+        "--match",
+        choices=("quick", "simple"),
+        default="quick",
+        help="OmniDocBench's matching: quick (its default, the leaderboard's) or simple [default: %(default)s]",
+    )
     evaluate.add_argument("--limit", type=int, metavar="N", help="first N pages only [default: all]")
     evaluate.add_argument("--max-new-tokens", type=int, default=8192, metavar="INT", help="[default: %(default)s]")
     evaluate.add_argument("--out", type=Path, required=True, help="folder for pages.csv, summary.json/.csv, the plot")
@@ -330,7 +336,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from service.evaluation.harness import parse_retentions, print_scores, score_predictions, settings_grid
     from service.evaluation.protocols import PROTOCOLS
 
-    protocol = PROTOCOLS[args.protocol]()
+    protocol = PROTOCOLS[args.protocol](**({"match": args.match} if args.protocol == "omnidocbench" else {}))
     try:
         pages = protocol.load(args.data, args.limit)
         if args.predictions is not None:

@@ -132,5 +132,249 @@ def write_pairs(out: Path) -> None:
     (out / "fox_pairs.json").write_text(json.dumps(fox, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
+# --- pages built to exercise each rule of quick_match ----------------------------------------------
+
+WORDS = (
+    "model",
+    "page",
+    "token",
+    "vision",
+    "encoder",
+    "prefill",
+    "decode",
+    "retention",
+    "table",
+    "figure",
+    "layout",
+    "reading",
+    "order",
+    "text",
+    "block",
+    "formula",
+    "header",
+    "footer",
+    "caption",
+    "number",
+    "value",
+    "grows",
+    "method",
+    "result",
+    "column",
+    "paragraph",
+    "section",
+    "data",
+    "image",
+)
+CJK = (
+    "文档理解是计算机视觉中的重要任务模型读取页面图像并输出结构化文本表格公式"
+    "与阅读顺序都需要被正确识别压缩视觉令牌可以降低推理成本"
+)
+
+
+def _sentence(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
+
+
+def _paragraph(rng: random.Random, sentences: int) -> str:
+    return " ".join(_sentence(rng, rng.randint(6, 14)) for _ in range(sentences))
+
+
+def _cjk_paragraph(rng: random.Random, characters: int) -> str:
+    return "".join(rng.choice(CJK) for _ in range(characters)) + "。"
+
+
+def _matching_page(name: str, blocks: list[tuple[str, str]], language: str = "english") -> dict:
+    """A page entry of OmniDocBench's JSON from (category, content) in reading order."""
+    dets = []
+    for order, (category, content) in enumerate(blocks, 1):
+        det = {
+            "category_type": category,
+            "poly": [0, 0, 10, 0, 10, 10, 0, 10],
+            "ignore": False,
+            "order": order,
+            "anno_id": order,
+            "attribute": {"text_language": f"text_{language}"},
+        }
+        key = {"table": "html", "equation_isolated": "latex"}.get(category, "text")
+        det[key] = content
+        if category == "table":  # the benchmark's tables carry both forms
+            det["latex"] = LATEX_TABLE
+        dets.append(det)
+    info = {
+        "page_no": 0,
+        "height": 1000,
+        "width": 800,
+        "image_path": f"matching_{name}.png",
+        "page_attribute": {"data_source": "academic_literature", "language": language, "layout": "single_column"},
+    }
+    return {"layout_dets": dets, "page_info": info, "extra": {"relation": []}}
+
+
+TABLE = (
+    "<table><tr><td>Mode</td><td>Tokens</td></tr><tr><td>Tiny</td><td>64</td></tr>"
+    "<tr><td>Base</td><td>256</td></tr></table>"
+)
+LATEX_TABLE = "\\begin{tabular}{ll}\nMode & Tokens \\\\\nTiny & 64 \\\\\nBase & 256 \\\\\n\\end{tabular}"
+
+
+def matching_pairs() -> list[tuple[dict, str]]:
+    """(truth page, predicted markdown) for each matching rule, named after it."""
+    rng = random.Random(77)
+    p = [_paragraph(rng, rng.randint(3, 6)) for _ in range(8)]
+    header, footer, number, caption = "Journal of Tokens 12", "Preprint under review", "7", "Table 1: Tokens per mode."
+    chars = lambda text, rate: _typos(text, rng, rate)  # noqa: E731
+    pairs = []
+
+    def page(name: str, truth: list[tuple[str, str]], predicted: list[str], language: str = "english") -> None:
+        pairs.append((_matching_page(name, truth, language), "\n\n".join(x for x in predicted if x) + "\n"))
+
+    body = [("text_block", t) for t in p[:4]]
+    thirds = [p[0][: len(p[0]) // 3], p[0][len(p[0]) // 3 : 2 * len(p[0]) // 3], p[0][2 * len(p[0]) // 3 :]]
+    page("split_in_three", [("header", header), *body], [header, *thirds, *p[1:4]])
+    page("merged_three", [("header", header), *body], [header, p[0] + " " + p[1] + " " + p[2], p[3]])
+    page(
+        "split_and_merged",
+        [("header", header), ("title", "Token pruning"), *body],
+        [
+            header,
+            "# Token pruning",
+            p[0][: len(p[0]) // 2],
+            p[0][len(p[0]) // 2 :] + " " + p[1],
+            chars(p[2], 0.05),
+            p[3],
+        ],
+    )
+    page(
+        "headers_footers_numbers",
+        [
+            ("header", header),
+            ("title", "Results"),
+            *body[:3],
+            ("figure_caption", "Figure 2: Pages per second."),
+            ("page_footnote", "1 Measured on one GPU."),
+            ("footer", footer),
+            ("page_number", number),
+        ],
+        [
+            chars(header, 0.1),
+            "# Results",
+            *p[:3],
+            "Figure 2: Pages per second.",
+            number,
+            "Journal of Tokens 12 " + p[4][:40],
+        ],
+    )
+    page(
+        "header_like_paragraph",
+        [("header", "Token pruning methods"), ("text_block", "Token pruning methods"), *body[:2]],
+        ["Token pruning methods", *p[:2]],
+    )
+    page(
+        "leftover_rewritten",
+        [("header", header), *body],
+        [header, p[0], "Completely different words fill this block instead of the paragraph.", p[2], p[3]],
+    )
+    page("invented_and_missing", [("header", header), *body], [header, p[0], p[2], _paragraph(rng, 3), p[3]])
+    page(
+        "formula_as_text",
+        [
+            ("header", header),
+            ("text_block", p[0]),
+            ("equation_isolated", "$$E=\\sum_{i} w_{i} x_{i}^{2}$$"),
+            ("text_block", p[1]),
+        ],
+        [header, p[0], "E = Σ w i x i 2", p[1]],
+    )
+    page(
+        "equation_array_split",
+        [
+            ("header", header),
+            ("text_block", p[0]),
+            ("equation_isolated", "$$\\begin{array}{l} a=b+c \\\\ d=e f \\end{array}$$"),
+            ("text_block", p[1]),
+        ],
+        [header, p[0], "$$a=b+c$$", "$$d=ef$$", p[1]],
+    )
+    page(
+        "equations_joined",
+        [
+            ("header", header),
+            ("text_block", p[0]),
+            ("equation_isolated", "$$a=b+c$$"),
+            ("equation_isolated", "$$d=e f$$"),
+            ("text_block", p[1]),
+        ],
+        [header, p[0], "$$\\begin{array}{l} a=b+c \\\\ d=ef \\end{array}$$", p[1]],
+    )
+    page(
+        "inline_math",
+        [
+            ("header", header),
+            ("text_block", "The value $x_{i}^{2}$ grows with $\\alpha$ here. " + p[0]),
+            ("text_block", p[1]),
+        ],
+        [header, "The value $x_i^2$ grows with $\\alpha$ here. " + p[0], p[1]],
+    )
+    page(
+        "table_html",
+        [("header", header), ("text_block", p[0]), ("table_caption", caption), ("table", TABLE), ("text_block", p[1])],
+        [header, p[0], caption, TABLE.replace("64", "65"), p[1]],
+    )
+    page(
+        "table_markdown",
+        [("header", header), ("text_block", p[0]), ("table", TABLE), ("text_block", p[1])],
+        [header, p[0], "| Mode | Tokens |\n|---|---|\n| Tiny | 64 |\n| Base | 256 |", p[1]],
+    )
+    page(
+        "table_latex",
+        [("header", header), ("text_block", p[0]), ("table", TABLE), ("text_block", p[1])],
+        [header, p[0], LATEX_TABLE, p[1]],
+    )
+    page(
+        "table_not_in_truth",
+        [("header", header), ("text_block", p[0]), ("table", TABLE), ("text_block", p[1])],
+        [header, p[0], TABLE, "<table><tr><td>" + p[1][:30] + "</td><td>ghost</td></tr></table>", p[1][30:]],
+    )
+    c = [_cjk_paragraph(rng, rng.randint(60, 120)) for _ in range(4)]
+    page(
+        "chinese",
+        [("header", "第十二卷"), *[("text_block", t) for t in c]],
+        ["第十二卷", c[0][:40], c[0][40:], chars(c[1], 0.0), c[2] + c[3]],
+        language="simplified_chinese",
+    )
+    page("empty_prediction", [("header", header), *body], [])
+    page("only_ignored_truth", [("header", header), ("page_number", number)], [header, p[0]])
+    long = [_paragraph(rng, rng.randint(4, 9)) for _ in range(36)]
+    predicted = [header]
+    for k, text in enumerate(long):
+        if k % 9 == 2:
+            predicted += [text[: len(text) // 2], text[len(text) // 2 :]]
+        elif k % 9 == 5 and k + 1 < len(long):
+            predicted.append(text + " " + long[k + 1])
+        elif k % 9 == 6:
+            continue
+        else:
+            predicted.append(chars(text, 0.03))
+    page("long_page", [("header", header), *[("text_block", t) for t in long]], predicted)
+    page(
+        "columns_swapped_and_split",
+        [("header", header), *body],
+        [header, p[2], p[3][: len(p[3]) // 2], p[3][len(p[3]) // 2 :], p[0], p[1]],
+    )
+    return pairs
+
+
+def write_matching_pairs(out: Path) -> None:
+    """``out/OmniDocBench.json`` and ``out/predictions/`` of :func:`matching_pairs`."""
+    predictions = out / "predictions"
+    predictions.mkdir(parents=True, exist_ok=True)
+    pairs = matching_pairs()
+    for truth, markdown in pairs:
+        (predictions / f"{Path(truth['page_info']['image_path']).stem}.md").write_text(markdown, encoding="utf-8")
+    truths = [truth for truth, _ in pairs]
+    (out / "OmniDocBench.json").write_text(json.dumps(truths, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
 if __name__ == "__main__":
     write_pairs(Path(sys.argv[1]))
+    write_matching_pairs(Path(sys.argv[1]) / "matching")

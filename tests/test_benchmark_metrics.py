@@ -1,6 +1,6 @@
 """The benchmarks' metrics: hand-computed cases for each, and agreement with the benchmarks' own
-evaluators on 24 prediction/truth pairs (how the reference numbers were made:
-tests/data/benchmark_pairs/README.md)."""
+evaluators on 24 prediction/truth pairs and 20 pages built for the matching rules, under both of
+OmniDocBench's matchings (how the reference numbers were made: tests/data/benchmark_pairs/README.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from service.evaluation.normalize import normalize_formula, normalize_table, nor
 from service.evaluation.teds import teds
 
 PAIRS = Path(__file__).parent / "data" / "benchmark_pairs"
+MATCHING = PAIRS / "matching"  # a page per quick_match rule (tests/benchmark_pairs.py: matching_pairs)
 
 
 # --- hand-computed cases ----------------------------------------------------------------------------
@@ -139,11 +140,10 @@ def test_fox_meteor_uses_wordnet_synonyms_offline():
 # --- agreement with the reference evaluators ----------------------------------------------------------
 
 
-def _our_pages() -> dict[str, dict]:
-    pages = omnidocbench.load_truth(PAIRS / "OmniDocBench.json")
-    scores = [
-        omnidocbench.score_page(p, (PAIRS / "predictions" / f"{Path(p.name).stem}.md").read_text()) for p in pages
-    ]
+def _our_pages(folder: Path = PAIRS, match: str = "simple") -> tuple[dict[str, dict], dict]:
+    pages = omnidocbench.load_truth(folder / "OmniDocBench.json")
+    predictions = folder / "predictions"
+    scores = [omnidocbench.score_page(p, (predictions / f"{Path(p.name).stem}.md").read_text(), match) for p in pages]
     return {s.name: omnidocbench.page_record(s) for s in scores}, omnidocbench.summarize(scores)
 
 
@@ -153,16 +153,23 @@ ELEMENTS = {
     "table": "table_edit",
     "reading_order": "reading_order_edit",
 }
+SETS = {"pairs": PAIRS, "matching": MATCHING}
 
 
+@pytest.mark.parametrize("match", ["quick", "simple"])
+@pytest.mark.parametrize("pages", list(SETS))
 @pytest.mark.parametrize("element", list(ELEMENTS))
-def test_every_page_agrees_with_omnidocbenchs_evaluator_simple_match(element):
-    ours, _ = _our_pages()
-    reference = json.loads((PAIRS / "reference_simple_match" / f"{element}_per_page_edit.json").read_text())
-    assert len(reference) >= 20
+def test_every_page_agrees_with_omnidocbenchs_evaluator(element, pages, match):
+    """Split, merged, reordered, invented and missing paragraphs, headers and page numbers, formulas
+    as text and as arrays, tables in HTML, markdown and LaTeX, Chinese, an empty prediction, a long
+    page: every page's score under the evaluator's quick_match (its default) and simple_match."""
+    ours, _ = _our_pages(SETS[pages], match)
+    reference = json.loads((SETS[pages] / f"reference_{match}_match" / f"{element}_per_page_edit.json").read_text())
+    assert reference
     for page, value in reference.items():
-        assert ours[page][ELEMENTS[element]] == pytest.approx(value, abs=1e-6), page
+        assert ours[page][ELEMENTS[element]] == pytest.approx(value, abs=1e-9), page
     assert {p for p, r in ours.items() if r[ELEMENTS[element]] is not None} == set(reference)
+    assert {r["match"] for r in ours.values()} == {match}
 
 
 def test_every_table_agrees_on_teds_and_teds_s():
@@ -175,32 +182,44 @@ def test_every_table_agrees_on_teds_and_teds_s():
         assert ours[page]["table_teds_s"] == pytest.approx(value["TEDS_structure_only"], abs=1e-3), key
 
 
-def test_the_headline_numbers_agree():
-    _, summary = _our_pages()
-    reference = json.loads((PAIRS / "reference_simple_match" / "metric_result.json").read_text())
+@pytest.mark.parametrize("match", ["quick", "simple"])
+@pytest.mark.parametrize("pages", list(SETS))
+def test_the_headline_numbers_agree(pages, match):
+    _, summary = _our_pages(SETS[pages], match)
+    reference = json.loads((SETS[pages] / f"reference_{match}_match" / "metric_result.json").read_text())
     text = reference["text_block"]["all"]["Edit_dist"]
-    assert summary["text_edit"] == pytest.approx(text["ALL_page_avg"], abs=1e-6)
-    assert summary["text_edit_whole"] == pytest.approx(text["edit_whole"], abs=1e-6)
+    assert summary["text_edit"] == pytest.approx(text["ALL_page_avg"], abs=1e-9)
+    assert summary["text_edit_whole"] == pytest.approx(text["edit_whole"], abs=1e-9)
     assert summary["formula_edit"] == pytest.approx(
-        reference["display_formula"]["all"]["Edit_dist"]["ALL_page_avg"], abs=1e-6
+        reference["display_formula"]["all"]["Edit_dist"]["ALL_page_avg"], abs=1e-9
     )
     tables = reference["table"]
     assert summary["table_teds"] == pytest.approx(tables["page"]["TEDS"]["ALL"], abs=1e-3)  # the leaderboard's
     assert summary["table_teds_s"] == pytest.approx(tables["page"]["TEDS_structure_only"]["ALL"], abs=1e-3)
     assert summary["table_teds_table_avg"] == pytest.approx(tables["all"]["TEDS"]["all"], abs=1e-3)
     assert summary["reading_order_edit"] == pytest.approx(
-        reference["reading_order"]["all"]["Edit_dist"]["ALL_page_avg"], abs=1e-6
+        reference["reading_order"]["all"]["Edit_dist"]["ALL_page_avg"], abs=1e-9
     )
 
 
-def test_pages_that_map_one_to_one_agree_with_quick_match_too():
-    ours, _ = _our_pages()
-    reference = json.loads((PAIRS / "reference_quick_match" / "text_block_per_page_edit.json").read_text())
-    split_or_merged = {"synthetic_7_0009.png", "synthetic_7_0010.png"}  # quick_match re-joins these
-    for page, value in reference.items():
-        if page not in split_or_merged:
-            assert ours[page]["text_edit"] == pytest.approx(value, abs=1e-6), page
-    assert all(ours[p]["text_edit"] > reference[p] for p in split_or_merged)  # we charge what quick_match forgives
+def test_quick_match_forgives_what_simple_match_charges():
+    """The leaderboard's matching re-joins a paragraph split in three and splits three merged ones."""
+    quick, _ = _our_pages(MATCHING, "quick")
+    simple, _ = _our_pages(MATCHING, "simple")
+    for page in ("matching_split_in_three.png", "matching_merged_three.png", "matching_chinese.png"):
+        assert quick[page]["text_edit"] == 0 < simple[page]["text_edit"], page
+
+
+def test_a_page_past_quick_matchings_deadline_is_matched_the_simple_way_and_says_so():
+    page = omnidocbench.load_truth(MATCHING / "OmniDocBench.json")[0]
+    markdown = (MATCHING / "predictions" / f"{Path(page.name).stem}.md").read_text()
+    late = omnidocbench.score_page(page, markdown, "quick", deadline_s=0.0)
+    simple = omnidocbench.score_page(page, markdown, "simple")
+    assert late.match == "simple (quick timed out)"
+    assert omnidocbench.page_record(late) | {"match": None} == omnidocbench.page_record(simple) | {"match": None}
+    assert omnidocbench.summarize([late])["pages_quick_match_timed_out"] == 1
+    with pytest.raises(ValueError, match="quick, simple"):
+        omnidocbench.score_page(page, markdown, "fuzzy")
 
 
 def test_fox_agrees_with_fox_tool_on_every_pair():

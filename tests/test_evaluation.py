@@ -129,6 +129,10 @@ def test_eval_cli_scores_a_folder_of_predictions_without_a_model(tmp_path, capsy
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pages"] == 20 and len(summary["missing_predictions"]) == 4
     assert 0 < summary["text_edit"] < 1 and summary["formula_cdm"] is None
+    assert summary["match"] == "quick"  # the benchmark's default, as the leaderboard
+    assert cli.main([*args, "--predictions", str(predictions), "--out", str(out), "--match", "simple"]) == 0
+    assert "matched simple" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["match"] == "simple"
     fox_args = ["eval", "--protocol", "fox", "--data", str(tmp_path / "none.json"), "--predictions", str(predictions)]
     assert cli.main([*fox_args, "--out", str(out)]) == 2  # a missing file is a clear error, not a traceback
     assert "none.json" in capsys.readouterr().err

@@ -383,6 +383,9 @@ def print_scores(protocol: Protocol, summary: dict[str, Any]) -> None:
     print(
         f"{protocol.name}: {summary['pages']} pages scored, {len(summary['missing_predictions'])} without a prediction"
     )
+    if summary.get("match"):  # OmniDocBench: how the blocks were matched (quick is the leaderboard's)
+        timed_out = summary.get("pages_quick_match_timed_out") or 0
+        print(f"  matched {summary['match']}" + (f" ({timed_out} pages past quick_match's 30 s)" if timed_out else ""))
     for metric in protocol.headline:
         value = summary.get(metric)
         print(f"  {metric:<22} {'not computed' if value is None else f'{value:.4f}'}")

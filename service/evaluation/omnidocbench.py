@@ -3,10 +3,10 @@
 The truth is the benchmark's JSON (``layout_dets`` with categories, ``order``, text/LaTeX/HTML,
 ``truncated`` relations, attributes; ``page_info`` with the image name and page attributes).
 A page's markdown is cut into blocks (``blocks.py``), normalised (``normalize.py``) and matched
-to the truth one-to-one by the Hungarian assignment on normalised edit distance: the
-benchmark's ``simple_match``. Its default ``quick_match`` (which also merges paragraphs a model
-split and matches headers first) is not reimplemented; on pages whose blocks map one-to-one
-the two agree. Then, as the benchmark does:
+to the truth by the benchmark's default ``quick_match`` (``quick_match.py``: ignored categories
+first, split paragraphs merged, merged paragraphs split, leftovers paired; simple matching when it
+runs past 30 s, as the evaluator does), or with ``match="simple"`` its ``simple_match``: one-to-one
+by the Hungarian assignment on normalised edit distance. Then, as the benchmark does:
 
 - tables are matched among themselves (on raw HTML); a predicted table left over is broken into
   its cell texts, which join the text pool;
@@ -14,7 +14,8 @@ the two agree. Then, as the benchmark does:
   formula matched to a text block is scored as text;
 - headers, footers, page numbers, footnotes, captions and equation captions take part in the
   matching (so they do not steal a paragraph's match) but are left out of the text score;
-- predicted blocks matched to nothing are not charged (``simple_match`` drops them);
+- predicted blocks matched to nothing are not charged;
+- a group of matched blocks is scored on its lines joined without a separator;
 - reading order is the edit distance between the truth's order numbers of the text blocks and
   the same numbers listed in the order the prediction put their matches.
 
@@ -41,7 +42,11 @@ from scipy.optimize import linear_sum_assignment
 
 from .blocks import FORMULA, HTML_TABLE, LATEX_TABLE, TEXT, Block, split_blocks
 from .normalize import clean_text, latex_to_unicode, normalize_formula, normalize_table, normalize_text
+from .quick_match import Group, MatchTimeout, majority_category, quick_match
 from .teds import teds
+
+MATCHES = ("quick", "simple")  # the evaluator's quick_match (its default) and simple_match
+TIMED_OUT = "simple (quick timed out)"  # a page whose quick matching ran past its deadline, as the evaluator does
 
 TEXT_CATEGORIES = (
     "text_block", "title", "code_txt", "code_txt_caption", "reference", "equation_caption", "figure_caption",
@@ -102,6 +107,7 @@ class PageScore:
     formula: list[Pair]
     table: list[Pair]
     order: float | None  # None: no text block with an order on this page
+    match: str = "quick"  # how the page was matched: quick, simple, or simple after quick timed out
 
 
 # --- the truth ------------------------------------------------------------------------------------
@@ -240,16 +246,74 @@ def _score_tables(page: OmniPage, blocks: list[Block]) -> tuple[list[Pair], list
 
 
 def _pool(blocks: list[Block]) -> list[Block]:
-    """Text and formula blocks grouped by kind in order of first appearance (the benchmark's pool order)."""
+    """Text and formula blocks grouped by kind in order of first appearance (simple_match's pool order)."""
     kinds = list(dict.fromkeys(b.kind for b in blocks if b.kind in (TEXT, FORMULA)))
     return [b for kind in kinds for b in blocks if b.kind == kind]
 
 
-def _reading_order(matched: list[tuple[TruthBlock, Block | None]]) -> float | None:
-    truth_order = sorted(t.order for t, _ in matched if t.order)
+def _page_order(blocks: list[Block]) -> list[Block]:
+    """Text and formula blocks in page order, inline formulas last (quick_match's pool order)."""
+    return sorted((b for b in blocks if b.kind in (TEXT, FORMULA)), key=lambda b: (b.inline, b.position))
+
+
+_ARRAY = re.compile(r"\\begin\{array\}\{(?P<spec>[^}]*)\}(?P<body>.*?)\\end\{array\}", re.DOTALL)
+
+
+def _array_rows(latex: str) -> list[str] | None:
+    """The rows of a one-column ``array`` (l, c or r), each as display math; None for anything else.
+    quick_match splits such a formula, on either side, into one block a row."""
+    found = _ARRAY.search(latex)
+    if not found:
+        return None
+    spec = re.sub(r"[!@]\{[^}]*\}", "", re.sub(r"\s+|\|", "", found["spec"]))
+    if spec not in ("l", "c", "r"):
+        return None
+    return [f"\\[{row.strip()}\\]" for row in re.split(r"\\\\", found["body"]) if row.strip()]
+
+
+def _split_truth_arrays(blocks: tuple[TruthBlock, ...]) -> list[TruthBlock]:
+    split: list[TruthBlock] = []
+    for block in blocks:
+        rows = _array_rows(block.content) if block.category == "equation_isolated" else None
+        if rows is None:
+            split.append(block)
+            continue
+        base = float(block.order or 0)
+        split.extend(
+            TruthBlock(block.category, row, round(base + k / 10, 1), block.attribute) for k, row in enumerate(rows, 1)
+        )  # type: ignore[arg-type]
+    return split
+
+
+def _split_pred_arrays(blocks: list[Block]) -> list[Block]:
+    split: list[Block] = []
+    for block in blocks:
+        rows = _array_rows(block.content) if block.kind == FORMULA else None
+        if rows is None:
+            split.append(block)
+            continue
+        body = _ARRAY.search(block.content)
+        assert body is not None
+        cursor = 0
+        for row in rows:
+            inner = row[2:-2]
+            found = body["body"].find(inner, cursor)
+            found = cursor if found < 0 else found
+            cursor = found + len(inner)
+            position = block.position + body.start("body") + found
+            split.append(Block(block.kind, row, position, block.inline))
+    return split
+
+
+def _reading_order(entries: list[tuple[list[float], int | None]]) -> float | None:
+    """Edit distance between the truth's order numbers and the same numbers listed in the order the
+    prediction put them; ``entries`` are each text group's truth orders and its first predicted block's
+    position (None: unmatched)."""
+    truth_order = sorted(o for orders, _ in entries for o in orders if o)
     if not truth_order:
         return None
-    predicted = [t.order for t, b in sorted(((t, b) for t, b in matched if b and t.order), key=lambda x: x[1].position)]
+    matched = sorted(((orders, at) for orders, at in entries if at is not None), key=lambda e: e[1])
+    predicted = [o for orders, _ in matched for o in orders if o]
     return Levenshtein.distance(truth_order, predicted) / max(len(truth_order), len(predicted))
 
 
@@ -259,28 +323,68 @@ def _normalized(items, normalize) -> list[tuple[Any, str]]:
     return [(item, norm) for item, norm in pairs if norm]
 
 
-def score_page(page: OmniPage, markdown: str) -> PageScore:
-    """Score one page's predicted markdown against its truth."""
+def _simple_groups(truths: list[str], pool: list[str]) -> list[Group]:
+    matches = match_one_to_one(truths, pool)
+    return [Group((i,), (matches[i],) if i in matches else ()) for i in range(len(truths))]
+
+
+def _array_of(lines: list[str]) -> str:
+    """Several formula lines as the one ``array`` the evaluator writes for a group of them."""
+    rows = " \\\\ ".join("{" + line.strip("$").strip("\n") + "}" for line in lines)
+    return f"\\begin{{array}}{{l}} {rows} \\end{{array}}"
+
+
+def score_page(page: OmniPage, markdown: str, match: str = "quick", deadline_s: float | None = 30.0) -> PageScore:
+    """Score one page's predicted markdown against its truth, matched ``quick`` (the benchmark's
+    default) or ``simple``; quick matching past ``deadline_s`` falls back to simple, as the evaluator's
+    does."""
+    if match not in MATCHES:
+        raise ValueError(f"match must be one of {', '.join(MATCHES)}, not {match!r}")
     blocks = split_blocks(markdown)
     table_pairs, leftovers = _score_tables(page, blocks)
-    pool = _normalized(_pool(blocks) + leftovers, _normalized_pred)
-    truths = _normalized(page.blocks, _normalized_truth)
-    matches = match_one_to_one([norm for _, norm in truths], [norm for _, norm in pool])
+    how = match
+    groups: list[Group] | None = None
+    if match == "quick":
+        pool = _normalized(
+            sorted(_split_pred_arrays(_page_order(blocks)) + leftovers, key=lambda b: (b.inline, b.position)),
+            _normalized_pred,
+        )
+        truths = _normalized(_split_truth_arrays(page.blocks), _normalized_truth)
+        categories = [t.category for t, _ in truths]
+        try:
+            groups = quick_match(
+                [n for _, n in truths], categories, [n for _, n in pool], set(IGNORED_IN_TEXT), deadline_s
+            )
+        except MatchTimeout:
+            how = TIMED_OUT
+    if groups is None:
+        pool = _normalized(_pool(blocks) + leftovers, _normalized_pred)
+        truths = _normalized(page.blocks, _normalized_truth)
+        categories = [t.category for t, _ in truths]
+        groups = _simple_groups([n for _, n in truths], [n for _, n in pool])
 
-    text, formula, matched_text = [], [], []
-    for index, (truth, norm_truth) in enumerate(truths):
-        pred, norm_pred = pool[matches[index]] if index in matches else (None, "")
-        pred_text = pred.content if pred else ""
-        if truth.category == "equation_isolated":
-            if pred is not None and pred.kind != FORMULA:  # a formula written as text: scored as text
-                as_text = latex_to_unicode(truth.content)
-                text.append(_pair(truth.category, as_text, pred_text, clean_text(as_text), norm_pred, {}))
+    text, formula, order_entries = [], [], []
+    for group in (g for g in groups if g.truths):
+        category = majority_category(categories, group, set(IGNORED_IN_TEXT))
+        if category in IGNORED_IN_TEXT:
+            continue
+        members = [truths[i][0] for i in group.truths]
+        preds = [pool[j][0] for j in group.preds]
+        norm_truth = "".join(truths[i][1] for i in group.truths)
+        norm_pred = "".join(pool[j][1] for j in group.preds)
+        pred_text = "".join(p.content for p in preds)
+        if category == "equation_isolated":
+            latex = members[0].content if len(members) == 1 else _array_of([m.content for m in members])
+            if preds and preds[0].kind != FORMULA:  # a formula written as text: scored as text
+                as_text = latex_to_unicode(latex)
+                text.append(_pair(category, as_text, pred_text, clean_text(as_text), norm_pred, {}))
             else:
-                formula.append(_pair(truth.category, truth.content, pred_text, norm_truth, norm_pred, {}))
-        elif truth.category not in IGNORED_IN_TEXT:
-            text.append(_pair(truth.category, truth.content, pred_text, norm_truth, norm_pred, truth.attribute))
-            matched_text.append((truth, pred))
-    return PageScore(page.name, page.attributes, text, formula, table_pairs, _reading_order(matched_text))
+                formula.append(_pair(category, latex, pred_text, norm_truth, norm_pred, {}))
+        else:
+            truth_text = "".join(m.content for m in members)
+            text.append(_pair(category, truth_text, pred_text, norm_truth, norm_pred, members[0].attribute))
+            order_entries.append(([m.order for m in members if m.order], preds[0].position if preds else None))
+    return PageScore(page.name, page.attributes, text, formula, table_pairs, _reading_order(order_entries), how)
 
 
 # --- aggregation ----------------------------------------------------------------------------------
@@ -320,6 +424,7 @@ def page_record(score: PageScore) -> dict[str, Any]:
         "table_teds_s": _mean([p.teds_structure for p in score.table if p.teds_structure is not None]),
         "table_edit": page_edit(score.table),
         "reading_order_edit": score.order,
+        "match": score.match,
     }
 
 
@@ -344,6 +449,8 @@ def summarize(scores: list[PageScore]) -> dict[str, Any]:
     order = [s.order for s in scores if s.order is not None]
     return {
         "pages": len(scores),
+        "match": ",".join(sorted({s.match for s in scores})) or None,
+        "pages_quick_match_timed_out": sum(s.match == TIMED_OUT for s in scores),
         "text_edit": text["page_avg"],
         "text_edit_whole": text["whole"],
         "text_edit_block_avg": text["block_avg"],
