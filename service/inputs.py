@@ -147,8 +147,10 @@ def open_document(
     max_pdf_pages: int = DEFAULT_MAX_PDF_PAGES,
     max_document_pixels: int | None = None,
     page_range: tuple[int, int | None] | None = None,
+    selection: list[tuple[int, int]] | None = None,
 ) -> Document:
-    """Check an upload and make it a :class:`Document` (1-based inclusive ``page_range`` for PDFs).
+    """Check an upload and make it a :class:`Document` (1-based inclusive ``page_range`` for PDFs, or a
+    ``selection`` of such ranges, sorted and apart: only the pages selected count against the limits).
 
     Every limit is checked here, before any PDF page is rendered."""
     if not data:
@@ -160,6 +162,7 @@ def open_document(
             max_pages=max_pdf_pages,
             max_total=max_document_pixels,
             page_range=page_range,
+            selection=selection,
         )
         return Document(numbers, _pdf=data, pixels=pixels)
     if page_range not in (None, (1, 1), (1, None)):
@@ -230,9 +233,10 @@ def _measure_pdf(
     max_pages: int,
     max_total: int | None = None,
     page_range: tuple[int, int | None] | None,
+    selection: list[tuple[int, int]] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """The 1-based numbers of the pages to OCR and their pixels, after checking the range, page count and
-    page sizes."""
+    """The 1-based numbers of the pages to OCR and their pixels, after checking the range (or selection),
+    page count and page sizes. Ranges are counted, never expanded, before the count is checked."""
     import pypdfium2 as pdfium
 
     with PDFIUM_LOCK:
@@ -244,14 +248,19 @@ def _measure_pdf(
             n_pages = len(pdf)
             first, last = page_range or (1, None)
             last = n_pages if last is None else last
-            if not 1 <= first <= last <= n_pages:
+            if selection is None and not 1 <= first <= last <= n_pages:
                 raise PageRangeOutside(
                     422,
                     "invalid_page_range",
                     f"page range {first}-{last} is outside the document's {n_pages} pages",
                     n_pages,
                 )
-            count = last - first + 1
+            ranges = [(first, last)] if selection is None else selection
+            if not ranges or ranges[0][0] < 1 or ranges[-1][1] > n_pages:
+                raise PageRangeOutside(
+                    422, "invalid_page_range", f"pages outside the document's {n_pages} pages", n_pages
+                )
+            count = sum(high - low + 1 for low, high in ranges)
             if count > max_pages:
                 raise UploadError(
                     413,
@@ -261,7 +270,7 @@ def _measure_pdf(
             scale = PDF_DPI / 72
             total = 0
             sizes = []
-            for index in range(first - 1, last):
+            for index in (page - 1 for low, high in ranges for page in range(low, high + 1)):
                 width, height = pdf[index].get_size()
                 pixels = int(width * scale) * int(height * scale)
                 if pixels > max_pixels:
@@ -276,10 +285,10 @@ def _measure_pdf(
                     raise UploadError(
                         413,
                         "document_too_large",
-                        f"pages {first}-{index + 1} already render to {total:,} pixels at {PDF_DPI} DPI; the limit "
-                        f"for one document is {max_total:,} (send fewer pages with a page range)",
+                        f"pages {ranges[0][0]}-{index + 1} already render to {total:,} pixels at {PDF_DPI} DPI; "
+                        f"the limit for one document is {max_total:,} (send fewer pages with a page range)",
                     )
-            return list(range(first, last + 1)), sizes
+            return [page for low, high in ranges for page in range(low, high + 1)], sizes
         except pdfium.PdfiumError as exc:
             raise UploadError(422, "corrupt_file", f"the PDF could not be read: {exc}") from None
         finally:

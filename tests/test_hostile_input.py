@@ -389,6 +389,19 @@ def test_a_short_page_string_cannot_ask_for_millions_of_pages(client):
     assert [p["index"] for p in client.post("/v1/ocr", json=overlapping).json()["pages"]] == [0, 1]
 
 
+def test_only_the_pages_asked_for_count_against_the_page_limit(client):
+    """The first and last page of a PDF longer than the limit are two pages, as the last one alone is one."""
+    limit = client.app.state.settings.max_pdf_pages
+    pdf = data_url(text_pdf(limit + 20, lines=1), "application/pdf")
+    body = {"document": {"type": "document_url", "document_url": pdf}, "rtprune": {"mode": "tiny"}, "max_new_tokens": 2}
+    both_ends = client.post("/v1/ocr", json={**body, "pages": [0, limit + 19]})
+    assert both_ends.status_code == 200, both_ends.text
+    assert [p["index"] for p in both_ends.json()["pages"]] == [0, limit + 19]
+    assert client.post("/v1/ocr", json={**body, "pages": [limit + 19]}).status_code == 200
+    every = client.post("/v1/ocr", json=body)  # the whole document is still too long
+    assert every.status_code == 413 and every.json()["error"]["code"] == "too_many_pages"
+
+
 def test_what_a_json_body_holds_besides_its_images_is_capped_before_it_is_parsed(client):
     buffer = io.BytesIO()
     Image.frombytes("RGB", (700, 700), random.Random(0).randbytes(700 * 700 * 3)).save(buffer, format="PNG")

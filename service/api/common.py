@@ -126,8 +126,14 @@ async def read_url(request: Request, url: str, settings: ServiceSettings) -> byt
     return await asyncio.get_running_loop().run_in_executor(pool, call)
 
 
-async def open_upload(data: bytes, settings: ServiceSettings, page_range: PageRange | None = None) -> Document:
-    """Bytes of any door (form, data URL, stored job) -> Document, under the service's limits."""
+async def open_upload(
+    data: bytes,
+    settings: ServiceSettings,
+    page_range: PageRange | None = None,
+    selection: list[tuple[int, int]] | None = None,
+) -> Document:
+    """Bytes of any door (form, data URL, stored job) -> Document, under the service's limits (which only
+    the pages of ``page_range`` or ``selection``, 1-based inclusive ranges, count against)."""
     return await run_in_threadpool(
         open_document,
         data,
@@ -135,6 +141,7 @@ async def open_upload(data: bytes, settings: ServiceSettings, page_range: PageRa
         max_pdf_pages=settings.max_pdf_pages,
         max_document_pixels=settings.max_document_pixels,
         page_range=page_range,
+        selection=selection,
     )
 
 

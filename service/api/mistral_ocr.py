@@ -132,11 +132,6 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def expand(ranges: list[tuple[int, int]]) -> list[int]:
-    """The pages of ranges already checked against the document (so there are at most its pages)."""
-    return [page for low, high in ranges for page in range(low, high + 1)]
-
-
 # Mistral's fields that change nothing here: accepted when set, and named in a warning (field -> why)
 WITHOUT_EFFECT = {
     "include_image_base64": "figures are not extracted: images stay empty",
@@ -246,17 +241,15 @@ async def mistral_ocr(
         raise InvalidParameter("pages selects no page; leave it out to OCR every page", param="pages")
     options, notes = door_options(engine, mistral_options(body), settings)
     data = await read_url(request, url, settings)
-    # only the pages asked for are measured against the limits (1-based range of the PDF, then a selection)
-    span = (wanted[0][0] + 1, wanted[-1][1] + 1) if wanted and is_pdf(data) else None
+    # only the pages asked for count against the limits: [0, 999] of a long PDF is two pages, not 1,000
+    selection = [(low + 1, high + 1) for low, high in wanted] if wanted and is_pdf(data) else None
     try:
-        document = await open_upload(data, settings, span)
+        document = await open_upload(data, settings, selection=selection)
     except PageRangeOutside as exc:  # said 0-based, as the request numbers its pages
         check_pages_exist(wanted or [], exc.n_pages)
         raise
-    if wanted is not None:
-        first = span[0] - 1 if span else 0
-        check_pages_exist(wanted, first + len(document))  # an image has one page
-        document = document.select([p - first for p in expand(wanted)])  # at most the document's pages
+    if wanted is not None and selection is None:
+        check_pages_exist(wanted, len(document))  # an image has one page
     request_pages = page_request(request, document, options, settings, accepted_at)
     scheduler.submit(request_pages)
     results = await wait_for(request, request_pages, settings)
