@@ -25,6 +25,8 @@ RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # --- runtime -------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="rtprune-ocr" \
+      org.opencontainers.image.licenses="MIT"
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=
 ARG EXTRAS=load,postgres

@@ -199,13 +199,13 @@ def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, dict]]:
             yield event, json.loads(line.removeprefix("data: "))
 
 
-def wait_until(condition: Callable[[], object], what: str, patience_s: float = 300.0) -> None:
-    """Wait for ``condition``; fail saying ``what`` did not happen. The patience is liveness (a busy machine
-    may be slow), never a speed claim: speed is measured in bench/."""
+def wait_until(condition: Callable[[], object], what: str, patience_s: float = 300.0, interval_s: float = 0.02) -> None:
+    """Wait for ``condition``, checked every ``interval_s``; fail saying ``what`` did not happen. The patience
+    is liveness (a busy machine may be slow), never a speed claim: speed is measured in bench/."""
     deadline = time.monotonic() + patience_s
     while not condition():
         assert time.monotonic() < deadline, what
-        time.sleep(0.02)
+        time.sleep(interval_s)
 
 
 def stopped_before_its_budget(app, budget: int = 8192) -> None:
