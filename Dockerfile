@@ -25,8 +25,6 @@ RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # --- runtime -------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
-LABEL org.opencontainers.image.title="rtprune-ocr" \
-      org.opencontainers.image.licenses="MIT"
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=
 ARG EXTRAS=load,postgres
@@ -69,5 +67,8 @@ EXPOSE 8000
 # Ready = weights loaded and one warm-up page done; the first download can take many minutes.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status != 200)"]
+# (last: a change to the labels rebuilds no layer; tests/test_docker.py prunes by the title)
+LABEL org.opencontainers.image.title="rtprune-ocr" \
+      org.opencontainers.image.licenses="MIT"
 # One process, one model: never run more uvicorn workers (each would load the model again).
 ENTRYPOINT ["rtprune-ocr", "serve"]
