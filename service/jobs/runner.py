@@ -259,6 +259,9 @@ class JobRunner:
             except (Overloaded, NotReady):  # durable: wait for room instead of failing
                 await asyncio.sleep(self.retry_after_s)
         finished = asyncio.wrap_future(pages.future)
+        # when this task is cancelled while it waits (shutdown; a lease lost after a DELETE), the pages end
+        # with an exception nobody awaits any more: retrieved here, so asyncio logs no "never retrieved"
+        finished.add_done_callback(lambda f: f.cancelled() or f.exception())
         while not (await asyncio.wait({finished}, timeout=1.0))[0]:
             if await self._cancelled_elsewhere(job_id):  # a cancel or expiry through another replica
                 pages.cancel.set()
