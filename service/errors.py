@@ -137,6 +137,10 @@ class TooManyStreams(ServiceError):
     status, code = 429, "too_many_streams"
 
 
+class TooManyFetches(ServiceError):
+    status, code = 429, "too_many_fetches"
+
+
 class NotFinished(ServiceError):
     status, code = 409, "job_not_finished"
 

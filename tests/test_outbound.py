@@ -16,7 +16,7 @@ import pytest
 from service.inputs import FETCH_FAILED
 from service.jobs.webhooks import Webhooks
 from service.outbound import Policy
-from tests.helpers import text_page
+from tests.helpers import text_page, wait_until
 from tests.test_api import client_for, png_bytes
 
 PNG = png_bytes(text_page((400, 300), lines=3))
@@ -243,3 +243,34 @@ def test_an_answer_shorter_than_it_declared_is_a_failed_fetch_not_a_truncated_im
     policy = Policy.from_setting(["127.0.0.1/32"])
     with listener(short) as (port, _), pytest.raises(OutboundRefused, match="990 bytes short"):
         request(f"http://127.0.0.1:{port}/p.png", policy, deadline_s=10, max_bytes=10_000)
+
+
+def test_one_client_holds_at_most_half_of_the_fetch_threads(tiny_engine):
+    """Fetches to a server that does not answer hold this client's share (half) of the fetch pool: one more
+    is refused at once with 429 and Retry-After, while another client still has its own share."""
+    from service.api.app import FETCH_THREADS
+
+    release = threading.Event()
+
+    def hold(connection):
+        release.wait(10)
+        http_reply("200 OK", PNG)(connection)
+
+    allowed = {"allow_url_fetch": True, "fetch_timeout_s": 10.0, "outbound_allow_networks": "127.0.0.1/32"}
+    with client_for(tiny_engine, **allowed) as (client, _), listener(hold) as (port, _):
+        shares = client.app.state.fetches
+        share = FETCH_THREADS // 2
+        held = [threading.Thread(target=chat, args=(client, f"http://127.0.0.1:{port}/{i}.png")) for i in range(share)]
+        for thread in held:
+            thread.start()
+        wait_until(lambda: sum(shares.open.values()) == share, "the client's share of the fetch threads held")
+        refused = chat(client, f"http://127.0.0.1:{port}/fifth.png")
+        assert refused.status_code == 429 and refused.headers["retry-after"]
+        assert refused.json()["error"]["code"] == "too_many_fetches"
+        other = {"type": "http", "client": ("10.0.0.9", 5000), "headers": []}
+        assert shares.acquire(other) == "address:10.0.0.9"  # another client's share is untouched
+        shares.release("address:10.0.0.9")
+        release.set()
+        for thread in held:
+            thread.join()
+        assert not shares.open  # every share given back

@@ -22,6 +22,7 @@ from service.api.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     ConcurrencyLimitMiddleware,
+    FetchShares,
     JsonBodyMiddleware,
     RequestContextMiddleware,
     StreamLimits,
@@ -124,8 +125,10 @@ def create_app(
     app.state.streams = StreamLimits(
         total=settings.max_streams, per_client=settings.max_streams_per_client, retry_after_s=settings.retry_after_s
     )
-    # image fetches run here, not on the threads that read uploads (a slow server must not stall those)
+    # image fetches run here, not on the threads that read uploads (a slow server must not stall those);
+    # one client's fetches may hold half of the threads
     app.state.fetch_pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="rtprune-fetch")
+    app.state.fetches = FetchShares(total=None, per_client=FETCH_THREADS // 2, retry_after_s=settings.retry_after_s)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(mistral_ocr.router)  # JSON bodies only; before the form route of the same path

@@ -120,10 +120,16 @@ async def read_url(request: Request, url: str, settings: ServiceSettings) -> byt
     """The bytes of a JSON door's data URL (or allowed http(s) URL), off the event loop and off the threads
     that read uploads: fetches have their own small pool, so slow servers cannot stall uploads."""
     limits = (settings.max_upload_bytes, settings.allow_url_fetch, settings.fetch_timeout_s)
-    # a data URL is decoded on the common threads: it must not wait behind slow remote fetches
-    pool = None if url.startswith("data:") else request.app.state.fetch_pool
     call = functools.partial(bytes_of_url, url, *limits, settings.outbound_policy())
-    return await asyncio.get_running_loop().run_in_executor(pool, call)
+    loop = asyncio.get_running_loop()
+    if url.startswith("data:"):  # decoded on the common threads: it must not wait behind slow remote fetches
+        return await loop.run_in_executor(None, call)
+    shares = request.app.state.fetches  # 429 past this client's share of the fetch threads
+    client = shares.acquire(request.scope)
+    try:
+        return await loop.run_in_executor(request.app.state.fetch_pool, call)
+    finally:
+        shares.release(client)
 
 
 async def open_upload(

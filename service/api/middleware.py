@@ -319,27 +319,31 @@ def _is_event_stream(message: Message) -> bool:
     return any(name == b"content-type" and value.startswith(b"text/event-stream") for name, value in message["headers"])
 
 
-class StreamLimits:
-    """Long-lived streams (job events, streamed chat) have their own limits, per client and in total, so that
-    one client holding hundreds of them cannot make every other request 503. A client is its address: the
-    service has one API key, which its users share (and without one, a client may invent any), so a key
-    says nothing about who holds the streams."""
+class ClientShares:
+    """A shared resource counted per client and in total, so that one client holding much of it cannot
+    starve every other. A client is its address: the service has one API key, which its users share (and
+    without one, a client may invent any), so a key says nothing about who is asking."""
 
-    def __init__(self, *, total: int, per_client: int, retry_after_s: int) -> None:
+    what = "things"  # how the refusals name the units, plural
+    advice = "wait for one to end"
+    refusal = "TooManyRequests"  # the 429's class in service.errors
+
+    def __init__(self, *, total: int | None, per_client: int, retry_after_s: int) -> None:
         self.total, self.per_client, self.retry_after_s = total, per_client, retry_after_s
         self.open: dict[str, int] = {}
 
     def acquire(self, scope: Scope) -> str:
-        """Count one more stream of this request's client, or refuse it: 429 past the client's share, 503
+        """Count one more unit of this request's client, or refuse it: 429 past the client's share, 503
         past the total (both with Retry-After)."""
-        from service.errors import Overloaded, TooManyStreams
+        from service import errors
 
         client = self.client_of(scope)
         retry = {"Retry-After": str(self.retry_after_s)}
         if self.open.get(client, 0) >= self.per_client:
-            raise TooManyStreams(f"this client has {self.per_client} open streams; close one first", headers=retry)
-        if sum(self.open.values()) >= self.total:
-            raise Overloaded(f"{self.total} streams are open; retry shortly", headers=retry)
+            refusal = getattr(errors, self.refusal)
+            raise refusal(f"this client has {self.per_client} {self.what}; {self.advice}", headers=retry)
+        if self.total is not None and sum(self.open.values()) >= self.total:
+            raise errors.Overloaded(f"{self.total} {self.what} in all; retry shortly", headers=retry)
         self.open[client] = self.open.get(client, 0) + 1
         return client
 
@@ -351,6 +355,22 @@ class StreamLimits:
     @staticmethod
     def client_of(scope: Scope) -> str:
         return f"address:{(scope.get('client') or ('-', 0))[0]}"
+
+
+class StreamLimits(ClientShares):
+    """Long-lived streams (job events, streamed chat): per client and in total."""
+
+    what = "open streams"
+    advice = "close one first"
+    refusal = "TooManyStreams"
+
+
+class FetchShares(ClientShares):
+    """Image URLs being fetched: the fetch pool has a few threads, and one client's slow servers may hold
+    at most half of them (more of its fetches are refused at once, not queued behind its own)."""
+
+    what = "image fetches under way"
+    refusal = "TooManyFetches"
 
 
 def overloaded(scope: Scope, message: str, retry_after_s: int):
