@@ -169,7 +169,7 @@ def running_pages(base: str) -> float:
 
 @pytest.fixture(scope="module")
 def cpu_service(compose) -> str:
-    """`--profile cpu up`: the CPU image with `tiny`, healthy; its address."""
+    """`--profile cpu up`: the CPU image with `tiny`, healthy; its container."""
     compose("--profile", "cpu", "up", "-d", "rtprune-ocr-cpu")
     container = compose.container("rtprune-ocr-cpu")
     wait_healthy(container)
