@@ -334,6 +334,37 @@ def _array_of(lines: list[str]) -> str:
     return f"\\begin{{array}}{{l}} {rows} \\end{{array}}"
 
 
+@dataclass
+class Matched:
+    """A page's truth and predicted blocks (each with its normalised text) and how they were grouped."""
+
+    truths: list[tuple[TruthBlock, str]]
+    pool: list[tuple[Block, str]]
+    groups: list[Group]
+    how: str  # quick, simple, or TIMED_OUT
+
+
+def match_page(
+    page: OmniPage, blocks: list[Block], leftovers: list[Block], match: str, deadline_s: float | None
+) -> Matched:
+    """The evaluator's matching of a page's text and formula blocks (tables are matched apart)."""
+    if match == "quick":
+        ordered = sorted(_split_pred_arrays(_page_order(blocks)) + leftovers, key=lambda b: (b.inline, b.position))
+        pool = _normalized(ordered, _normalized_pred)
+        truths = _normalized(_split_truth_arrays(page.blocks), _normalized_truth)
+        categories = [t.category for t, _ in truths]
+        try:
+            groups = quick_match(
+                [n for _, n in truths], categories, [n for _, n in pool], set(IGNORED_IN_TEXT), deadline_s
+            )
+            return Matched(truths, pool, groups, "quick")
+        except MatchTimeout:
+            match = TIMED_OUT
+    pool = _normalized(_pool(blocks) + leftovers, _normalized_pred)
+    truths = _normalized(page.blocks, _normalized_truth)
+    return Matched(truths, pool, _simple_groups([n for _, n in truths], [n for _, n in pool]), match)
+
+
 def score_page(page: OmniPage, markdown: str, match: str = "quick", deadline_s: float | None = 30.0) -> PageScore:
     """Score one page's predicted markdown against its truth, matched ``quick`` (the benchmark's
     default) or ``simple``; quick matching past ``deadline_s`` falls back to simple, as the evaluator's
@@ -342,36 +373,24 @@ def score_page(page: OmniPage, markdown: str, match: str = "quick", deadline_s: 
         raise ValueError(f"match must be one of {', '.join(MATCHES)}, not {match!r}")
     blocks = split_blocks(markdown)
     table_pairs, leftovers = _score_tables(page, blocks)
-    how = match
-    groups: list[Group] | None = None
-    if match == "quick":
-        pool = _normalized(
-            sorted(_split_pred_arrays(_page_order(blocks)) + leftovers, key=lambda b: (b.inline, b.position)),
-            _normalized_pred,
-        )
-        truths = _normalized(_split_truth_arrays(page.blocks), _normalized_truth)
-        categories = [t.category for t, _ in truths]
-        try:
-            groups = quick_match(
-                [n for _, n in truths], categories, [n for _, n in pool], set(IGNORED_IN_TEXT), deadline_s
-            )
-        except MatchTimeout:
-            how = TIMED_OUT
-    if groups is None:
-        pool = _normalized(_pool(blocks) + leftovers, _normalized_pred)
-        truths = _normalized(page.blocks, _normalized_truth)
-        categories = [t.category for t, _ in truths]
-        groups = _simple_groups([n for _, n in truths], [n for _, n in pool])
+    matched = match_page(page, blocks, leftovers, match, deadline_s)
+    text, formula, order = _score_groups(matched)
+    return PageScore(page.name, page.attributes, text, formula, table_pairs, order, matched.how)
 
+
+def _score_groups(matched: Matched) -> tuple[list[Pair], list[Pair], float | None]:
+    """Text and formula pairs of the matched groups (ignored categories left out; a formula matched to
+    text scored as text), and the reading order of the text groups."""
+    categories = [t.category for t, _ in matched.truths]
     text, formula, order_entries = [], [], []
-    for group in (g for g in groups if g.truths):
+    for group in (g for g in matched.groups if g.truths):
         category = majority_category(categories, group, set(IGNORED_IN_TEXT))
         if category in IGNORED_IN_TEXT:
             continue
-        members = [truths[i][0] for i in group.truths]
-        preds = [pool[j][0] for j in group.preds]
-        norm_truth = "".join(truths[i][1] for i in group.truths)
-        norm_pred = "".join(pool[j][1] for j in group.preds)
+        members = [matched.truths[i][0] for i in group.truths]
+        preds = [matched.pool[j][0] for j in group.preds]
+        norm_truth = "".join(matched.truths[i][1] for i in group.truths)
+        norm_pred = "".join(matched.pool[j][1] for j in group.preds)
         pred_text = "".join(p.content for p in preds)
         if category == "equation_isolated":
             latex = members[0].content if len(members) == 1 else _array_of([m.content for m in members])
@@ -384,7 +403,7 @@ def score_page(page: OmniPage, markdown: str, match: str = "quick", deadline_s: 
             truth_text = "".join(m.content for m in members)
             text.append(_pair(category, truth_text, pred_text, norm_truth, norm_pred, members[0].attribute))
             order_entries.append(([m.order for m in members if m.order], preds[0].position if preds else None))
-    return PageScore(page.name, page.attributes, text, formula, table_pairs, _reading_order(order_entries), how)
+    return text, formula, _reading_order(order_entries)
 
 
 # --- aggregation ----------------------------------------------------------------------------------
