@@ -16,7 +16,8 @@ import platform
 import time
 from pathlib import Path
 
-from service.evaluation.omnidocbench import load_truth, score_page, summarize
+from service.evaluation.omnidocbench import score_page, summarize
+from service.evaluation.omnidocbench_truth import load_truth
 from service.evaluation.synth_benchmarks import write_omnidocbench
 from tests.benchmark_pairs import prediction
 

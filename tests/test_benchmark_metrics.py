@@ -12,6 +12,7 @@ import pytest
 from service.evaluation import fox, omnidocbench
 from service.evaluation.blocks import FORMULA, HTML_TABLE, TEXT, split_blocks
 from service.evaluation.normalize import normalize_formula, normalize_table, normalize_text
+from service.evaluation.omnidocbench_truth import load_truth, page_from_json
 from service.evaluation.teds import teds
 
 PAIRS = Path(__file__).parent / "data" / "benchmark_pairs"
@@ -73,7 +74,7 @@ def test_markdown_is_cut_into_the_benchmarks_blocks():
 
 
 def _page(*dets, relations=()):
-    return omnidocbench.page_from_json(
+    return page_from_json(
         {
             "layout_dets": [dict(d, anno_id=i, order=d.get("order", i + 1)) for i, d in enumerate(dets)],
             "page_info": {"image_path": "p.png", "page_attribute": {"layout": "single_column"}},
@@ -141,7 +142,7 @@ def test_fox_meteor_uses_wordnet_synonyms_offline():
 
 
 def _our_pages(folder: Path = PAIRS, match: str = "simple") -> tuple[dict[str, dict], dict]:
-    pages = omnidocbench.load_truth(folder / "OmniDocBench.json")
+    pages = load_truth(folder / "OmniDocBench.json")
     predictions = folder / "predictions"
     scores = [omnidocbench.score_page(p, (predictions / f"{Path(p.name).stem}.md").read_text(), match) for p in pages]
     return {s.name: omnidocbench.page_record(s) for s in scores}, omnidocbench.summarize(scores)
@@ -211,7 +212,7 @@ def test_quick_match_forgives_what_simple_match_charges():
 
 
 def test_a_page_past_quick_matchings_deadline_is_matched_the_simple_way_and_says_so():
-    page = omnidocbench.load_truth(MATCHING / "OmniDocBench.json")[0]
+    page = load_truth(MATCHING / "OmniDocBench.json")[0]
     markdown = (MATCHING / "predictions" / f"{Path(page.name).stem}.md").read_text()
     late = omnidocbench.score_page(page, markdown, "quick", deadline_s=0.0)
     simple = omnidocbench.score_page(page, markdown, "simple")

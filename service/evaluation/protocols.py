@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from . import fox, omnidocbench
 from .dataset import load_pages
 from .metrics import edit_counts, set_edit_distance
+from .omnidocbench_truth import load_truth
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class OmniDocBench(Protocol):
 
     def load(self, data: Path, limit: int | None = None) -> list[EvalPage]:
         annotations = _benchmark_json(data, "OmniDocBench.json", "images/")
-        pages = omnidocbench.load_truth(annotations)[:limit]
+        pages = load_truth(annotations)[:limit]
         return [EvalPage(Path(p.name).stem, annotations.parent / "images" / p.name, p) for p in pages]
 
     def score(self, page: EvalPage, markdown: str) -> omnidocbench.PageScore:
