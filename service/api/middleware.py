@@ -187,12 +187,24 @@ class BodyLimitMiddleware:
         await self.app(scope, counting_receive, send)
 
 
-DATA_URL = re.compile(rb'"data:(?:[^"\\]|\\/)*"')  # a JSON string holding a data URL (slashes may be escaped)
-
-
 def json_beside_images(body: bytes) -> int:
-    """Bytes of a JSON body outside its data URLs: what parsing and validating it costs in proportion to."""
-    return len(body) - sum(match.end() - match.start() for match in DATA_URL.finditer(body))
+    """Bytes of a JSON body outside its data URLs (JSON strings that start ``data:`` and hold no escape but
+    an escaped slash): what parsing and validating the body costs in proportion to. Found with
+    ``bytes.find`` only: a regular expression took 3.4 s over a 30 MB data URL, holding the GIL, so the
+    event loop stalled for as long."""
+    # same length: an escaped slash is the one escape a data URL may hold (copied only when there is one)
+    plain = body.replace(b"\\/", b"//") if b"\\/" in body else body
+    inside, start = 0, plain.find(b'"data:')
+    while start != -1:
+        end = plain.find(b'"', start + 6)
+        if end == -1:
+            break
+        if plain.find(b"\\", start, end) == -1:  # a data URL: the whole string, quotes included
+            inside += end + 1 - start
+            start = plain.find(b'"data:', end + 1)
+        else:  # another escape: not a data URL (the next one may start inside it)
+            start = plain.find(b'"data:', start + 1)
+    return len(body) - inside
 
 
 class JsonBodyMiddleware:
@@ -220,6 +232,7 @@ class JsonBodyMiddleware:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        chunks.clear()  # the body is held once while the request runs, not twice
         # a body under the cap is under it whatever it holds: only a larger one is measured
         if len(body) > self.max_bytes and await asyncio.to_thread(json_beside_images, body) > self.max_bytes:
             too_large = JsonTooLarge(
