@@ -248,17 +248,11 @@ def _measure_pdf(
             n_pages = len(pdf)
             first, last = page_range or (1, None)
             last = n_pages if last is None else last
-            if selection is None and not 1 <= first <= last <= n_pages:
+            ranges = [(first, last)] if selection is None else selection  # sorted and apart
+            if not ranges or not 1 <= ranges[0][0] <= ranges[0][1] or ranges[-1][1] > n_pages:
+                asked = f"page range {first}-{last} is" if selection is None else "pages are"
                 raise PageRangeOutside(
-                    422,
-                    "invalid_page_range",
-                    f"page range {first}-{last} is outside the document's {n_pages} pages",
-                    n_pages,
-                )
-            ranges = [(first, last)] if selection is None else selection
-            if not ranges or ranges[0][0] < 1 or ranges[-1][1] > n_pages:
-                raise PageRangeOutside(
-                    422, "invalid_page_range", f"pages outside the document's {n_pages} pages", n_pages
+                    422, "invalid_page_range", f"{asked} outside the document's {n_pages} pages", n_pages
                 )
             count = sum(high - low + 1 for low, high in ranges)
             if count > max_pages:

@@ -89,9 +89,9 @@ def report_folder_problem(out: Path) -> str | None:
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as error:
-        owner = f" (owned by uid {out.stat().st_uid}" if out.exists() else " ("
+        owner = f"owned by uid {out.stat().st_uid}; " if out.exists() else ""
         return (
-            f"cannot write the load report into {out}: {error.strerror}{owner}; this process runs as uid "
+            f"cannot write the load report into {out}: {error.strerror} ({owner}this process runs as uid "
             f"{os.getuid()}); choose another --out, or make the folder writable"
         )
     return None

@@ -20,7 +20,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.handlers import UploadStalled, UploadTooLarge, error_json
-from service.errors import JsonTooLarge
+from service.errors import JsonTooLarge, Overloaded, ServiceError, TooManyFetches, TooManyStreams
 from service.metrics import Metrics
 
 log = logging.getLogger("rtprune_ocr.access")
@@ -337,9 +337,9 @@ class ClientShares:
     starve every other. A client is its address: the service has one API key, which its users share (and
     without one, a client may invent any), so a key says nothing about who is asking."""
 
-    what = "things"  # how the refusals name the units, plural
+    what: str  # how the refusals name the units, plural (set by each kind of share)
+    refusal: type[ServiceError]  # the 429 past a client's share
     advice = "wait for one to end"
-    refusal = "TooManyRequests"  # the 429's class in service.errors
 
     def __init__(self, *, total: int | None, per_client: int, retry_after_s: int) -> None:
         self.total, self.per_client, self.retry_after_s = total, per_client, retry_after_s
@@ -348,15 +348,12 @@ class ClientShares:
     def acquire(self, scope: Scope) -> str:
         """Count one more unit of this request's client, or refuse it: 429 past the client's share, 503
         past the total (both with Retry-After)."""
-        from service import errors
-
         client = self.client_of(scope)
         retry = {"Retry-After": str(self.retry_after_s)}
         if self.open.get(client, 0) >= self.per_client:
-            refusal = getattr(errors, self.refusal)
-            raise refusal(f"this client has {self.per_client} {self.what}; {self.advice}", headers=retry)
+            raise self.refusal(f"this client has {self.per_client} {self.what}; {self.advice}", headers=retry)
         if self.total is not None and sum(self.open.values()) >= self.total:
-            raise errors.Overloaded(f"{self.total} {self.what} in all; retry shortly", headers=retry)
+            raise Overloaded(f"{self.total} {self.what} in all; retry shortly", headers=retry)
         self.open[client] = self.open.get(client, 0) + 1
         return client
 
@@ -375,7 +372,7 @@ class StreamLimits(ClientShares):
 
     what = "open streams"
     advice = "close one first"
-    refusal = "TooManyStreams"
+    refusal = TooManyStreams
 
 
 class FetchShares(ClientShares):
@@ -383,7 +380,7 @@ class FetchShares(ClientShares):
     at most half of them (more of its fetches are refused at once, not queued behind its own)."""
 
     what = "image fetches under way"
-    refusal = "TooManyFetches"
+    refusal = TooManyFetches
 
 
 def overloaded(scope: Scope, message: str, retry_after_s: int):
