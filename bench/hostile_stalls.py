@@ -12,7 +12,6 @@ most 3x the body. Timed here, never in a test.
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import os
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_json
 from bench.queue_memory import rss_mb
 from service.loadtest import free_port, wait_ready
-from tests.helpers import text_pdf
+from tests.helpers import data_url, text_pdf
 
 PROBE_EVERY_S = 0.02
 
@@ -68,12 +67,12 @@ class Probe:
 def png_data_url() -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return data_url(buffer.getvalue(), "image/png")
 
 
-def cases(base: str) -> dict[str, Callable[[httpx.Client], tuple[int, int]]]:
+def cases() -> dict[str, Callable[[httpx.Client], tuple[int, int]]]:
     """Name -> a sender returning (status, body bytes)."""
-    pdf = "data:application/pdf;base64," + base64.b64encode(text_pdf(2, lines=2)).decode()
+    pdf = data_url(text_pdf(2, lines=2), "application/pdf")
     image = png_data_url()
 
     def post(path: str, body: bytes) -> Callable[[httpx.Client], tuple[int, int]]:
@@ -116,8 +115,7 @@ def cases(base: str) -> dict[str, Callable[[httpx.Client], tuple[int, int]]]:
                 {
                     "document": {
                         "type": "document_url",
-                        "document_url": "data:application/pdf;base64,"
-                        + base64.b64encode(text_pdf(1000, lines=1)).decode(),
+                        "document_url": data_url(text_pdf(1000, lines=1), "application/pdf"),
                     },
                     "pages": [0, 999],
                     "rtprune": {"mode": "tiny"},
@@ -140,7 +138,7 @@ def main() -> None:
     rows = []
     try:
         wait_ready(base, server, timeout=180)
-        senders = cases(base)
+        senders = cases()
         with httpx.Client(base_url=base, timeout=300) as client:
             for name, send in senders.items():
                 with Probe(base, server.pid) as idle:

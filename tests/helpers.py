@@ -215,3 +215,10 @@ def stopped_before_its_budget(app, budget: int = 8192) -> None:
     wait_until(lambda: not scheduler.running_pages and not scheduler.queued_pages, "the pages kept running")
     steps = app.state.metrics.registry.get_sample_value("rtprune_decode_steps_total") or 0
     assert steps < budget, f"{steps} decode steps: the page ran to its budget instead of stopping"
+
+
+def data_url(data: bytes, media_type: str) -> str:
+    """``data`` as a base64 data URL, the way the JSON doors' clients send a document."""
+    import base64
+
+    return f"data:{media_type};base64," + base64.b64encode(data).decode()

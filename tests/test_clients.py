@@ -3,7 +3,6 @@ real uvicorn serving `tiny`: Mistral's SDK, OpenAI's, LiteLLM's. No request is s
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -17,15 +16,11 @@ from mistralai.client.errors import HTTPValidationError
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.helpers import live_server, text_page, text_pdf
+from tests.helpers import data_url, live_server, text_page, text_pdf
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # LiteLLM reads its price list from disk, not the web
 PAGE = text_page((600, 800))
 PDF = text_pdf(4, lines=3)
-
-
-def data_url(data: bytes, media_type: str) -> str:
-    return f"data:{media_type};base64," + base64.b64encode(data).decode()
 
 
 def png(image) -> bytes:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.helpers import live_server, serve_process, text_page, text_pdf
+from tests.helpers import data_url, live_server, serve_process, text_page, text_pdf
 
 
 def encoded(fmt: str, **kwargs) -> bytes:
@@ -369,12 +369,6 @@ def test_a_page_range_with_any_whitespace_reads_as_its_numbers():
     assert page_range("2-\t\n\x0b\r\x0c") == (2, None)
     assert page_range(" 3 ") == (3, 3)
     assert page_range("\t1\n-\n4 ") == (1, 4)
-
-
-def data_url(data: bytes, media_type: str) -> str:
-    import base64
-
-    return f"data:{media_type};base64," + base64.b64encode(data).decode()
 
 
 def test_a_short_page_string_cannot_ask_for_millions_of_pages(client):

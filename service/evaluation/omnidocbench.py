@@ -32,15 +32,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from rapidfuzz.distance import Levenshtein
-from rapidfuzz.process import cdist
 from scipy.optimize import linear_sum_assignment
 
 from .blocks import FORMULA, HTML_TABLE, LATEX_TABLE, TEXT, Block, split_blocks
 from .normalize import clean_text, latex_to_unicode, normalize_formula, normalize_table, normalize_text
 from .omnidocbench_truth import IGNORED_IN_TEXT, OmniPage, TruthBlock
-from .quick_match import Group, MatchTimeout, majority_category, quick_match
+from .quick_match import Group, MatchTimeout, distance_matrix, majority_category, quick_match
 from .teds import teds
 
 MATCHES = ("quick", "simple")  # the evaluator's quick_match (its default) and simple_match
@@ -85,8 +83,7 @@ def match_one_to_one(truths: list[str], preds: list[str]) -> dict[int, int]:
     """truth index -> prediction index, minimising the summed normalised edit distance."""
     if not truths or not preds:
         return {}
-    costs = cdist(truths, preds, scorer=Levenshtein.normalized_distance, dtype=np.float64)  # distance / max length
-    rows, cols = linear_sum_assignment(costs)
+    rows, cols = linear_sum_assignment(distance_matrix(truths, preds))  # distance / max length
     return {int(r): int(c) for r, c in zip(rows, cols, strict=True)}
 
 
