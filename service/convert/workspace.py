@@ -84,8 +84,8 @@ class Workspace:
 
     def finish(self, source: Source, pages: dict[int, dict[str, Any]], meta: dict[str, Any], seconds: float) -> dict:
         """Write the document's ``.md`` and ``.json`` from its pages; the manifest marks it done."""
-        from service.schemas import PAGE_SEPARATOR, PageOut, aggregate  # here: a rerun with nothing to do
-        # never imports torch
+        # imported here: a rerun with nothing to do never imports torch
+        from service.schemas import PAGE_SEPARATOR, PageOut, aggregate
 
         out_pages = [PageOut(page=n, **pages[n]) for n in sorted(pages)]
         markdown = PAGE_SEPARATOR.join(p.markdown for p in out_pages)
