@@ -65,6 +65,14 @@ class Batching(BaseModel):
     max_batch_tokens: int | None = Field(description="KV-cache budget in tokens (known once the model is loaded)")
     max_prefill_tokens: int = Field(description="visual tokens admitted per decode step")
     batch_wait_ms: float
+    join_budget: Literal["measured", "set", "off"] = Field(
+        description="stall-free joining: 'measured' follows the median decode step, 'set' is RTPRUNE_JOIN_BUDGET_MS"
+    )
+    join_budget_ms: float = Field(
+        description="joining work (vision views, pruning, prefill chunks) run between two decode steps now, at "
+        "least one piece; 0 when off, or while nothing has decoded yet"
+    )
+    prefill_chunk_tokens: int = Field(description="a joining prompt's tokens prefilled between two decode steps")
 
 
 class InfoResponse(BaseModel):

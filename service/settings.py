@@ -127,6 +127,20 @@ class ServiceSettings(BaseSettings):
         0.5, gt=0, le=1, description="the lowest retention the adaptive policy caps a page at"
     )
     batch_wait_ms: float = Field(5.0, ge=0, le=5000, description="how long an idle batch waits for more pages")
+    join_budget_ms: float | None = Field(
+        None,
+        ge=0,
+        description="stall-free joining: while pages decode, a joining page's model work (each vision view, its "
+        "pruning, each prefill chunk) runs in pieces between decode steps, about this many ms of it per step (at "
+        "least one piece); unset: the median decode step time, measured as it runs; 0: off (a page's whole "
+        "vision and prefill run between two steps)",
+    )
+    interactive_job_pages: int = Field(
+        10, ge=0, description="the most pages a job may have and ask for priority=interactive (0: no job may)"
+    )
+    prefill_chunk_tokens: int = Field(
+        512, ge=16, description="tokens of a joining prompt prefilled between two decode steps (with join_budget_ms)"
+    )
     preprocess_threads: int = Field(
         2, ge=1, le=64, description="threads that render and preprocess pages ahead of the model (off its thread)"
     )

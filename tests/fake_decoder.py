@@ -141,6 +141,15 @@ class FakeEngine:
             pages.append(FakePage(sequence))
         return pages
 
+    def prepare_in_pieces(self, task):
+        """:meth:`prepare` for one page, in two pieces (its "vision", its "pruning"), as the engine's."""
+        yield
+        yield
+        page = self.prepare([task])[0]
+        if isinstance(page, BaseException):
+            raise page
+        return page
+
     def page_result(self, page: FakePage):
         outcome = page.sequence.outcome
         return outcome if isinstance(outcome, BaseException) else list(outcome.tokens)

@@ -166,9 +166,12 @@ def test_the_kv_budget_bounds_pages_running_together(tiny_engine):
 
 
 def test_prefill_tokens_per_step_are_capped(tiny_engine):
-    """A 4-page document is admitted page by page when the cap is one page's visual tokens."""
+    """A 4-page document is admitted page by page when the cap is one page's visual tokens (with the join budget
+    off: on, pages are prepared a piece at a time anyway)."""
     steps: list[int] = []
-    scheduler = started_scheduler(RecordingEngine(tiny_engine, steps), max_prefill_tokens=73, batch_wait_ms=0)
+    scheduler = started_scheduler(
+        RecordingEngine(tiny_engine, steps), max_prefill_tokens=73, batch_wait_ms=0, join_budget_ms=0
+    )
     prepared: list[int] = []
     original = tiny_engine.prepare
     try:
@@ -440,6 +443,9 @@ def test_info_describes_the_batching(tiny_engine):
         "max_batch_tokens": 4096,
         "max_prefill_tokens": 8192,
         "batch_wait_ms": 5.0,
+        "join_budget": "off",  # static batching never joins a running batch
+        "join_budget_ms": 0.0,
+        "prefill_chunk_tokens": 512,
     }
 
 

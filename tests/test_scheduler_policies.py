@@ -17,6 +17,7 @@ from service.engine.device import DeviceLost
 from service.errors import DeviceFailed, NotReady, OutOfMemory, to_service_error
 from service.inputs import Document
 from service.scheduler import PageRequest, Scheduler
+from service.scheduler.queue import PageQueue
 from tests.fake_decoder import PROMPT_TOKENS, FakeEngine
 from tests.helpers import started_scheduler
 
@@ -78,6 +79,51 @@ def test_pages_are_admitted_round_robin_between_requests():
     with running(engine, [long_pdf, image], max_batch_size=1, batch_wait_ms=0):
         results([long_pdf, image])
         assert engine.trace.prepared[:3] == [3, 5, 3]  # the image waits for one page, not four
+
+
+def test_interactive_pages_go_before_job_pages_and_clients_take_turns():
+    queue = PageQueue(capacity=100)
+    job = pages(5, 1)
+    job.priority, job.client = "batch", "owner:a"
+    busy = [pages(2, 1) for _ in range(3)]  # one client's three requests
+    for request in busy:
+        request.client = "address:10.0.0.1"
+    other = pages(2, 1)
+    other.client = "address:10.0.0.2"
+    for request in (job, *busy, other):
+        queue.put(request, retry_after_s=1)
+    order = [queue.take() for _ in range(11)]
+    names = {id(job): "job", id(busy[0]): "b0", id(busy[1]): "b1", id(busy[2]): "b2", id(other): "other"}
+    assert [names[id(request)] for request, _ in order] == [
+        "b0",
+        "other",
+        "b1",
+        "other",
+        "b2",
+        "b0",
+        "b1",
+        "b2",  # clients alternate, then the busy one's requests
+        "job",
+        "job",
+        "job",  # the job's pages only when no interactive page waits
+    ]
+    assert queue.take(batch=False) is None and queue.pages == 2  # job pages held back when asked
+
+
+def test_job_pages_leave_rows_to_interactive_pages():
+    engine = FakeEngine()
+    job = pages(12, 400, timeout=60)
+    job.priority = "batch"
+    with running(engine, [job], max_batch_size=8, batch_wait_ms=0) as scheduler:
+        wait_until_running = time.monotonic() + 10
+        while scheduler.running_pages < 7 and time.monotonic() < wait_until_running:
+            time.sleep(0.005)
+        assert scheduler.reserved_rows == 1 and scheduler.running_pages == 7  # one row left to interactive pages
+        interactive = pages(1, 3)
+        scheduler.submit(interactive)
+        assert results([interactive]) == [[[1, 2, 3]]]
+        assert not job.future.done()  # answered while the job's pages were still decoding
+        job.cancel.set()
 
 
 def test_a_failed_prefill_is_retried_in_halves_and_every_page_finishes():

@@ -78,8 +78,16 @@ async def info(
             mode=settings.batching,
             max_batch_tokens=scheduler.batch_tokens_limit,
             max_batch_size=scheduler.max_rows,
-            **settings.model_dump(include={"max_prefill_tokens", "batch_wait_ms"}),
+            join_budget=_join_budget(settings),
+            join_budget_ms=scheduler.join_budget_ms,
+            **settings.model_dump(include={"max_prefill_tokens", "batch_wait_ms", "prefill_chunk_tokens"}),
         ),
         decoder=settings.decoder,
         runtime=engine.facts.as_dict() if engine else None,
     )
+
+
+def _join_budget(settings: ServiceSettings) -> str:
+    if settings.batching == "static" or settings.join_budget_ms == 0:
+        return "off"
+    return "measured" if settings.join_budget_ms is None else "set"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,9 +188,7 @@ class OCREngine:
     def decoder_name(self) -> str:
         return "vllm" if self.decoder is not None else "transformers"
 
-    def resolve_options(
-        self, chosen: dict[str, Any], *, random_cap: int | None = None
-    ) -> tuple[OcrOptions, list[str]]:
+    def resolve_options(self, chosen: dict[str, Any], *, random_cap: int | None = None) -> tuple[OcrOptions, list[str]]:
         """The options a page runs with on this engine, from the fields a caller set, and notes on the
         chosen ones without effect; ValueError for anything this model or decoder cannot run (see
         :func:`.options.resolve_options`: every front door and the CLI make this one call)."""
@@ -297,6 +295,27 @@ class OCREngine:
             except Exception as exc:
                 results[i] = exc
         return results  # type: ignore[return-value]  # every slot is filled
+
+    @torch.inference_mode()
+    def prepare_in_pieces(self, task: PageTask) -> Generator[None, None, PreparedPage]:
+        """:meth:`prepare` for one page in pieces, yielding between them: each view of the vision encoder (the
+        global view, then each tile), then pruning and the prompt. The scheduler runs a piece or a few between
+        two decode steps while pages decode, so the pause a joining page causes is bounded by a piece, not
+        by the page (its vision is then not batched with other pages': what a bounded pause costs)."""
+        task = task if task.on_host_done else self.prepare_on_host(task)
+        views = self.model.encode_in_pieces(task.pixels)
+        while True:
+            with task.timer.stage("vision"):
+                try:
+                    next(views)
+                except StopIteration as done:
+                    block = done.value
+                    break
+            yield
+        yield  # pruning is a piece of its own
+        with task.timer.stage("prune"):
+            pruned = self._pruner(task)(*self._prune_inputs(block))
+        return self.assemble_page(block, task, pruned)
 
     def _prune(self, pages: dict[int, tuple[VisualBlock, PageTask]]) -> dict[int, PruneResult | Exception]:
         """Prune every encoded page of one call together (:func:`pruning.prune_together`: RTPrune pages in

@@ -9,9 +9,12 @@ prompt. We call the parts instead of ``forward`` so the pruner can sit in betwee
 
 from __future__ import annotations
 
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 
 from .layout import block_masks
 from .preprocess import PreparedImage, normalise
@@ -76,14 +79,59 @@ class OcrModel:
         sizes = {page.global_view.shape for page in pages}
         assert len(sizes) == 1, f"pages in one encoder call must share a global view size, got {sizes}"
         views = [self._on_device(p.global_view) for p in pages]  # float32 in [-1, 1], on the device
-        pixel_values = torch.stack(views).to(self.dtype)  # (B, 3, S, S)
         local = [p.tiles for p in pages if p.tiles is not None]
+        tiles = self._on_device(torch.cat(local)).to(self.dtype) if local else None
+        return self._features(pages, views, tiles)
+
+    @torch.inference_mode()
+    def encode_in_pieces(self, page: PreparedImage) -> Generator[None, None, VisualBlock]:
+        """:meth:`encode` for one page in pieces, yielding between them: the vision tower over the global view,
+        then over each tile, each view a SAM layer at a time (a global-attention layer over a 1024-px view is
+        the largest piece). So a caller (the scheduler) can run a decode step between two pieces. The block
+        is put together by the model's own ``get_image_features`` (which owns the layout: tile grid,
+        newlines, separator) over the towers' outputs, replayed; the projector runs there. Equal to
+        :meth:`encode` up to the floating-point order of a batched call."""
+        view = self._on_device(page.global_view)
+        outputs = [(yield from self._tower_in_pieces(view[None].to(self.dtype)))]
+        tiles = None
+        if page.tiles is not None:
+            tiles = self._on_device(page.tiles).to(self.dtype)
+            local = []
+            for tile in tiles:
+                local.append((yield from self._tower_in_pieces(tile[None])).last_hidden_state)
+            outputs.append(BaseModelOutput(last_hidden_state=torch.cat(local)))
+        with _replayed(self.model.model, "vision_tower", outputs):
+            return self._features([page], [view], tiles)[0]
+
+    def _tower_in_pieces(self, pixels: torch.Tensor) -> Generator[None, None, BaseModelOutput]:
+        """The vision tower over one view, yielding after each of its SAM encoder's layers. SAM's steps are
+        called here in the order of its ``forward`` (patch embedding, position embedding, layers, neck,
+        projection; the same in v1 and v2), then the tower's own ``forward`` runs the rest (CLIP, or v2's
+        query encoder) over SAM's output, replayed. Tested equal to the tower called whole."""
+        tower = self.model.model.vision_tower
+        sam = tower.sam_encoder
+        hidden = sam.patch_embed(pixels)
+        if sam.pos_embed is not None:
+            hidden = hidden + sam.interpolate_pos_encoding(hidden.shape[1], hidden.shape[2])
+        for layer in sam.layers:
+            hidden = layer(hidden)
+            yield
+        encoded = BaseModelOutput(last_hidden_state=sam.proj(sam.neck(hidden)))
+        with _replayed(tower, "sam_encoder", [encoded]):
+            return tower(pixels)
+
+    def _features(
+        self, pages: list[PreparedImage], views: list[torch.Tensor], tiles: torch.Tensor | None
+    ) -> list[VisualBlock]:
+        """``get_image_features`` over the pages' global views (and their tiles, all pages' in order): each
+        page's block as ``[local tiles, global view, view separator]``, with its layout masks."""
         kwargs = {}
-        if local:
-            kwargs["pixel_values_local"] = self._on_device(torch.cat(local)).to(self.dtype)  # (n_tiles, 3, T, T)
+        if tiles is not None:
+            kwargs["pixel_values_local"] = tiles  # (n_tiles, 3, T, T)
             kwargs["num_local_patches"] = [p.num_tiles for p in pages]
             if self.version == "v1":
                 kwargs["patches_grid"] = [list(p.grid) if p.grid else [1, 1] for p in pages]
+        pixel_values = torch.stack(views).to(self.dtype)  # (B, 3, S, S)
         output = self.model.model.get_image_features(pixel_values, **kwargs, return_dict=True)
         blocks = []
         for page, view, features in zip(pages, views, output.pooler_output, strict=True):
@@ -147,3 +195,26 @@ class OcrModel:
         logits = self.model.lm_head(hidden).float()
         logits[..., self.vocab_limit :] = float("-inf")
         return logits
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a submodule: returns outputs computed before, in the order they were computed."""
+
+    def __init__(self, outputs: list[BaseModelOutput]) -> None:
+        super().__init__()
+        self.outputs = list(outputs)
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
+        return self.outputs.pop(0)
+
+
+@contextmanager
+def _replayed(module: torch.nn.Module, name: str, outputs: list[BaseModelOutput]) -> Iterator[None]:
+    """``module.<name>`` answers with ``outputs`` for the duration, so the module's own ``forward`` (or
+    ``get_image_features``) puts together what ran in pieces before, without its layout restated here."""
+    original = getattr(module, name)
+    setattr(module, name, _Replay(outputs))
+    try:
+        yield
+    finally:
+        setattr(module, name, original)

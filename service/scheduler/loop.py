@@ -35,13 +35,13 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Literal
 
 from service.engine import Cancelled, OCREngine, OcrOptions, PageResult
-from service.engine.decode.contract import DecodeBatch
+from service.engine.decode.contract import DecodeBatch, PrefillsInChunks
 from service.engine.device import DeviceLost
 from service.engine.engine import PageTask, PreparedPage
 from service.engine.stats import Adaptation, StageTimer
@@ -50,7 +50,7 @@ from service.errors import NotReady
 from .adaptive import QUEUED_SIGNAL_PAGE, AdaptiveRetention, RetentionPolicy
 from .capacity import CPU_ROWS, default_row_cap
 from .memory import after_failed_call, default_batch_tokens, return_memory_to_os
-from .queue import PageQueue, PageRequest
+from .queue import PageQueue, PageRequest, Priority
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,17 @@ class SchedulerConfig:
     max_queued_pixels: int | None = None  # pixels of the waiting pages (decoded); None: no bound
     adaptive_target_wait_s: float | None = None  # lower retention when pages wait longer (None: off)
     adaptive_floor: float = 0.5  # ... never below this
+    join_budget_ms: float | None = None  # joining work between two decode steps; None: the median step time, 0: off
+    prefill_chunk_tokens: int = 512  # a joining prompt's prefill, a chunk at a time while pages decode
+
+
+@dataclass(eq=False)
+class Preparing:
+    """A page whose model work (each view of its vision encoder, then pruning) runs a piece at a time."""
+
+    request: PageRequest
+    index: int
+    pieces: Generator[None, None, PreparedPage]
 
 
 @dataclass(eq=False)
@@ -120,6 +131,9 @@ class Scheduler:
         self._host_work: deque[tuple[PageRequest, int, Future[PageTask]]] = deque()
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="rtprune-preprocess")
         self._running: dict[int, Admitted] = {}  # id(sequence) -> page in the batch
+        self._preparing: deque[Preparing] = deque()  # admitted while pages decode: prepared piece by piece
+        self._prefilling: Admitted | None = None  # a ready page whose prompt is prefilled chunk by chunk
+        self._step_ms: deque[float] = deque(maxlen=32)  # recent decode steps' durations: the budget's measure
         self._batch: DecodeBatch | None = None
         self._step_times: deque[float] = deque(maxlen=4096)
         self._finished_at: deque[float] = deque(maxlen=4096)  # when pages finished: the rate the queue drains
@@ -197,6 +211,10 @@ class Scheduler:
     def queued_pages(self) -> int:
         return self._queue.pages
 
+    def queued_by(self, priority: Priority) -> int:
+        """Pages of one class (interactive, batch) waiting in the queue."""
+        return sum(request.waiting_pages for request in self._queue.waiting(priority))
+
     @property
     def queue_capacity(self) -> int:
         """Pages that may wait before requests get 503 (``queue_size``, plus what the adaptive policy keeps
@@ -205,13 +223,30 @@ class Scheduler:
 
     @property
     def running_pages(self) -> int:
-        """Pages taken from the queue: decoding, prefilled soon, or being preprocessed."""
-        return len(self._running) + len(self._ready) + len(self._host_work)
+        """Pages taken from the queue: decoding, joining, prefilled soon, or being preprocessed."""
+        return len(self._model_pages()) + len(self._host_work)
 
     @property
     def running_requests(self) -> int:
-        requests = [r.request for r in [*self._running.values(), *self._ready]] + [x[0] for x in self._host_work]
+        requests = [r.request for r in self._model_pages()] + [x[0] for x in self._host_work]
         return len({id(request) for request in requests})
+
+    def _model_pages(self) -> list[Admitted | Preparing]:
+        """Pages the engine holds: decoding, being prefilled, ready to join, or being prepared piece by piece."""
+        prefilling = [self._prefilling] if self._prefilling is not None else []
+        return [*self._running.values(), *prefilling, *self._ready, *self._preparing]
+
+    @property
+    def join_budget_ms(self) -> float:
+        """Joining work (vision views, pruning, prefill chunks) run between two decode steps while pages decode:
+        the setting, or the median of the recent steps' time (so a joining page at most about doubles the time
+        between tokens, plus its last piece); 0 when off."""
+        if self.config.batching == "static":
+            return 0.0
+        if self.config.join_budget_ms is not None:
+            return self.config.join_budget_ms
+        steps = sorted(self._step_ms)
+        return round(steps[len(steps) // 2], 3) if steps else 0.0
 
     @property
     def batch_tokens(self) -> int:
@@ -284,18 +319,21 @@ class Scheduler:
         self._retire_stopped()
         if self._draining.is_set():
             self._drop_host_work(self._shutting_down())  # not started: answered at once, as the queue was
-            if not self._running and not self._ready:
+            if not self._model_pages():
                 return False
             if time.monotonic() >= self._grace_deadline:
                 self._fail_in_flight(self._shutting_down("its grace period ended before this page finished"))
                 return False
         else:
             self._admit()
-        self._join()
+        if self._in_pieces() or self._preparing or self._prefilling is not None:
+            self._join_in_pieces()
+        else:
+            self._join()
         if self._batch.rows:
             self._step()
             self._busy = True
-        elif not self._ready and not self._host_work:
+        elif not self._ready and not self._host_work and not self._preparing:
             if self._busy and not self._queue.pages:  # just went idle: give freed page buffers back
                 self._busy = False
                 return_memory_to_os()
@@ -316,6 +354,14 @@ class Scheduler:
         for r in [r for r in self._ready if r.request.should_stop()]:
             self._ready.remove(r)
             r.request.fail(Cancelled("cancelled before its prefill"))
+        if self._prefilling is not None and self._prefilling.request.should_stop():
+            r, self._prefilling = self._prefilling, None
+            self._batch.remove([r.sequence])  # forgets its partial prefill
+            r.request.fail(Cancelled("cancelled during its prefill"))
+        for p in [p for p in self._preparing if p.request.should_stop()]:
+            self._preparing.remove(p)
+            p.pieces.close()
+            p.request.fail(Cancelled("cancelled while its page was encoded"))
         self._drop_host_work(Cancelled("cancelled while being preprocessed"), only_stopped=True)
 
     def _drop_host_work(self, exc: BaseException, *, only_stopped: bool = False) -> None:
@@ -331,7 +377,7 @@ class Scheduler:
         """Hand pages to the engine: those whose host work (rendering, preprocessing) the pool has done, in
         queue order, within the row cap and the visual tokens of one iteration. While the batch runs,
         the pool works ahead on the next pages; only an idle batch waits for it."""
-        in_flight = len(self._running) + len(self._ready)
+        in_flight = len(self._model_pages())
         if self.config.batching == "static" and in_flight:
             return
         room = self.max_rows - in_flight
@@ -363,6 +409,10 @@ class Scheduler:
             visual_tokens += task.visual_tokens
         if not taken:
             return
+        if self._in_pieces():  # pages decode: each page's model work runs a piece at a time between their steps
+            for request, index, task in taken:
+                _line_up(self._preparing, Preparing(request, index, self.engine.prepare_in_pieces(task)))
+            return
         try:
             prepared = self.engine.prepare([task for _, _, task in taken])
         except Exception as exc:  # the engine returns per-page failures; anything else fails these pages only
@@ -371,7 +421,7 @@ class Scheduler:
             if isinstance(page, BaseException):
                 request.fail(page)
             else:
-                self._ready.append(Admitted(request, index, page))
+                _line_up(self._ready, Admitted(request, index, page))
         for failure in {id(p): p for p in prepared if isinstance(p, BaseException)}.values():
             after_failed_call(failure)  # a lost device ends the loop; the pages above have their answer
 
@@ -379,7 +429,7 @@ class Scheduler:
         """Take pages from the queue (round-robin by request) into the preprocessing pool, up to ``ahead``
         in the pool or done and waiting."""
         while len(self._host_work) < ahead:
-            item = self._queue.take()
+            item = self._queue.take(batch=self._batch_pages() < self.max_rows - self.reserved_rows)
             if item is None:
                 return
             request, index = item
@@ -463,15 +513,96 @@ class Scheduler:
             joiners.append(r)
         return joiners
 
+    @property
+    def reserved_rows(self) -> int:
+        """Rows batch (job) pages leave to interactive ones: an interactive page that arrives while a long job
+        fills the batch joins at once instead of waiting for job pages to finish."""
+        return max(1, self.max_rows // 8) if self.max_rows > 1 else 0
+
+    def _batch_pages(self) -> int:
+        pages = [*self._model_pages(), *(x[0] for x in self._host_work)]
+        return sum(1 for page in pages if (page if isinstance(page, PageRequest) else page.request).priority == "batch")
+
+    # --- join in pieces, while pages decode -------------------------------------------------------------
+
+    def _in_pieces(self) -> bool:
+        """Whether joining work runs in pieces now: interactive pages are decoding (continuous batching) and the
+        budget is on. Only someone waiting on a page's tokens minds the pause: with only job pages decoding, or
+        none, pages are prepared and prefilled together (faster for them, and for an interactive page joining
+        a batch of job pages)."""
+        on = self.config.join_budget_ms is None or self.config.join_budget_ms > 0
+        return on and self.config.batching == "continuous" and self._readers_waiting()
+
+    def _readers_waiting(self) -> bool:
+        return any(r.request.priority == "interactive" for r in self._running.values())
+
+    def _join_in_pieces(self) -> None:
+        """Run pieces of joining work until this iteration's budget is spent (at least one piece): a chunk
+        of the prefilling page's prompt, else the next page's next vision view or its pruning. Pages that
+        were prepared join one at a time through chunked prefill (a batch whose decoder schedules its own
+        prefills, vLLM's, takes them whole). With no interactive page decoding there is no budget."""
+        budget_s = self.join_budget_ms / 1e3 if self._readers_waiting() else math.inf
+        started = time.perf_counter()
+        while self._next_piece():
+            if time.perf_counter() - started >= budget_s:
+                return
+
+    def _next_piece(self) -> bool:
+        """One piece of joining work; False when there was none to do."""
+        if self._prefilling is not None:
+            self._prefill_chunk(self._prefilling)
+            return True
+        if self._ready and (not self._readers_waiting() or not isinstance(self._batch, PrefillsInChunks)):
+            self._join()  # no reader waits on a decoding page (no pause to bound), or the decoder prefills itself
+        elif self._ready:
+            joiner = self._fitting(1)
+            if joiner:
+                self._prefilling = self._ready.popleft()
+                return True
+        if not self._preparing:
+            return False
+        self._prepare_piece(self._preparing[0])
+        return True
+
+    def _prepare_piece(self, page: Preparing) -> None:
+        """The next view or the pruning of a page prepared in pieces; when it is done it is ready to join."""
+        try:
+            next(page.pieces)
+            return
+        except StopIteration as done:
+            _line_up(self._ready, Admitted(page.request, page.index, done.value))
+        except Exception as exc:  # this page only: it could not be encoded or pruned
+            page.request.fail(exc)
+            after_failed_call(exc)  # a lost device ends the loop; the page above has its answer
+        finally:
+            if page.pieces.gi_frame is None:  # finished or failed
+                self._preparing.remove(page)
+
+    def _prefill_chunk(self, r: Admitted) -> None:
+        """The next chunk of a joining page's prefill; once its prompt is in, it joins the batch."""
+        try:
+            if self._batch.prefill_chunk(r.sequence, self.config.prefill_chunk_tokens):
+                self._prefilling = None
+                finished = self._batch.join([r.sequence])
+                self._running[id(r.sequence)] = r
+                self._settle(finished)
+        except Exception as exc:  # this page only: the rows that decode are untouched
+            self._prefilling = None
+            self._batch.remove([r.sequence])
+            r.request.fail(exc)
+            after_failed_call(exc)
+
     # --- step -----------------------------------------------------------------------------------------
 
     def _step(self) -> None:
+        started = time.perf_counter()
         try:
             finished = self._batch.step()
         except Exception as exc:
             after_failed_call(exc)
             self._evict_after_failure(exc)
             return
+        self._step_ms.append((time.perf_counter() - started) * 1e3)
         self._step_times.append(time.monotonic())
         self._on_step(len(self._batch.rows) + len(finished))
         self._settle(finished)
@@ -511,10 +642,14 @@ class Scheduler:
     def _fail_in_flight(self, exc: BaseException) -> None:
         if self._batch is not None:
             self._batch.remove(list(self._batch.rows))
-        for r in [*self._running.values(), *self._ready]:
-            r.request.fail(exc)
+        for page in self._model_pages():
+            page.request.fail(exc)
+        for page in self._preparing:
+            page.pieces.close()
         self._running.clear()
         self._ready.clear()
+        self._preparing.clear()
+        self._prefilling = None
         self._drop_host_work(exc)
         for request in self._queue.drain():
             request.fail(exc)
@@ -525,3 +660,14 @@ class Scheduler:
             f"the service is shutting down{detail}; retry on another replica or shortly",
             headers={"Retry-After": str(self.config.retry_after_s)},
         )
+
+
+def _line_up(line: deque, page: Admitted | Preparing) -> None:
+    """Add a page to a line of pages (ready, or being prepared): an interactive page goes ahead of every batch
+    page, behind the interactive ones already there."""
+    if page.request.priority == "interactive":
+        for position, other in enumerate(line):
+            if other.request.priority == "batch":
+                line.insert(position, page)
+                return
+    line.append(page)

@@ -2,9 +2,14 @@
 
 A :class:`PageRequest` is one request: a document, its options, a deadline and a future that
 resolves to the pages' results in order. The :class:`PageQueue` holds requests but counts
-and hands out **pages**, one at a time, round-robin over requests: a 50-page PDF gives up
-its turn after each page, so a single image that arrives behind it waits for one page,
-not fifty.
+and hands out **pages**, one at a time:
+
+- **interactive before batch**: a page of a request someone waits on (the form, chat and Mistral doors)
+  goes before any job page (jobs are ``batch`` unless they ask otherwise), so a 1,000-page job does not
+  make an interactive reader wait; job pages take every turn interactive pages leave;
+- **fair by client, then by request**: within a class, clients take turns, one page each, and a client's
+  requests take turns within its share: a client with 50 requests waiting gets the turns of a client with
+  one, and a 50-page PDF gives up its turn after each page.
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Literal
 
 from service.engine import OcrOptions, PageResult
 from service.errors import Overloaded
 from service.inputs import Document
+
+Priority = Literal["interactive", "batch"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")  # the order classes are served in
 
 
 @dataclass(eq=False)
@@ -35,6 +44,8 @@ class PageRequest:
     future: Future = field(default_factory=Future)
     on_page: Callable[[int, PageResult], None] | None = None  # progress: (page index, result)
     on_token: Callable[[int, int, int], None] | None = None  # streaming: (page index, position, token id)
+    client: str = "-"  # who sent it (turns are fair by client): the caller's address, or a job's owner
+    priority: Priority = "interactive"
     next_page: int = 0  # pages before this one have been handed to the scheduler
     results: dict[int, PageResult] = field(default_factory=dict)
 
@@ -70,12 +81,14 @@ class PageRequest:
 
 
 class PageQueue:
-    """Requests waiting for the model, counted in pages and served one page per request in turn."""
+    """Requests waiting for the model, counted in pages and served one page at a time: interactive before batch,
+    then clients in turn, then each client's requests in turn."""
 
     def __init__(self, capacity: int, max_pixels: int | None = None) -> None:
         self.capacity = capacity
         self.max_pixels = max_pixels  # pixels of the waiting pages, decoded (None: no bound)
-        self._requests: deque[PageRequest] = deque()
+        # class -> client -> its waiting requests; a dict keeps the clients' turn order (the next is first)
+        self._lanes: dict[Priority, dict[str, deque[PageRequest]]] = {priority: {} for priority in PRIORITIES}
         self._pages = 0
         self._pixels = 0
         self._changed = threading.Condition()
@@ -92,6 +105,12 @@ class PageQueue:
     def pixels(self) -> int:
         """Pixels the waiting pages will take once decoded or rendered."""
         return self._pixels
+
+    def waiting(self, priority: Priority | None = None) -> list[PageRequest]:
+        """The requests with pages waiting (of one class, or all)."""
+        with self._changed:
+            lanes = [self._lanes[priority]] if priority else list(self._lanes.values())
+            return [request for lane in lanes for requests in lane.values() for request in requests]
 
     def put(self, request: PageRequest, retry_after_s: int | Callable[[], int]) -> None:
         """Queue all of ``request``'s pages, or refuse it whole (Overloaded, 503) if they do not fit the page
@@ -111,7 +130,7 @@ class PageQueue:
             if refusal is not None:
                 retry = retry_after_s() if callable(retry_after_s) else retry_after_s
                 raise Overloaded(refusal, headers={"Retry-After": str(retry)})
-            self._requests.append(request)
+            self._lanes[request.priority].setdefault(request.client, deque()).append(request)
             self._pages += request.pages
             self._pixels += pixels
             self._changed.notify_all()
@@ -122,44 +141,60 @@ class PageQueue:
         with self._changed:
             waits: list[float] = []
             # every request here has a page waiting, so the n oldest pages are among the n oldest requests
-            for request in heapq.nsmallest(n, self._requests, key=lambda r: r.accepted_at):
+            for request in heapq.nsmallest(n, self.waiting(), key=lambda r: r.accepted_at):
                 waits += [now - request.accepted_at] * min(request.waiting_pages, n - len(waits))
                 if len(waits) >= n:
                     break
             return waits
 
-    def take(self) -> tuple[PageRequest, int] | None:
-        """The next page, round-robin by request. Requests that should stop are passed over here and
-        removed by :meth:`stopped`, so the scheduler can fail them."""
+    def take(self, *, batch: bool = True) -> tuple[PageRequest, int] | None:
+        """The next page: of the first class with one waiting, the next client's, that client's next request's
+        (``batch=False``: interactive pages only). Requests that should stop are passed over here and removed by
+        :meth:`stopped`, so the scheduler can fail them."""
         with self._changed:
-            for _ in range(len(self._requests)):
-                request = self._requests.popleft()
-                if request.should_stop():
-                    self._requests.append(request)
-                    continue
-                index = request.next_page
-                request.next_page += 1
-                self._pages -= 1
-                self._pixels -= request.document.pixels[index] if request.document.pixels else 0
-                if request.waiting_pages:
-                    self._requests.append(request)  # back of the line: the next page is another request's
-                return request, index
+            for priority, lane in self._lanes.items():
+                if priority == "batch" and not batch:
+                    break
+                for client in list(lane):
+                    requests = lane.pop(client)  # this client's turn is used now: it goes to the back
+                    request = next((r for r in requests if not r.should_stop()), None)
+                    lane[client] = requests
+                    if request is None:
+                        continue
+                    requests.remove(request)
+                    index = request.next_page
+                    request.next_page += 1
+                    self._pages -= 1
+                    self._pixels -= request.document.pixels[index] if request.document.pixels else 0
+                    if request.waiting_pages:
+                        requests.append(request)  # back of its client's line: the next is another request's
+                    elif not requests:
+                        del lane[client]
+                    return request, index
             return None
 
     def stopped(self) -> list[PageRequest]:
         """Remove and return the requests that should stop (cancelled, past their deadline, failed)."""
         with self._changed:
-            gone = [request for request in self._requests if request.should_stop()]
+            gone = [request for request in self.waiting() if request.should_stop()]
             if gone:
-                self._requests = deque(request for request in self._requests if not request.should_stop())
-                self._pages = sum(request.waiting_pages for request in self._requests)
-                self._pixels = sum(request.waiting_pixels for request in self._requests)
+                for lane in self._lanes.values():
+                    for client, requests in list(lane.items()):
+                        kept = deque(request for request in requests if not request.should_stop())
+                        if kept:
+                            lane[client] = kept
+                        else:
+                            del lane[client]
+                self._pages = sum(request.waiting_pages for request in self.waiting())
+                self._pixels = sum(request.waiting_pixels for request in self.waiting())
             return gone
 
     def drain(self) -> list[PageRequest]:
         """Remove and return every waiting request."""
         with self._changed:
-            requests, self._requests, self._pages, self._pixels = list(self._requests), deque(), 0, 0
+            requests = self.waiting()
+            self._lanes = {priority: {} for priority in PRIORITIES}
+            self._pages = self._pixels = 0
             return requests
 
     def wait(self, timeout: float, pages: int = 1) -> bool:

@@ -28,6 +28,7 @@ every step and join) for the benchmark that compares the two (``bench/decode_ste
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -47,6 +48,20 @@ class NonFiniteLogits(RuntimeError):
     """The model produced NaN logits for one page (e.g. corrupt features); that page fails alone."""
 
 
+@dataclass
+class _Partial:
+    """A joiner's prompt prefilled so far, chunk by chunk, in a cache of its own."""
+
+    inputs: PromptInputs
+    cache: DynamicCache
+    done: int = 0  # positions prefilled
+    last_hidden: torch.Tensor | None = None  # (1, hidden) of the last position prefilled
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.inputs.length
+
+
 class RunningBatch:
     """Rows of :class:`Sequence` decoding together over one KV cache (keeps :class:`~.contract.DecodeBatch`)."""
 
@@ -57,6 +72,7 @@ class RunningBatch:
         self._slots: list[Sequence] = []  # in cache order: row i of the cache and of _last
         self._cache: SlotCache | DynamicCache | None = None
         self._last: torch.Tensor | None = None  # (rows,) last chosen token per row, cache order, on the device
+        self._partial: dict[int, _Partial] = {}  # id(sequence) -> its prompt prefilled so far, chunk by chunk
 
     # --- bookkeeping, all on the host -------------------------------------------------------
 
@@ -92,23 +108,60 @@ class RunningBatch:
         for seq in joiners:
             seq.budget = min(seq.budget, self.model.max_positions - seq.prompt.next_position)
             assert seq.budget >= 1, "the engine checks that a prompt leaves room to generate"
-        cache = DynamicCache(config=self.model.text_config)
-        inputs = [self.prefill_inputs(seq) for seq in joiners]
-        embeds, positions, pads = _left_pad(inputs)
         bans = _bans(joiners, self.model.device)
-        with shared_stage([seq.timer for seq in joiners], "prefill", self.model.device):
-            out = self.model.decoder(
-                inputs_embeds=embeds,
-                position_ids=positions,
-                attention_mask=self.model.mask_argument(_prefill_mask(pads, embeds.shape[1], self.model.device)),
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = self.model.logits(out.last_hidden_state[:, -1])  # (joiners, vocab)
-            chosen, tokens, finite = _choose(logits, bans)
+        partial = self._partial.get(id(joiners[0]))
+        if partial is not None:  # prefilled chunk by chunk (:meth:`prefill_chunk`): only its first token is left
+            assert len(joiners) == 1 and partial.complete, "a page prefilled in chunks joins alone, once complete"
+            cache, pads = partial.cache, [0]
+            with shared_stage([joiners[0].timer], "prefill", self.model.device):
+                chosen, tokens, finite = _choose(self.model.logits(partial.last_hidden), bans)
+        else:
+            cache = DynamicCache(config=self.model.text_config)
+            inputs = [self.prefill_inputs(seq) for seq in joiners]
+            embeds, positions, pads = _left_pad(inputs)
+            with shared_stage([seq.timer for seq in joiners], "prefill", self.model.device):
+                out = self.model.decoder(
+                    inputs_embeds=embeds,
+                    position_ids=positions,
+                    attention_mask=self.model.mask_argument(_prefill_mask(pads, embeds.shape[1], self.model.device)),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                logits = self.model.logits(out.last_hidden_state[:, -1])  # (joiners, vocab)
+                chosen, tokens, finite = _choose(logits, bans)
+        self._partial.pop(id(joiners[0]), None)
         self._add(cache, joiners, pads)
         self._last = chosen if self._last is None else torch.cat([self._last, chosen])
         return self._advance(joiners, tokens, finite, span=None)
+
+    @torch.inference_mode()
+    def prefill_chunk(self, seq: Sequence, max_tokens: int) -> bool:
+        """Prefill the next ``max_tokens`` of ``seq``'s prompt (with the tokens it generated, after an eviction)
+        into a cache of its own, after the chunks before; True once the whole prompt is in, and then
+        :meth:`join` adds it with the first token chosen. Each chunk attends to the chunks before it and
+        causally within itself, so the cache is the one a single prefill makes (chunked prefill, as
+        Sarathi-Serve and vLLM do it): the scheduler runs one chunk between two decode steps. If a chunk
+        raises, the page's partial prefill is dropped (it starts again from its first chunk)."""
+        partial = self._partial.get(id(seq))
+        if partial is None:
+            cache = DynamicCache(config=self.model.text_config)
+            partial = self._partial[id(seq)] = _Partial(self.prefill_inputs(seq), cache)
+        start = partial.done
+        end = min(start + max_tokens, partial.inputs.length)
+        try:
+            with shared_stage([seq.timer], "prefill", self.model.device):
+                out = self.model.decoder(
+                    inputs_embeds=partial.inputs.embeds[None, start:end],
+                    position_ids=partial.inputs.position_ids[None, start:end],
+                    attention_mask=self.model.mask_argument(_chunk_mask(start, end, self.model.device)),
+                    past_key_values=partial.cache,
+                    use_cache=True,
+                )
+        except BaseException:
+            del self._partial[id(seq)]
+            raise
+        partial.done, partial.last_hidden = end, out.last_hidden_state[:, -1]
+        return partial.complete
 
     def prefill_inputs(self, seq: Sequence) -> PromptInputs:
         """What a joiner prefills: its prompt, plus the tokens it already generated when it rejoins after an
@@ -214,6 +267,8 @@ class RunningBatch:
     def remove(self, leaving: list[Sequence]) -> None:
         """Drop rows (finished, cancelled, evicted) from the batch and free what they held."""
         gone = {id(seq) for seq in leaving}
+        for key in gone & self._partial.keys():
+            del self._partial[key]  # a page that leaves while its prompt is prefilled in chunks
         slots = [i for i, seq in enumerate(self._slots) if id(seq) in gone]
         if not slots:
             return
@@ -274,6 +329,16 @@ def _prefill_mask(pads: list[int], length: int, device: torch.device) -> torch.T
     real = positions[None, :] >= on_device(pads, device)[:, None]  # (B, L)
     mask = (causal[None] & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
     return mask[:, None]
+
+
+def _chunk_mask(start: int, end: int, device: torch.device) -> torch.Tensor | None:
+    """(1, 1, end - start, end) bool for a chunk of a prompt whose first ``start`` positions are cached: each
+    new position sees the cached ones and those before it in the chunk. None for the first chunk (plain
+    causal: SDPA's own causal mask is aligned top-left, right only when nothing is cached)."""
+    if start == 0:
+        return None
+    rows = torch.arange(start, end, device=device)[:, None]
+    return (torch.arange(end, device=device)[None, :] <= rows)[None, None]
 
 
 def _pad_left(states: torch.Tensor, width: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ need not know which decoder raised them. Importable without torch.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from .sequence import Sequence
@@ -60,3 +60,13 @@ class DecodeBatch(Protocol):
     def remove(self, leaving: list[Sequence]) -> None:
         """Drop these rows (cancelled, evicted, failed) and free what they held; unknown ones are ignored.
         Their ``outcome`` is the caller's to set."""
+
+
+@runtime_checkable
+class PrefillsInChunks(Protocol):
+    """A batch that can prefill a joiner's prompt a chunk at a time between steps (this process's
+    :class:`~.batch.RunningBatch`; vLLM schedules its own prefills, so its batch does not)."""
+
+    def prefill_chunk(self, seq: Sequence, max_tokens: int) -> bool:
+        """Prefill the next ``max_tokens`` of ``seq``'s prompt into a cache of its own; True once all of it is
+        in, and then ``join([seq])`` adds it to the rows. ``remove([seq])`` forgets a partial prefill."""
