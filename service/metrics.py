@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from service.engine.device import memory_bytes
 from service.engine.stats import STAGES, PageStats
 from service.jobs.store import STATES, Backlog
+from service.scheduler.queue import PRIORITIES
 
 if TYPE_CHECKING:
     from service.engine.options import OcrOptions
@@ -27,7 +28,10 @@ class Metrics:
         page = ["mode", "pruner"]  # what a page asked for: the knobs that change its cost
         self.pages = Counter("rtprune_pages", "pages OCR'd, by mode and pruner", page, registry=r)
         self.stage_seconds = Histogram(
-            "rtprune_stage_seconds", "per-page latency by stage and mode", ["stage", "mode"], buckets=_LATENCY_BUCKETS,
+            "rtprune_stage_seconds",
+            "per-page latency by stage and mode",
+            ["stage", "mode"],
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.request_seconds = Histogram(
@@ -67,12 +71,21 @@ class Metrics:
             "rtprune_jobs_oldest_queued_seconds", "how long the oldest queued job has waited (0: none)", registry=r
         )
         self.store_seconds = Histogram(
-            "rtprune_job_store_seconds", "time of job-store operations (claim, renew, save a page, ...)",
-            ["operation"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5), registry=r,
+            "rtprune_job_store_seconds",
+            "time of job-store operations (claim, renew, save a page, ...)",
+            ["operation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=r,
         )
         self._oldest_queued: float | None = None
         self.oldest_queued_job.set_function(
             lambda: 0.0 if self._oldest_queued is None else max(0.0, time.time() - self._oldest_queued)
+        )
+        self.queued_by_priority = Gauge(
+            "rtprune_queued_pages",
+            "pages waiting for the model, by class (interactive, batch)",
+            ["priority"],
+            registry=r,
         )
         self.gpu_memory = Gauge(
             "rtprune_gpu_memory_bytes", "GPU memory of this process: allocated, reserved, peak", ["kind"], registry=r
@@ -92,6 +105,8 @@ class Metrics:
         self.queue_wait.set_function(lambda: scheduler.last_queue_wait_s)
         for kind in ("allocated", "reserved", "peak"):
             self.gpu_memory.labels(kind).set_function(functools.partial(gpu_memory, scheduler, kind))
+        for priority in PRIORITIES:
+            self.queued_by_priority.labels(priority).set_function(functools.partial(scheduler.queued_by, priority))
 
     def observe_backlog(self, backlog: Backlog) -> None:
         """The store's job counts, as the job runner last read them (every few seconds); the oldest

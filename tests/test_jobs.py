@@ -231,3 +231,24 @@ def test_job_events_keep_alive_while_a_page_runs_and_resume_after_last_event_id(
         assert text.count("event: page") == 1 and "id: 3\n" in text and '"state": "done"' in text
         bad = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "x"})
         assert bad.status_code == 422 and bad.json()["error"]["param"] is None
+
+
+def test_a_job_goes_as_batch_unless_it_asks_for_interactive_within_the_quota(tiny_engine, tmp_path, monkeypatch):
+    from service.scheduler import Scheduler
+
+    seen: list[tuple[str, str]] = []
+    submit = Scheduler.submit
+    monkeypatch.setattr(Scheduler, "submit", lambda self, r: (seen.append((r.priority, r.client)), submit(self, r))[1])
+    with app_client(tiny_engine, tmp_path, interactive_job_pages=2) as client:
+        ready(client)
+        refused = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data={**FAST, "priority": "interactive"})
+        assert refused.status_code == 422 and refused.json()["error"]["param"] == "priority"
+        assert "at most 2 pages" in refused.json()["error"]["message"]
+        batch = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST).json()["id"]
+        assert wait_state(client.get, batch)["state"] == "done"
+        two = {**FAST, "priority": "interactive", "pages": "1-2"}
+        interactive = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=two).json()["id"]
+        assert wait_state(client.get, interactive)["state"] == "done"
+        client.post("/v1/ocr", files={"file": ("d.pdf", PDF)}, data=FAST)
+    assert [priority for priority, _ in seen] == ["batch", "interactive", "interactive"]
+    assert seen[0][1] == "owner:anonymous" and seen[2][1] == "address:testclient"

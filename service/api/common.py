@@ -21,6 +21,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from service.api.middleware import ClientShares
 from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine, OcrOptions, PageResult
 from service.engine.options import in_one_sentence
 from service.errors import (
@@ -91,9 +92,7 @@ class OcrForm(OcrOptions):
         return parse_page_range(self.pages) if self.pages is not None else None
 
 
-def door_options(
-    engine: OCREngine, chosen: dict[str, Any], settings: ServiceSettings
-) -> tuple[OcrOptions, list[str]]:
+def door_options(engine: OCREngine, chosen: dict[str, Any], settings: ServiceSettings) -> tuple[OcrOptions, list[str]]:
     """The one options call of every door: the caller's fields with this engine's defaults, validated in
     one order (:meth:`OCREngine.resolve_options`), and the notes on chosen fields without effect (or
     capped: a random preset's token budget). InvalidParameter (422) in one sentence for anything that
@@ -156,7 +155,8 @@ def page_request(
 ) -> PageRequest:
     """The scheduler's request for an HTTP request that waits for its answer: its deadline and id."""
     deadline = accepted_at + settings.request_timeout_s
-    return PageRequest(document, options, deadline, request.state.request_id, accepted_at)
+    client = ClientShares.client_of(request.scope)  # turns in the page queue are fair by client
+    return PageRequest(document, options, deadline, request.state.request_id, accepted_at, client=client)
 
 
 async def wait_for(request: Request, pages: PageRequest, settings: ServiceSettings) -> list[PageResult]:

@@ -25,7 +25,7 @@ from service.engine import OcrOptions
 from service.errors import InvalidParameter, JobCancelled, JobFailed, NotFinished, NotFound, Overloaded, TooManyJobs
 from service.jobs import JobRecord, JobRunner, JobStore, stored_page
 from service.jobs.runner import LEASE_S
-from service.jobs.store import WARNINGS_KEY
+from service.jobs.store import PRIORITY_KEY, WARNINGS_KEY
 from service.outbound import OutboundRefused, resolve
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
@@ -36,6 +36,11 @@ router = APIRouter(tags=["jobs"])
 class JobForm(OcrForm):
     webhook_url: str | None = Field(
         None, pattern=r"^https?://", description="POSTed {id, state} when the job ends (if the server allows it)"
+    )
+    priority: Literal["batch", "interactive"] = Field(
+        "batch",
+        description="batch: the job's pages take the turns interactive requests leave; interactive: its pages go "
+        "with interactive requests (jobs of at most RTPRUNE_INTERACTIVE_JOB_PAGES pages)",
     )
 
 
@@ -119,6 +124,12 @@ async def create_job(
     if form.webhook_url:
         await run_in_threadpool(check_webhook, form.webhook_url, settings)
     data, document = await read_upload(request, form, settings, form.page_range())  # every limit, before storing
+    if form.priority == "interactive" and len(document) > settings.interactive_job_pages:
+        raise InvalidParameter(
+            f"a job with priority=interactive may have at most {settings.interactive_job_pages} pages, this one has "
+            f"{len(document)}; send it as a batch job, or in parts",
+            param="priority",
+        )
     owner, store = owner_of(request), runner.store
     if await run_in_threadpool(store.count_unfinished, owner) >= settings.jobs_per_key:
         raise TooManyJobs(
@@ -126,7 +137,7 @@ async def create_job(
         )
     if await run_in_threadpool(store.total_bytes) + len(data) > settings.jobs_max_bytes:
         raise Overloaded("job storage is full; retry later", headers={"Retry-After": str(settings.retry_after_s)})
-    options_json = {**options.model_dump(mode="json"), WARNINGS_KEY: notes}
+    options_json = {**options.model_dump(mode="json"), WARNINGS_KEY: notes, PRIORITY_KEY: form.priority}
     holder = runner.holder_for_new_job()
     record = await run_in_threadpool(
         store.create, owner, options_json, document.numbers, data, form.webhook_url, holder, LEASE_S

@@ -204,7 +204,7 @@ class JobRunner:
         remaining = [p for p in range(len(record.numbers)) if p not in done]
         try:
             if remaining:
-                await self._run_pages(job_id, record.page_options, record.numbers, remaining)
+                await self._run_pages(record, remaining)
             state, error = "done", None
         except asyncio.CancelledError:
             raise
@@ -237,7 +237,8 @@ class JobRunner:
             self.webhooks.deliver(record.webhook, record.id, state)
         return True
 
-    async def _run_pages(self, job_id: str, options: dict, numbers: list[int], remaining: list[int]) -> None:
+    async def _run_pages(self, record: JobRecord, remaining: list[int]) -> None:
+        job_id, numbers = record.id, record.numbers
         data = await self._persist(self.store.upload, job_id)
         document = (await self.open_upload(data, (numbers[0], numbers[-1]))).select(remaining)
         loop = asyncio.get_running_loop()
@@ -247,7 +248,13 @@ class JobRunner:
             loop.call_soon_threadsafe(self._page_done, job_id, remaining[index], result, saving)
 
         pages = PageRequest(
-            document, OcrOptions(**options), time.monotonic() + self.retention_s, f"job-{job_id}", on_page=on_page
+            document,
+            OcrOptions(**record.page_options),
+            time.monotonic() + self.retention_s,
+            f"job-{job_id}",
+            on_page=on_page,
+            client=f"owner:{record.owner}",  # a job's pages take turns with other owners' jobs
+            priority=record.priority,
         )
         self._live[job_id] = pages
         while True:

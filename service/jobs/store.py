@@ -43,8 +43,13 @@ class JobRecord:
 
     @property
     def page_options(self) -> dict:
-        """The options each page runs with (the stored options less the job's warnings)."""
-        return {name: value for name, value in self.options.items() if name != WARNINGS_KEY}
+        """The options each page runs with (the stored options less the job's warnings and priority)."""
+        return {name: value for name, value in self.options.items() if name not in (WARNINGS_KEY, PRIORITY_KEY)}
+
+    @property
+    def priority(self) -> str:
+        """``batch`` (the default: a job's pages take the turns interactive pages leave) or ``interactive``."""
+        return self.options.get(PRIORITY_KEY, "batch")
 
     @property
     def warnings(self) -> list[str]:
@@ -54,6 +59,7 @@ class JobRecord:
 
 
 WARNINGS_KEY = "_warnings"  # stored inside the options object: no column, so no migration on either backend
+PRIORITY_KEY = "_priority"  # likewise
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,14 @@ class JobStore(Protocol):
     poll_s: float  # how often a reader looks for news this process was not told of (other processes' pages)
 
     def create(
-        self, owner: str, options: dict, numbers: list[int], data: bytes, webhook: str | None,
-        holder: str | None = None, ttl_s: float = 0.0,
+        self,
+        owner: str,
+        options: dict,
+        numbers: list[int],
+        data: bytes,
+        webhook: str | None,
+        holder: str | None = None,
+        ttl_s: float = 0.0,
     ) -> JobRecord:
         """A queued job with its upload, stored together: no job row without its bytes. With ``holder``,
         its lease is taken in the same write, so the replica that took the upload runs it (no other
