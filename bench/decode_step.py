@@ -104,13 +104,14 @@ def measure(engine: OCREngine, args) -> list[dict]:
     return records
 
 
-def join_gap(engine: OCREngine, running_pages: int) -> dict:
-    """The longest pause between decode steps while a Gundam page joins ``running_pages`` decoding pages."""
+def join_gap(engine: OCREngine, running_pages: int, join_budget_ms: float | None = 0.0) -> dict:
+    """The longest pause between decode steps while a Gundam page joins ``running_pages`` decoding pages (with the
+    join budget off by default: the page's whole vision and prefill between two steps)."""
     from service.inputs import Document
     from service.scheduler import PageRequest, Scheduler, SchedulerConfig
 
     stamps: list[float] = []
-    config = SchedulerConfig(warmup=False, max_batch_size=running_pages + 1)
+    config = SchedulerConfig(warmup=False, max_batch_size=running_pages + 1, join_budget_ms=join_budget_ms)
     scheduler = Scheduler(lambda: engine, config, on_step=lambda rows: stamps.append(time.perf_counter()))
     scheduler.start()
     while scheduler.state == "loading":

@@ -27,6 +27,8 @@ cut short still leaves what it measured: ``summary.json`` (the statuses, version
  6 pruner       the pruner on the device against the CPU, host reads per call
  7 vision       vision encoder time and peak memory per view and batch, against the estimate
  8 batching     continuous against static batching on Base pages
+ 9 stall        the longest pause between decode steps while a Gundam page joins running pages, the join
+                budget off and on (stall-free joining), beside the page's own vision + prefill time
 
 On a machine with PyTorch alone, carry the other wheels (``bench/gpu_wheels.sh``; docs/gpu.md).
 Run from the repository root.
@@ -81,7 +83,8 @@ SHARES = {
     "decode": 0.14,
     "pruner": 0.07,
     "vision": 0.08,
-    "batching": 0.20,
+    "batching": 0.14,
+    "stall": 0.06,
 }
 
 
@@ -591,6 +594,27 @@ def section_batching(check: Check) -> dict[str, Any]:
     return runs
 
 
+def section_stall(check: Check) -> dict[str, Any]:
+    """Stall-free joining: while pages decode, a Gundam page joins with the join budget off (its whole vision and
+    prefill between two steps) and on (in pieces): the longest pause between two steps, and the page's own
+    vision + prefill time it is measured against."""
+    from bench.decode_step import join_gap
+
+    image = document_page((1700, 2200))
+    estimate = 3 * check.pages.estimate(vision_cost(preprocess(image, "gundam", version=check.engine.version)))
+    runs: dict[str, Any] = {}
+    for name, budget in (("budget_off", 0.0), ("budget_on", None)):
+        if check.out_of_time(f"join {name}", estimate):
+            continue
+        gap = join_gap(check.engine, 8 if check.gpu else 2, join_budget_ms=budget)
+        latency = gap["gundam_latency_ms"]
+        gap["pause_over_vision_and_prefill"] = gap["largest_gap_while_joining_ms"] / (
+            latency["vision"] + latency["prefill"]
+        )
+        runs[name] = gap
+    return runs
+
+
 def record_latency(latencies: list[float], started: float, future) -> None:
     if future.exception() is None:
         latencies.append(time.monotonic() - started)
@@ -606,6 +630,7 @@ SECTIONS: list[tuple[str, Callable[[Check], dict[str, Any]]]] = [
     ("pruner", section_pruner),
     ("vision", section_vision),
     ("batching", section_batching),
+    ("stall", section_stall),
 ]
 
 

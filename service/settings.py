@@ -138,6 +138,12 @@ class ServiceSettings(BaseSettings):
     interactive_job_pages: int = Field(
         10, ge=0, description="the most pages a job may have and ask for priority=interactive (0: no job may)"
     )
+    interactive_rows: int | None = Field(
+        None,
+        ge=0,
+        description="rows of the running batch job pages leave to interactive requests; unset: an eighth of "
+        "max_batch_size, at least one",
+    )
     prefill_chunk_tokens: int = Field(
         512, ge=16, description="tokens of a joining prompt prefilled between two decode steps (with join_budget_ms)"
     )

@@ -16,7 +16,7 @@ import torch
 from bench.gpu_check import Check, UnitClock, run_section
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["load", "modes", "padding", "vllm_budget", "prefill", "decode", "pruner", "vision", "batching"]
+SECTIONS = ["load", "modes", "padding", "vllm_budget", "prefill", "decode", "pruner", "vision", "batching", "stall"]
 
 
 def run_check(out: Path, preset_cache: Path, budget_s: float) -> subprocess.CompletedProcess:
@@ -46,6 +46,7 @@ def test_the_gpu_check_runs_every_section_on_the_cpu_into_two_files(tmp_path, pr
     assert records["vllm_budget"]["budget_on_vllm"] is None
     assert records["decode"]["profile"]["host_reads_per_step"] == {"tolist": 1}  # the step's one designed read
     assert records["batching"]["continuous"]["pages"] == records["batching"]["continuous"]["of"]
+    assert {"budget_off", "budget_on"} <= set(records["stall"])  # the join measured both ways
     assert (preset_cache / "presets").is_dir()  # the preset went where RTPRUNE_CACHE_DIR says
 
 

@@ -23,7 +23,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_VENV = os.environ.get("RTPRUNE_GPU_IMAGE_VENV")
-SECTIONS = ["load", "modes", "padding", "vllm_budget", "prefill", "decode", "pruner", "vision", "batching"]
+SECTIONS = ["load", "modes", "padding", "vllm_budget", "prefill", "decode", "pruner", "vision", "batching", "stall"]
 
 
 def needs_image_venv() -> Path:

@@ -427,6 +427,7 @@ def test_metrics_show_running_pages_batch_tokens_queued_pages_and_steps(tiny_eng
     assert values["rtprune_running_pages"] == 1 and values["rtprune_batch_tokens"] > 0
     assert values["rtprune_queue_depth"] == 0 and values["rtprune_decode_steps_total"] > 0
     assert values["rtprune_decode_steps_per_second"] > 0 and values["rtprune_batch_tokens_limit"] == 32768
+    assert [values[f'rtprune_queued_pages{{priority="{p}"}}'] for p in ("interactive", "batch")] == [0, 0]
 
 
 def test_info_describes_the_batching(tiny_engine):

@@ -4,6 +4,7 @@ page-level admission and the KV budget, exactly as the HTTP service runs them)."
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 from collections import Counter, deque
@@ -35,7 +36,8 @@ class LocalRunner:
     goes in parts, so it never holds the whole queue), and hands finished pages back to the caller."""
 
     def __init__(self, engine, config: SchedulerConfig) -> None:
-        self.scheduler = Scheduler(lambda: engine, config)
+        # a conversion's pages are batch work with no interactive page beside them: no row is kept for one
+        self.scheduler = Scheduler(lambda: engine, dataclasses.replace(config, interactive_rows=0))
         self.scheduler.start()
         while self.scheduler.state == "loading":
             time.sleep(0.02)
@@ -81,7 +83,8 @@ class LocalRunner:
             self._finished.put((work, document.numbers[index], result))
 
         deadline = time.monotonic() + FOREVER_S
-        return PageRequest(document, work.options, deadline, f"convert:{work.name}", on_page=on_page)
+        name = f"convert:{work.name}"
+        return PageRequest(document, work.options, deadline, name, on_page=on_page, priority="batch")
 
     def _hand_back(self) -> None:
         while True:

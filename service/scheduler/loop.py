@@ -76,6 +76,7 @@ class SchedulerConfig:
     adaptive_floor: float = 0.5  # ... never below this
     join_budget_ms: float | None = None  # joining work between two decode steps; None: the median step time, 0: off
     prefill_chunk_tokens: int = 512  # a joining prompt's prefill, a chunk at a time while pages decode
+    interactive_rows: int | None = None  # rows job pages leave to interactive ones; None: an eighth, at least 1
 
 
 @dataclass(eq=False)
@@ -517,6 +518,8 @@ class Scheduler:
     def reserved_rows(self) -> int:
         """Rows batch (job) pages leave to interactive ones: an interactive page that arrives while a long job
         fills the batch joins at once instead of waiting for job pages to finish."""
+        if self.config.interactive_rows is not None:
+            return min(self.config.interactive_rows, self.max_rows - 1)
         return max(1, self.max_rows // 8) if self.max_rows > 1 else 0
 
     def _batch_pages(self) -> int:
