@@ -551,20 +551,31 @@ class Scheduler:
                 return
 
     def _next_piece(self) -> bool:
-        """One piece of joining work; False when there was none to do."""
+        """One piece of joining work; False when there was none to do. While interactive pages decode, job pages'
+        joining work waits (their rows decode on): it would slow every step of the interactive pages, and job
+        pages take the turns interactive ones leave. Interactive pages are first in both lines (:func:`_line_up`)."""
         if self._prefilling is not None:
             self._prefill_chunk(self._prefilling)
             return True
-        if self._ready and (not self._readers_waiting() or not isinstance(self._batch, PrefillsInChunks)):
+        readers = self._readers_waiting()
+        if self._ready and (not readers or not isinstance(self._batch, PrefillsInChunks)):
             self._join()  # no reader waits on a decoding page (no pause to bound), or the decoder prefills itself
-        elif self._ready:
-            joiner = self._fitting(1)
-            if joiner:
-                self._prefilling = self._ready.popleft()
-                return True
-        if not self._preparing:
+        elif self._interactive_first() and self._fitting(1):
+            self._prefilling = self._ready.popleft()
+            return True
+        if not self._preparing or (readers and self._preparing[0].request.priority == "batch"):
             return False
         self._prepare_piece(self._preparing[0])
+        return True
+
+    def _interactive_first(self) -> bool:
+        """Put the first interactive ready page at the front of the ready line (an evicted job page may be
+        there); False when none is ready."""
+        page = next((r for r in self._ready if r.request.priority == "interactive"), None)
+        if page is None:
+            return False
+        self._ready.remove(page)
+        self._ready.appendleft(page)
         return True
 
     def _prepare_piece(self, page: Preparing) -> None:
