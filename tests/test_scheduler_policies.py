@@ -126,7 +126,7 @@ def test_job_pages_leave_rows_to_interactive_pages():
         job.cancel.set()
 
 
-def test_a_job_page_is_prepared_only_once_no_interactive_page_decodes():
+def test_job_pages_are_prepared_once_no_interactive_page_decodes_and_then_together():
     engine = FakeEngine(step_s=0.002)
     interactive = pages(1, 300)
     with running(engine, [interactive], max_batch_size=4, batch_wait_ms=0) as scheduler:
@@ -134,11 +134,15 @@ def test_a_job_page_is_prepared_only_once_no_interactive_page_decodes():
             time.sleep(0.001)
         prepared_when_done: list[int] = []
         interactive.future.add_done_callback(lambda _: prepared_when_done.append(len(engine.trace.prepared)))
-        job = pages(1, 3)
+        calls: list[int] = []
+        prepare = engine.prepare
+        engine.prepare = lambda tasks: (calls.append(len(tasks)), prepare(tasks))[1]
+        job = pages(3, 3)
         job.priority = "batch"
         scheduler.submit(job)
-        assert results([interactive, job]) == [[list(range(1, 301))], [[1, 2, 3]]]
-    assert prepared_when_done == [1]  # the job page's model work waited for the interactive page to finish
+        assert results([interactive, job]) == [[list(range(1, 301))], [[1, 2, 3]] * 3]
+    assert prepared_when_done == [1]  # the job pages' model work waited for the interactive page to finish
+    assert calls == [3]  # and then ran together, not piece by piece: no reader was waiting any more
 
 
 def test_a_failed_prefill_is_retried_in_halves_and_every_page_finishes():

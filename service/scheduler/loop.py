@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import math
 import threading
@@ -85,6 +86,7 @@ class Preparing:
 
     request: PageRequest
     index: int
+    task: PageTask
     pieces: Generator[None, None, PreparedPage]
 
 
@@ -412,8 +414,13 @@ class Scheduler:
             return
         if self._in_pieces():  # pages decode: each page's model work runs a piece at a time between their steps
             for request, index, task in taken:
-                _line_up(self._preparing, Preparing(request, index, self.engine.prepare_in_pieces(task)))
+                _line_up(self._preparing, Preparing(request, index, task, self.engine.prepare_in_pieces(task)))
             return
+        self._prepare_together(taken)
+
+    def _prepare_together(self, taken: list[tuple[PageRequest, int, PageTask]]) -> None:
+        """Prepare pages in one engine call (one vision call per view size, pruning in one pass); each becomes
+        ready to join, or fails its own request."""
         try:
             prepared = self.engine.prepare([task for _, _, task in taken])
         except Exception as exc:  # the engine returns per-page failures; anything else fails these pages only
@@ -563,10 +570,31 @@ class Scheduler:
         elif self._interactive_first() and self._fitting(1):
             self._prefilling = self._ready.popleft()
             return True
+        if not readers and self._unstarted_together():
+            return False  # one engine call an iteration, as admission makes
         if not self._preparing or (readers and self._preparing[0].request.priority == "batch"):
             return False
         self._prepare_piece(self._preparing[0])
         return True
+
+    def _unstarted_together(self) -> bool:
+        """Once no reader waits, pages admitted in pieces whose work has not started are prepared together (within
+        ``max_prefill_tokens`` visual tokens), as admission would: pieces are for the pause a reader minds."""
+        taken: list[Preparing] = []
+        visual_tokens = 0
+        for page in list(self._preparing):
+            if inspect.getgeneratorstate(page.pieces) != inspect.GEN_CREATED:
+                continue
+            if taken and visual_tokens + page.task.visual_tokens > self.config.max_prefill_tokens:
+                break
+            taken.append(page)
+            visual_tokens += page.task.visual_tokens
+        for page in taken:
+            self._preparing.remove(page)
+            page.pieces.close()
+        if taken:
+            self._prepare_together([(page.request, page.index, page.task) for page in taken])
+        return bool(taken)
 
     def _interactive_first(self) -> bool:
         """Put the first interactive ready page at the front of the ready line (an evicted job page may be
