@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import io
 import random
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -130,8 +131,11 @@ def add_workload_arguments(parser: argparse.ArgumentParser, *, mode: str, reques
     parser.add_argument("--seed", type=int, default=0)
 
 
-def service_settings(engine: OCREngine, batching: str, args, max_batch_tokens: int | None = None) -> ServiceSettings:
+def service_settings(
+    engine: OCREngine, batching: str, args, max_batch_tokens: int | None = None, join_budget_ms: float | None = None
+) -> ServiceSettings:
     return ServiceSettings(
+        join_budget_ms=join_budget_ms,
         model=engine.name,
         log_json=False,
         warmup=False,
@@ -154,12 +158,33 @@ def row(run: dict, base: dict | None = None) -> str:
     return line
 
 
+def join_budget_runs(engine: OCREngine, args, form: dict, rate: float, header: str) -> list[dict]:
+    """Continuous batching with stall-free joining off and on (measured budget), alternating over rounds on the
+    same arrivals: what bounding the pause between tokens costs in throughput."""
+    arrivals = workload(rate, args.requests, args.seed + 200, args.short, args.long)
+    print(f"\n## rate {rate:g}/s, join budget off vs on, {args.join_budget_rounds} rounds\n{header}")
+    runs: list[dict] = []
+    for round_ in range(args.join_budget_rounds):
+        order = [0.0, None] if round_ % 2 == 0 else [None, 0.0]
+        for budget in order:
+            settings = service_settings(engine, "continuous", args, join_budget_ms=budget)
+            run = asyncio.run(open_loop(engine, settings, arrivals, form))
+            run.update(rate=rate, join_budget="off" if budget == 0.0 else "measured", round=round_)
+            print(f"{run['join_budget']:>8}: " + row(run))
+            runs.append(run)
+    off, on = ([r["requests_per_s"] for r in runs if r["join_budget"] == name] for name in ("off", "measured"))
+    print(f"join budget on / off: x{statistics.median(on) / statistics.median(off):.2f} req/s (medians)")
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_arguments(parser, mode="tiny", requests=30, batch_size=32)
     parser.add_argument("--rates", default="1,2,4", help="arrivals per second")
     parser.add_argument("--budget-tokens", type=int, default=1536, help="fixed KV budget for the retention runs")
     parser.add_argument("--budget-mode", default="base", help="mode of the retention runs (more visual tokens)")
+    parser.add_argument("--join-budget-rounds", type=int, default=3, help="rounds of join budget off vs on")
+    parser.add_argument("--only-join-budget", action="store_true", help="only the join budget comparison")
     parser.add_argument("--out", default="bench/results/batching.json")
     args = parser.parse_args()
     engine = OCREngine.load(args.model, device=args.device, dtype=args.dtype)
@@ -170,6 +195,11 @@ def main() -> None:
     header = f"{'batching':>10} {'ret':>5} {'req/s':>6} {'tok/s':>7} "
     header += f"{'short50':>8} {'short95':>8} {'long50':>8} {'long95':>8}"
     records = []
+    top = max(float(r) for r in args.rates.split(","))
+    join_budget = join_budget_runs(engine, args, form, top, header)
+    if args.only_join_budget:
+        write_json(args.out, {"machine": label, "args": vars(args), "join_budget_records": join_budget})
+        return
     for level, rate in enumerate(float(r) for r in args.rates.split(",")):
         arrivals = workload(rate, args.requests, args.seed + level, args.short, args.long)
         order = ["static", "continuous"] if level % 2 == 0 else ["continuous", "static"]
@@ -179,7 +209,6 @@ def main() -> None:
             runs[batching]["rate"] = rate
             print(row(runs[batching], runs["static"] if batching == "continuous" else None))
             records.append(runs[batching])
-    top = max(float(r) for r in args.rates.split(","))
     arrivals = workload(top, args.requests, args.seed + 100, args.short, args.long)
     print(f"\n## rate {top:g}/s, mode {args.budget_mode}, KV budget {args.budget_tokens} tokens\n{header}")
     budget_runs = []
@@ -190,7 +219,8 @@ def main() -> None:
         run["rate"] = top
         print(row(run, budget_runs[0] if budget_runs else None))
         budget_runs.append(run)
-    write_json(args.out, {"machine": label, "args": vars(args), "records": records, "budget_records": budget_runs})
+    payload = {"records": records, "budget_records": budget_runs, "join_budget_records": join_budget}
+    write_json(args.out, {"machine": label, "args": vars(args), **payload})
     if any(r["failures"] for r in [*records, *budget_runs]):
         raise SystemExit("some requests failed")
 
