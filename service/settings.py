@@ -130,8 +130,8 @@ class ServiceSettings(BaseSettings):
     join_budget_ms: float | None = Field(
         None,
         ge=0,
-        description="stall-free joining: while pages decode, a joining page's model work (each vision view, its "
-        "pruning, each prefill chunk) runs in pieces between decode steps, about this many ms of it per step (at "
+        description="stall-free joining: while interactive pages decode, a joining page's model work (a SAM layer of "
+        "a view, its pruning, each prefill chunk) runs in pieces between decode steps, about this many ms per step (at "
         "least one piece); unset: the median decode step time, measured as it runs; 0: off (a page's whole "
         "vision and prefill run between two steps)",
     )
