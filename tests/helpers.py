@@ -222,3 +222,58 @@ def data_url(data: bytes, media_type: str) -> str:
     import base64
 
     return f"data:{media_type};base64," + base64.b64encode(data).decode()
+
+
+GUNDAM_PAGE = (1700, 2200)  # a 2 x 3 tile grid and the global view: seven views
+
+
+def joining_work_between_steps(engine, decoding_priority: str = "interactive", decoding_tokens: int = 200, **config):
+    """Four pages decode while a Gundam page joins, on a scheduler over ``engine`` (its own decoder or vLLM's);
+    returns the joining work done between consecutive decode steps (``tower``: the vision tower's forward,
+    ``layer``: one SAM layer, ``chunk``: one prefill chunk), the Gundam page's result and the join budget the
+    scheduler used."""
+    from bench.pages import document_page
+    from service.engine.decode.batch import RunningBatch
+    from service.scheduler import Scheduler, SchedulerConfig
+
+    events: list[str] = []
+    tower = engine.model.model.model.vision_tower
+    hooks = [tower.register_forward_pre_hook(lambda *_: events.append("tower"))]
+    hooks += [layer.register_forward_pre_hook(lambda *_: events.append("layer")) for layer in tower.sam_encoder.layers]
+    chunk = RunningBatch.prefill_chunk
+    RunningBatch.prefill_chunk = lambda *a: (events.append("chunk"), chunk(*a))[1]
+    scheduler = Scheduler(
+        lambda: engine, SchedulerConfig(warmup=False, **config), on_step=lambda _: events.append("step")
+    )
+    scheduler.start()
+    try:
+        while scheduler.state == "loading":
+            time.sleep(0.01)
+        small = engine.resolve_options({"mode": "tiny", "max_new_tokens": decoding_tokens, "ngram_size": 0})[0]
+        decoding = [image_request(document_page((640, 640), seed=i), small) for i in range(4)]
+        for request in decoding:
+            request.priority = decoding_priority
+            scheduler.submit(request)
+        while len(scheduler._batch.rows) < 4:  # all four decoding before the large page comes
+            time.sleep(0.01)
+        joined_at = len(events)
+        gundam = engine.resolve_options({"mode": "gundam", "max_new_tokens": 4, "ngram_size": 0})[0]
+        joiner = image_request(document_page(GUNDAM_PAGE, seed=9), gundam)
+        scheduler.submit(joiner)
+        result = joiner.future.result(timeout=300)[0]
+        assert all(not r.future.done() for r in decoding), "the pages decoding must outlast the join"
+        measured = scheduler.join_budget_ms
+        for request in decoding:
+            request.cancel.set()
+    finally:
+        scheduler.stop()
+        RunningBatch.prefill_chunk = chunk
+        for hook in hooks:
+            hook.remove()
+    segments: list[list[str]] = [[]]
+    for event in events[joined_at:]:
+        if event == "step":
+            segments.append([])
+        else:
+            segments[-1].append(event)
+    return segments, result, measured

@@ -8,21 +8,17 @@ steps is bounded by a piece, not by the largest page; and the pieces compute wha
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
 
 from bench.pages import document_page
-from service.engine import OcrOptions, PageResult
+from service.engine import OcrOptions
 from service.engine.decode.batch import RunningBatch
 from service.engine.engine import PageTask
 from service.engine.preprocess import preprocess
 from service.engine.stats import StageTimer
-from service.scheduler import Scheduler, SchedulerConfig
-from tests.helpers import image_request, text_page
-
-GUNDAM_PAGE = (1700, 2200)  # a 2 x 3 tile grid and the global view: seven views
+from tests.helpers import GUNDAM_PAGE, joining_work_between_steps, text_page
 
 
 def run_pieces(pieces):
@@ -116,58 +112,10 @@ def test_a_page_that_leaves_during_its_chunked_prefill_is_forgotten(tiny_engine)
     assert chunks == math.ceil(sequence.prompt.length / 64)  # started again from its first chunk
 
 
-def between_steps(
-    tiny_engine, monkeypatch, decoding_priority: str = "interactive", **config
-) -> tuple[list[list[str]], PageResult, float]:
-    """Four pages decode while a Gundam page joins; returns the joining work done between consecutive decode
-    steps (``tower``: one vision-tower call, ``chunk``: one prefill chunk), the Gundam page's result and the
-    join budget the scheduler used."""
-    events: list[str] = []
-    tower = tiny_engine.model.model.model.vision_tower
-    hooks = [tower.register_forward_pre_hook(lambda *_: events.append("tower"))]
-    hooks += [layer.register_forward_pre_hook(lambda *_: events.append("layer")) for layer in tower.sam_encoder.layers]
-    chunk = RunningBatch.prefill_chunk
-    monkeypatch.setattr(RunningBatch, "prefill_chunk", lambda *a: (events.append("chunk"), chunk(*a))[1])
-    scheduler = Scheduler(
-        lambda: tiny_engine, SchedulerConfig(warmup=False, **config), on_step=lambda rows: events.append("step")
-    )
-    scheduler.start()
-    try:
-        while scheduler.state == "loading":
-            time.sleep(0.01)
-        small = OcrOptions(mode="tiny", max_new_tokens=200, ngram_size=0)
-        decoding = [image_request(document_page((640, 640), seed=i), small) for i in range(4)]
-        for request in decoding:
-            request.priority = decoding_priority
-            scheduler.submit(request)
-        while len(scheduler._batch.rows) < 4:  # all four decoding before the large page comes
-            time.sleep(0.01)
-        joined_at = len(events)
-        gundam = OcrOptions(mode="gundam", max_new_tokens=4, ngram_size=0)
-        joiner = image_request(document_page(GUNDAM_PAGE, seed=9), gundam)
-        scheduler.submit(joiner)
-        result = joiner.future.result(timeout=300)[0]
-        assert all(not r.future.done() for r in decoding), "the pages decoding must outlast the join"
-        measured = scheduler.join_budget_ms
-        for request in decoding:
-            request.cancel.set()
-    finally:
-        scheduler.stop()
-        for hook in hooks:
-            hook.remove()
-    segments: list[list[str]] = [[]]
-    for event in events[joined_at:]:
-        if event == "step":
-            segments.append([])
-        else:
-            segments[-1].append(event)
-    return segments, result, measured
-
-
-def test_while_pages_decode_a_joining_page_runs_one_view_or_one_chunk_between_two_steps(tiny_engine, monkeypatch):
+def test_while_pages_decode_a_joining_page_runs_one_view_or_one_chunk_between_two_steps(tiny_engine):
     gundam = OcrOptions(mode="gundam", max_new_tokens=4, ngram_size=0)
     alone = tiny_engine.run(document_page(GUNDAM_PAGE, seed=9), gundam).text
-    segments, result, measured = between_steps(tiny_engine, monkeypatch, join_budget_ms=1e-3, prefill_chunk_tokens=64)
+    segments, result, measured = joining_work_between_steps(tiny_engine, join_budget_ms=1e-3, prefill_chunk_tokens=64)
     work = [event for segment in segments for event in segment]
     assert work.count("tower") == 7 and work.count("layer") == 7 * 2  # seven views, each SAM layer by layer
     assert work.count("chunk") == math.ceil(result.stats.prompt_tokens / 64) > 3
@@ -177,21 +125,21 @@ def test_while_pages_decode_a_joining_page_runs_one_view_or_one_chunk_between_tw
     assert measured == 1e-3
 
 
-def test_with_the_budget_off_a_joining_page_runs_whole_between_two_steps(tiny_engine, monkeypatch):
-    segments, _, _ = between_steps(tiny_engine, monkeypatch, join_budget_ms=0)
+def test_with_the_budget_off_a_joining_page_runs_whole_between_two_steps(tiny_engine):
+    segments, _, _ = joining_work_between_steps(tiny_engine, join_budget_ms=0)
     joined = [segment for segment in segments if segment]
     assert len(joined) == 1 and joined[0].count("tower") == 2  # the global view's call, the tiles': all at once
     assert joined[0].count("layer") == 2 * 2
 
 
-def test_the_measured_budget_follows_the_decode_step(tiny_engine, monkeypatch):
-    segments, _, measured = between_steps(tiny_engine, monkeypatch)  # the default: measured
+def test_the_measured_budget_follows_the_decode_step(tiny_engine):
+    segments, _, measured = joining_work_between_steps(tiny_engine)  # the default: measured
     assert measured > 0
     assert len([segment for segment in segments if segment]) > 2  # the page's pieces spread over several steps
 
 
-def test_with_only_job_pages_decoding_a_joining_page_runs_whole(tiny_engine, monkeypatch):
+def test_with_only_job_pages_decoding_a_joining_page_runs_whole(tiny_engine):
     """Nobody reads a job page's tokens as they come: no pause to bound, so a joining page is not slowed."""
-    segments, _, _ = between_steps(tiny_engine, monkeypatch, decoding_priority="batch", join_budget_ms=1e-3)
+    segments, _, _ = joining_work_between_steps(tiny_engine, decoding_priority="batch", join_budget_ms=1e-3)
     joined = [segment for segment in segments if segment]
     assert len(joined) == 1 and joined[0].count("tower") == 2

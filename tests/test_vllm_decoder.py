@@ -295,3 +295,21 @@ def test_chat_streams_the_tokens_vllm_delivers_as_they_come(vllm_service):
             chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
     deltas = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices")]
     assert "".join(deltas) == whole and sum(1 for d in deltas if d) > 1  # several deltas, one text
+
+
+def test_with_vllm_decoding_a_joining_page_is_still_encoded_a_sam_layer_at_a_time(stand_in, tiny_engine):
+    """vLLM prefills and decodes on its own; the vision encoder stays in this process and runs in pieces between
+    the scheduler's steps, so a large page does not hold up the next page's submission."""
+    from tests.helpers import joining_work_between_steps
+
+    stand_in.behaviour = "slow"  # chunks half a second apart: the four pages decode all through the join
+    server = VllmServer(stand_in.base, timeout_s=30)
+    server.connect(wait_s=10)
+    try:
+        segments, result, _ = joining_work_between_steps(OCREngine(tiny_engine.model, server), join_budget_ms=1e-3)
+    finally:
+        stand_in.behaviour = "decode"
+    work = [event for segment in segments for event in segment]
+    assert work.count("layer") == 7 * 2 and "chunk" not in work  # seven views a SAM layer each; vLLM prefills
+    assert max(segment.count("layer") for segment in segments) == 1
+    assert result.stats.output_tokens == 4
