@@ -199,6 +199,7 @@ def main() -> None:
         "RTPRUNE_LOG_JSON": "false",
         "RTPRUNE_MAX_PDF_PAGES": str(max(100, args.job_pages)),  # a long job fits the upload and queue limits
         "RTPRUNE_QUEUE_SIZE": str(max(128, args.job_pages + 16)),
+        "RTPRUNE_MAX_DOCUMENT_PIXELS": str(max(args.job_pages, 100) * 3_000_000),
     }
     records: list[dict] = []
     for round_ in range(args.rounds):

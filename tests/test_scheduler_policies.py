@@ -126,7 +126,7 @@ def test_job_pages_leave_rows_to_interactive_pages():
         job.cancel.set()
 
 
-def test_job_pages_are_prepared_once_no_interactive_page_decodes_and_then_together():
+def test_job_pages_are_prepared_once_no_interactive_page_decodes_whole_and_one_at_a_time():
     engine = FakeEngine(step_s=0.002)
     interactive = pages(1, 300)
     with running(engine, [interactive], max_batch_size=4, batch_wait_ms=0) as scheduler:
@@ -142,7 +142,7 @@ def test_job_pages_are_prepared_once_no_interactive_page_decodes_and_then_togeth
         scheduler.submit(job)
         assert results([interactive, job]) == [[list(range(1, 301))], [[1, 2, 3]] * 3]
     assert prepared_when_done == [1]  # the job pages' model work waited for the interactive page to finish
-    assert calls == [3]  # and then ran together, not piece by piece: no reader was waiting any more
+    assert calls == [1, 1, 1]  # then whole, not piece by piece (no reader waits), one job page an engine call
 
 
 def test_a_failed_prefill_is_retried_in_halves_and_every_page_finishes():

@@ -4,7 +4,8 @@ The thread loads the engine (so loading never blocks the event loop and ``/healt
 answers while weights are read), warms it up, then repeats one iteration:
 
 1. **retire**: pages whose request was cancelled, timed out or failed leave the batch;
-2. **admit**: pages are taken from the fair page queue (round-robin by request) into a small
+2. **admit**: pages are taken from the page queue (interactive before batch, then fair by client and
+   by request: :mod:`.queue`; job pages leave ``reserved_rows`` to interactive ones) into a small
    pool of preprocessing threads, which render them (PDF pages only now), preprocess them to
    uint8 views and tokenize their prompts while the batch decodes; the pages they finished are
    prepared by the engine (vision, prune, prompt): this thread only launches model work.
@@ -13,7 +14,11 @@ answers while weights are read), warms it up, then repeats one iteration:
    until their visual tokens reach ``max_prefill_tokens``, so one 8-page Gundam PDF does not
    stall every running page's next token for the time of eight vision calls and prefills;
 3. **join**: ready pages are prefilled and join the running batch while its KV footprint
-   (rows x longest row, padding included) stays within ``max_batch_tokens``;
+   (rows x longest row, padding included) stays within ``max_batch_tokens``. While interactive pages
+   decode, a joining page's model work runs in pieces instead (a SAM layer of one view, its pruning, a
+   chunk of its prefill), about ``join_budget_ms`` of it between two steps, so the pause between their
+   tokens is bounded by a piece, not by the largest page (stall-free joining, as Sarathi-Serve and vLLM's
+   chunked prefill); job pages' joining work waits meanwhile;
 4. **step**: one decode step for every running page; finished pages leave and their
    request is answered when its last page is done.
 
@@ -398,11 +403,22 @@ class Scheduler:
         taken: list[tuple[PageRequest, int, PageTask]] = []
         visual_tokens = 0
         static = self.config.batching == "static"
-        while self._host_work and len(taken) < room and (static or visual_tokens < self.config.max_prefill_tokens):
-            request, index, future = self._host_work[0]
+        # job pages: one an engine call (an interactive page that arrives waits for one page at most), none while
+        # interactive pages decode (they could not start; they stay with the pool rather than hold rows)
+        jobs_wait = self._in_pieces()
+        for item in list(self._host_work):
+            if len(taken) >= room or (not static and visual_tokens >= self.config.max_prefill_tokens):
+                break
+            request, index, future = item
+            if (
+                request.priority == "batch"
+                and not static
+                and (jobs_wait or any(t[0].priority == "batch" for t in taken))
+            ):
+                continue
             if not future.done():
                 break  # the batch goes on; this page joins at a later step
-            self._host_work.popleft()
+            self._host_work.remove(item)
             try:
                 task = future.result()
             except Exception as exc:  # the page could not be rendered or preprocessed: its request fails
@@ -437,7 +453,7 @@ class Scheduler:
         """Take pages from the queue (round-robin by request) into the preprocessing pool, up to ``ahead``
         in the pool or done and waiting."""
         while len(self._host_work) < ahead:
-            item = self._queue.take(batch=self._batch_pages() < self.max_rows - self.reserved_rows)
+            item = self._queue.take(batch=self._may_take_batch_page())
             if item is None:
                 return
             request, index = item
@@ -529,9 +545,14 @@ class Scheduler:
             return min(self.config.interactive_rows, self.max_rows - 1)
         return max(1, self.max_rows // 8) if self.max_rows > 1 else 0
 
-    def _batch_pages(self) -> int:
-        pages = [*self._model_pages(), *(x[0] for x in self._host_work)]
-        return sum(1 for page in pages if (page if isinstance(page, PageRequest) else page.request).priority == "batch")
+    def _may_take_batch_page(self) -> bool:
+        """Whether a job page may be taken from the queue now: job pages leave ``reserved_rows`` to interactive ones,
+        and at most ``preprocess_threads`` of them are rendered ahead (an interactive page that arrives is not
+        queued behind many job pages in the pool)."""
+        engine_pages = sum(1 for page in self._model_pages() if page.request.priority == "batch")
+        host_pages = sum(1 for request, _, _ in self._host_work if request.priority == "batch")
+        rows_left = engine_pages + host_pages < self.max_rows - self.reserved_rows
+        return rows_left and host_pages < self.config.preprocess_threads
 
     # --- join in pieces, while pages decode -------------------------------------------------------------
 
@@ -579,16 +600,20 @@ class Scheduler:
 
     def _unstarted_together(self) -> bool:
         """Once no reader waits, pages admitted in pieces whose work has not started are prepared together (within
-        ``max_prefill_tokens`` visual tokens), as admission would: pieces are for the pause a reader minds."""
+        ``max_prefill_tokens`` visual tokens; a job page alone), as admission would: pieces are for the pause a
+        reader minds."""
         taken: list[Preparing] = []
         visual_tokens = 0
         for page in list(self._preparing):
             if inspect.getgeneratorstate(page.pieces) != inspect.GEN_CREATED:
                 continue
-            if taken and visual_tokens + page.task.visual_tokens > self.config.max_prefill_tokens:
+            over = visual_tokens + page.task.visual_tokens > self.config.max_prefill_tokens
+            if taken and (over or page.request.priority == "batch"):
                 break
             taken.append(page)
             visual_tokens += page.task.visual_tokens
+            if page.request.priority == "batch":
+                break  # one job page an engine call, as admission takes them
         for page in taken:
             self._preparing.remove(page)
             page.pieces.close()
@@ -683,7 +708,8 @@ class Scheduler:
 
     def _fail_in_flight(self, exc: BaseException) -> None:
         if self._batch is not None:
-            self._batch.remove(list(self._batch.rows))
+            prefilling = [self._prefilling.sequence] if self._prefilling is not None else []
+            self._batch.remove([*self._batch.rows, *prefilling])  # a partial prefill's cache goes too
         for page in self._model_pages():
             page.request.fail(exc)
         for page in self._preparing:
