@@ -403,9 +403,11 @@ class Scheduler:
         taken: list[tuple[PageRequest, int, PageTask]] = []
         visual_tokens = 0
         static = self.config.batching == "static"
-        # job pages: one an engine call (an interactive page that arrives waits for one page at most), none while
-        # interactive pages decode (they could not start; they stay with the pool rather than hold rows)
-        jobs_wait = self._in_pieces()
+        # job pages: one an engine call (an interactive page that arrives waits for one page at most), none beside
+        # an interactive page, none while interactive pages decode (they stay with the pool rather than hold rows)
+        jobs_wait = self._in_pieces() or any(  # nor in the engine call of an interactive page
+            request.priority == "interactive" and future.done() for request, _, future in self._host_work
+        )
         for item in list(self._host_work):
             if len(taken) >= room or (not static and visual_tokens >= self.config.max_prefill_tokens):
                 break
