@@ -9,6 +9,10 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 tag="rtprune-ci/python:3.11-bookworm-$(cat "$0" | sha256sum | cut -c1-12)"
+# earlier builds of this script, superseded by this one (a few hundred MB each)
+for old in $(docker images rtprune-ci/python --format '{{.Repository}}:{{.Tag}}'); do
+  if [ "$old" != "$tag" ]; then docker rmi "$old" >/dev/null 2>&1 || true; fi
+done
 if docker image inspect "$tag" >/dev/null 2>&1; then
   echo "$tag"
   exit 0

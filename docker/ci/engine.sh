@@ -33,6 +33,13 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null 2>&1 || { tail -20 /var/log/dockerd.log >&2; exit 1; }
 fi
 
+# A Docker host that runs CI again and again keeps every earlier build: images left untagged by newer
+# builds and BuildKit's layer cache (22 GB after a day of runs here, which once left the venv install
+# below no room: "No space left on device"). Drop the untagged images and cap the cache.
+docker image prune -f >/dev/null
+docker builder prune -f --keep-storage "${RTPRUNE_CI_BUILD_CACHE:-8GB}" >/dev/null
+df -h / | awk 'NR == 2 {print "disk: " $4 " free of " $2}'
+
 # The CPU image takes torch's CPU wheel from docker/wheels when this machine has one on disk (it reaches
 # PyPI, not PyTorch's own CPU index); tests/test_docker.py then builds with LOCAL_WHEELS=1.
 here=$(cd "$(dirname "$0")" && pwd)

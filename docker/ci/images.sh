@@ -7,6 +7,14 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 base=$(bash "$here/base.sh")
 
+drop_superseded() {  # tag: remove the other tags of its repository (builds of files since changed), which
+  # would otherwise pile up a few GB per change on a Docker host that runs CI again and again
+  local tag=$1 old
+  for old in $(docker images "${tag%:*}" --format '{{.Repository}}:{{.Tag}}'); do
+    if [ "$old" != "$tag" ]; then docker rmi "$old" >/dev/null 2>&1 || true; fi
+  done
+}
+
 stand_in() {  # name, files it is built from...
   local name=$1
   shift
@@ -15,6 +23,7 @@ stand_in() {  # name, files it is built from...
   if ! docker image inspect "$tag" >/dev/null 2>&1; then
     docker build --quiet --build-arg BASE_IMAGE="$base" -f "$here/$name.Dockerfile" -t "$tag" "$here/.." >&2 || exit 1
   fi
+  drop_superseded "$tag"
   echo "$tag"
 }
 
