@@ -129,6 +129,7 @@ def cases() -> dict[str, Callable[[httpx.Client], tuple[int, int]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/out/hostile_stalls.json"))
+    parser.add_argument("--only", default="", help="run the cases whose name holds this text")
     args = parser.parse_args()
     port = free_port()
     command = [sys.executable, "-m", "service.cli", "--log-level", "WARNING", "serve", "--model", "tiny"]
@@ -138,7 +139,7 @@ def main() -> None:
     rows = []
     try:
         wait_ready(base, server, timeout=180)
-        senders = cases()
+        senders = {name: send for name, send in cases().items() if args.only in name}
         with httpx.Client(base_url=base, timeout=300) as client:
             for name, send in senders.items():
                 with Probe(base, server.pid) as idle:

@@ -138,7 +138,9 @@ def create_app(
     web.attach(app)
     describe_uploads_as_multipart(app)
     # added last = outermost: the request id exists before auth, admission and the body limit answer
-    app.add_middleware(JsonBodyMiddleware, max_bytes=JSON_BESIDE_IMAGES_BYTES)  # inside the body limit
+    app.add_middleware(  # inside the body limit
+        JsonBodyMiddleware, max_bytes=JSON_BESIDE_IMAGES_BYTES, max_image_bytes=settings.max_upload_bytes
+    )
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes,

@@ -21,6 +21,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from service.api import data_urls
 from service.api.middleware import ClientShares
 from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine, OcrOptions, PageResult
 from service.engine.options import in_one_sentence
@@ -118,6 +119,9 @@ async def read_upload(
 async def read_url(request: Request, url: str, settings: ServiceSettings) -> bytes:
     """The bytes of a JSON door's data URL (or allowed http(s) URL), off the event loop and off the threads
     that read uploads: fetches have their own small pool, so slow servers cannot stall uploads."""
+    lifted = data_urls.take(request.scope, url)  # decoded from the body's bytes as it arrived
+    if lifted is not None:
+        return lifted
     limits = (settings.max_upload_bytes, settings.allow_url_fetch, settings.fetch_timeout_s)
     call = functools.partial(bytes_of_url, url, *limits, settings.outbound_policy())
     loop = asyncio.get_running_loop()

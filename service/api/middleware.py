@@ -19,6 +19,7 @@ from collections.abc import Callable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.data_urls import STATE_KEY, json_beside_images, lift_images
 from service.api.handlers import UploadStalled, UploadTooLarge, error_json
 from service.errors import JsonTooLarge, Overloaded, ServiceError, TooManyFetches, TooManyStreams
 from service.metrics import Metrics
@@ -187,37 +188,21 @@ class BodyLimitMiddleware:
         await self.app(scope, counting_receive, send)
 
 
-def json_beside_images(body: bytes) -> int:
-    """Bytes of a JSON body outside its data URLs (JSON strings that start ``data:`` and hold no escape but
-    an escaped slash): what parsing and validating the body costs in proportion to. Found with
-    ``bytes.find`` only: a regular expression took 3.4 s over a 30 MB data URL, holding the GIL, so the
-    event loop stalled for as long."""
-    # same length: an escaped slash is the one escape a data URL may hold (copied only when there is one)
-    plain = body.replace(b"\\/", b"//") if b"\\/" in body else body
-    inside, start = 0, plain.find(b'"data:')
-    while start != -1:
-        end = plain.find(b'"', start + 6)
-        if end == -1:
-            break
-        if plain.find(b"\\", start, end) == -1:  # a data URL: the whole string, quotes included
-            inside += end + 1 - start
-            start = plain.find(b'"data:', end + 1)
-        else:  # another escape: not a data URL (the next one may start inside it)
-            start = plain.find(b'"data:', start + 1)
-    return len(body) - inside
-
-
 class JsonBodyMiddleware:
-    """Caps what a JSON body holds beside its images, before anything parses it.
+    """Caps what a JSON body holds beside its images, and decodes its images, before anything parses it.
 
     FastAPI parses and validates a JSON body on the event loop, at about 40 times its size in memory:
-    50 MB of small objects froze every route for half a minute. A data URL parses as one string (cheap,
-    and the upload limit bounds it), so it is left out of the count; everything else together may be
-    ``max_bytes``. The body is measured in a worker thread, then handed on whole."""
+    50 MB of small objects froze every route for half a minute. A data URL is left out of the count (the
+    upload limit bounds it); everything else together may be ``max_bytes``. The images' data URLs are
+    decoded from the body's bytes (:mod:`service.api.data_urls`), so the route parses a body of handles.
+    Both run in a worker thread for a body over ``INLINE_BYTES``."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    INLINE_BYTES = 64 * 1024  # smaller bodies are measured on the event loop: a thread hop costs more
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_image_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_image_bytes = max_image_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         content_type = Headers(scope=scope).get("content-type", "") if scope["type"] == "http" else ""
@@ -233,8 +218,11 @@ class JsonBodyMiddleware:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         chunks.clear()  # the body is held once while the request runs, not twice
-        # a body under the cap is under it whatever it holds: only a larger one is measured
-        if len(body) > self.max_bytes and await asyncio.to_thread(json_beside_images, body) > self.max_bytes:
+        if len(body) > self.INLINE_BYTES:
+            prepared = await asyncio.to_thread(self._prepare, body)
+        else:
+            prepared = self._prepare(body)
+        if prepared is None:
             too_large = JsonTooLarge(
                 f"the JSON body holds more than {self.max_bytes // 1024} KiB besides its images (data URLs); "
                 "send the document as an image or file, not as text"
@@ -242,6 +230,8 @@ class JsonBodyMiddleware:
             request_id = scope.get("state", {}).get("request_id")
             await error_json(413, too_large.code, too_large.message, request_id)(scope, receive, send)
             return
+        body, images = prepared
+        scope.setdefault("state", {})[STATE_KEY] = images
         replayed = False
 
         async def replay() -> Message:
@@ -252,6 +242,13 @@ class JsonBodyMiddleware:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+    def _prepare(self, body: bytes) -> tuple[bytes, dict[str, bytes]] | None:
+        """The body with its images lifted out, or None when it holds too much beside them."""
+        # a body under the cap is under it whatever it holds: only a larger one is measured
+        if len(body) > self.max_bytes and json_beside_images(body) > self.max_bytes:
+            return None
+        return lift_images(body, self.max_image_bytes)
 
 
 class AdmissionMiddleware:

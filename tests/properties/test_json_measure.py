@@ -9,7 +9,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.api.middleware import json_beside_images
+from service.api.data_urls import json_beside_images
 
 DEFINITION = re.compile(rb'"data:(?:[^"\\]|\\/)*"')  # the definition, slow on large bodies
 
