@@ -141,6 +141,10 @@ class TooManyFetches(ServiceError):
     status, code = 429, "too_many_fetches"
 
 
+class StorageShareUsed(ServiceError):
+    status, code = 429, "storage_share_used"
+
+
 class NotFinished(ServiceError):
     status, code = 409, "job_not_finished"
 

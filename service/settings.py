@@ -178,6 +178,13 @@ class ServiceSettings(BaseSettings):
     )
     job_retention_s: float = Field(86_400.0, gt=0, description="a job is deleted this long after its last change")
     jobs_max_bytes: int = Field(5_000_000_000, ge=1, description="uploads stored for jobs, all together; more get 503")
+    jobs_client_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="the part of RTPRUNE_JOBS_MAX_BYTES one client (its address) may hold in stored job uploads; "
+        "more get 429 (an ended or deleted job's upload is freed at once)",
+    )
     jobs_per_key: int = Field(
         100,
         ge=1,

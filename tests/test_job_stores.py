@@ -50,6 +50,17 @@ def test_a_job_is_stored_with_its_upload_and_belongs_to_its_owner(stores):
     assert first.total_bytes() == 0 and first.get(job.id).bytes == 0  # an ended job's upload is freed at once
 
 
+def test_uploads_are_counted_per_client_who_sent_them(stores):
+    first, second = stores
+    mine = first.create("shared-key", {}, [1], b"12345", None, client="address:10.0.0.1")
+    first.create("shared-key", {}, [1], b"123", None, client="address:10.0.0.2")
+    assert second.get(mine.id).client == "address:10.0.0.1"
+    assert second.total_bytes("address:10.0.0.1") == 5 and second.total_bytes("address:10.0.0.2") == 3
+    assert second.total_bytes() == 8 and second.total_bytes("address:10.0.0.3") == 0
+    second.set_state(mine.id, "cancelled")
+    assert first.total_bytes("address:10.0.0.1") == 0 and first.total_bytes() == 3
+
+
 def test_a_finished_or_cancelled_job_keeps_its_state(stores):
     first, second = stores
     runner = f"{HERE}:first"

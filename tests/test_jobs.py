@@ -90,11 +90,45 @@ def test_limits_per_key_and_storage(tiny_engine, tmp_path):
         assert client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST).status_code == 202
         refused = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST)
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_jobs"
-    with app_client(tiny_engine, tmp_path / "b", jobs_max_bytes=len(PDF) + 10) as client:
+    with app_client(tiny_engine, tmp_path / "b", jobs_max_bytes=len(PDF) + 10, jobs_client_share=1.0) as client:
         ready(client)
         assert client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST).status_code == 202
         full = client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=FAST)
         assert full.status_code == 503 and full.headers["retry-after"]
+
+
+def test_one_client_holds_at_most_its_share_of_the_job_storage_and_delete_frees_it(tiny_engine, tmp_path):
+    """Behind one shared key, clients are told apart by address: one that filled its share gets 429 while
+    another still gets room, and deleting a job gives the room back at once (not after the retention)."""
+    settings = ServiceSettings(
+        model="tiny", log_json=False, warmup=False, jobs_dir=tmp_path, random_max_new_tokens=8192,
+        jobs_max_bytes=3 * len(PDF), jobs_client_share=0.5,
+    )  # fmt: skip
+    app = create_app(settings, load_engine=lambda: tiny_engine)
+
+    async def from_address(scope, receive, send):  # the peer address a test header names, as a socket has one
+        address = dict(scope.get("headers", [])).get(b"x-test-peer")
+        await app({**scope, "client": (address.decode(), 1000)} if address else scope, receive, send)
+
+    slow = {"mode": "tiny", "max_new_tokens": "8192", "ngram_size": "0"}  # still running when the next one comes
+    first, second = {"X-Test-Peer": "10.0.0.1"}, {"X-Test-Peer": "10.0.0.2"}
+    with TestClient(from_address) as client:
+        ready(client)
+
+        def post(peer: dict[str, str]) -> httpx.Response:
+            return client.post("/v1/jobs", files={"file": ("d.pdf", PDF)}, data=slow, headers=peer)
+
+        mine = post(first).json()["id"]
+        refused = post(first)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "storage_share_used", refused.text
+        assert refused.headers["retry-after"]
+        other = post(second)
+        assert other.status_code == 202, other.text  # the other client keeps its room
+        assert client.delete(f"/v1/jobs/{mine}", headers=first).status_code == 200
+        again = post(first)
+        assert again.status_code == 202, again.text
+        for job in (other.json()["id"], again.json()["id"]):
+            client.delete(f"/v1/jobs/{job}")
 
 
 def test_expired_jobs_are_deleted_with_their_files(tiny_engine, tmp_path):

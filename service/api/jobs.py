@@ -19,10 +19,19 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.common import ERROR_RESPONSES, OcrForm, build_response, door_options, event_stream, read_upload
 from service.api.deps import get_scheduler, get_settings
-from service.api.middleware import key_digest
+from service.api.middleware import ClientShares, key_digest
 from service.api.responses import JSONResponse
 from service.engine import OcrOptions
-from service.errors import InvalidParameter, JobCancelled, JobFailed, NotFinished, NotFound, Overloaded, TooManyJobs
+from service.errors import (
+    InvalidParameter,
+    JobCancelled,
+    JobFailed,
+    NotFinished,
+    NotFound,
+    Overloaded,
+    StorageShareUsed,
+    TooManyJobs,
+)
 from service.jobs import JobRecord, JobRunner, JobStore, stored_page
 from service.jobs.runner import LEASE_S
 from service.jobs.store import PRIORITY_KEY, WARNINGS_KEY
@@ -105,6 +114,21 @@ async def status_of(record: JobRecord, store: JobStore) -> JobStatus:
     )
 
 
+async def check_storage(store: JobStore, client: str, size: int, settings: ServiceSettings) -> None:
+    """Room for ``size`` more bytes of uploads: in this client's share of the job storage (429: one client
+    cannot fill it for everyone), and in all (503)."""
+    retry = {"Retry-After": str(settings.retry_after_s)}
+    share = int(settings.jobs_max_bytes * settings.jobs_client_share)
+    if share < settings.jobs_max_bytes and await run_in_threadpool(store.total_bytes, client) + size > share:
+        raise StorageShareUsed(
+            f"this client's jobs hold their share of the job storage ({share:,} bytes of uploads); wait for one to "
+            "end, or delete a finished one (DELETE frees its upload at once)",
+            headers=retry,
+        )
+    if await run_in_threadpool(store.total_bytes) + size > settings.jobs_max_bytes:
+        raise Overloaded("job storage is full; retry later", headers=retry)
+
+
 @router.post(
     "/v1/jobs",
     status_code=202,
@@ -135,12 +159,12 @@ async def create_job(
         raise TooManyJobs(
             f"this key has {settings.jobs_per_key} unfinished jobs; wait for one to finish, or cancel one (DELETE)"
         )
-    if await run_in_threadpool(store.total_bytes) + len(data) > settings.jobs_max_bytes:
-        raise Overloaded("job storage is full; retry later", headers={"Retry-After": str(settings.retry_after_s)})
+    client = ClientShares.client_of(request.scope)  # its address: the key is shared, or the client's choice
+    await check_storage(store, client, len(data), settings)
     options_json = {**options.model_dump(mode="json"), WARNINGS_KEY: notes, PRIORITY_KEY: form.priority}
     holder = runner.holder_for_new_job()
     record = await run_in_threadpool(
-        store.create, owner, options_json, document.numbers, data, form.webhook_url, holder, LEASE_S
+        store.create, owner, options_json, document.numbers, data, form.webhook_url, holder, LEASE_S, client
     )
     if holder is not None:
         runner.run(record.id)

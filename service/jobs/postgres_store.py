@@ -36,7 +36,7 @@ T = TypeVar("T")
 CHANNEL = "rtprune_jobs"
 MIGRATION_LOCK = 0x7274_7072  # pg_advisory_xact_lock key: one replica migrates, the others wait for it
 NOW = "extract(epoch from clock_timestamp())"  # the database's clock: hosts' clocks may disagree
-JOB_COLUMNS = "id, owner, state, created, updated, options, numbers, bytes, error, webhook"
+JOB_COLUMNS = "id, owner, state, created, updated, options, numbers, bytes, error, webhook, client"
 NOTIFY = "pg_notify(%s, %s)"  # delivered at commit, and only if the statement changed a row
 RUNNING = "CASE WHEN state = 'queued' THEN 'running' ELSE state END"  # taken = running (no extra write)
 FREE = f"(runner IS NULL OR runner = %s OR lease_expires < {NOW} OR runner = ANY(%s))"  # a lease one may take
@@ -59,6 +59,10 @@ MIGRATIONS = (  # version n is MIGRATIONS[n - 1]; rtprune_schema records each on
         job_id text NOT NULL REFERENCES rtprune_jobs (id) ON DELETE CASCADE, position integer NOT NULL,
         result text NOT NULL, done_at double precision NOT NULL, PRIMARY KEY (job_id, position)
     );
+    """,
+    """
+    ALTER TABLE rtprune_jobs ADD COLUMN client text;
+    CREATE INDEX rtprune_jobs_client ON rtprune_jobs (client) WHERE bytes > 0;
     """,
 )
 
@@ -111,21 +115,21 @@ class PostgresStore:
     @timed
     def create(
         self, owner: str, options: dict, numbers: list[int], data: bytes, webhook: str | None,
-        holder: str | None = None, ttl_s: float = 0.0,
+        holder: str | None = None, ttl_s: float = 0.0, client: str | None = None,
     ) -> JobRecord:
         job_id, now = new_job_id(), time.time()
         query = (
             f"WITH job AS (INSERT INTO rtprune_jobs ({JOB_COLUMNS}, runner, lease_expires) "
-            f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, %s, CASE WHEN %s THEN {NOW} + %s END) "
+            f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, %s, %s, CASE WHEN %s THEN {NOW} + %s END) "
             "ON CONFLICT (id) DO NOTHING RETURNING id), "  # a retry after a commit whose answer was lost
             "upload AS (INSERT INTO rtprune_uploads SELECT id, %b FROM job) "
             f"SELECT {NOTIFY} FROM job"
         )
         state = initial_state(holder)
-        params = (job_id, owner, state, now, now, Jsonb(options), Jsonb(numbers), len(data), webhook)
+        params = (job_id, owner, state, now, now, Jsonb(options), Jsonb(numbers), len(data), webhook, client)
         lease = (holder, holder is not None, ttl_s)
         self._call(lambda c: c.execute(query, (*params, *lease, data, CHANNEL, news(job_id, "created"))))
-        return JobRecord(job_id, owner, state, now, now, options, numbers, len(data), None, webhook)
+        return JobRecord(job_id, owner, state, now, now, options, numbers, len(data), None, webhook, client)
 
     @timed
     def upload(self, job_id: str) -> bytes:
@@ -191,8 +195,10 @@ class PostgresStore:
         query = "SELECT COUNT(*) FROM rtprune_jobs WHERE owner = %s AND state = ANY(%s)"
         return self._call(lambda c: c.execute(query, (owner, list(UNFINISHED))).fetchone()[0])
 
-    def total_bytes(self) -> int:
-        return self._call(lambda c: c.execute("SELECT COALESCE(SUM(bytes), 0)::bigint FROM rtprune_jobs").fetchone()[0])
+    def total_bytes(self, client: str | None = None) -> int:
+        mine, args = ("WHERE client = %s", (client,)) if client is not None else ("", ())
+        query = f"SELECT COALESCE(SUM(bytes), 0)::bigint FROM rtprune_jobs {mine}"
+        return self._call(lambda c: c.execute(query, args).fetchone()[0])
 
     def backlog(self) -> Backlog:
         def work(conn: psycopg.Connection) -> Backlog:

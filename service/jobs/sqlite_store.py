@@ -31,6 +31,7 @@ MIGRATIONS = (  # version n is MIGRATIONS[n - 1]; PRAGMA user_version records th
     );
     """,
     "CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created);",
+    "ALTER TABLE jobs ADD COLUMN client TEXT;",
 )
 
 
@@ -78,16 +79,16 @@ class SQLiteStore:
     @timed
     def create(
         self, owner: str, options: dict, numbers: list[int], data: bytes, webhook: str | None,
-        holder: str | None = None, ttl_s: float = 0.0,
+        holder: str | None = None, ttl_s: float = 0.0, client: str | None = None,
     ) -> JobRecord:
         job_id = new_job_id()
         (self.uploads / job_id).write_bytes(data)  # the bytes first: a row never points at a missing file
         now = time.time()
         with self._lock, self._write():
             self._db.execute(
-                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
                 (job_id, owner, initial_state(holder), now, now, json.dumps(options), json.dumps(numbers), len(data),
-                 webhook),
+                 webhook, client),
             )
             if holder is not None:
                 self._db.execute("INSERT INTO leases VALUES (?, ?, ?)", (job_id, holder, now + ttl_s))
@@ -147,9 +148,10 @@ class SQLiteStore:
             query = "SELECT COUNT(*) FROM jobs WHERE owner = ? AND state IN (?, ?)"
             return self._db.execute(query, (owner, *UNFINISHED)).fetchone()[0]
 
-    def total_bytes(self) -> int:
+    def total_bytes(self, client: str | None = None) -> int:
+        mine, args = ("WHERE client = ?", (client,)) if client is not None else ("", ())
         with self._lock:
-            return self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM jobs").fetchone()[0]
+            return self._db.execute(f"SELECT COALESCE(SUM(bytes), 0) FROM jobs {mine}", args).fetchone()[0]
 
     def backlog(self) -> Backlog:
         with self._lock:

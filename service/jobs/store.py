@@ -40,6 +40,7 @@ class JobRecord:
     bytes: int
     error: str | None
     webhook: str | None
+    client: str | None = None  # who sent it (ClientShares.client_of): its bytes count against that client's share
 
     @property
     def page_options(self) -> dict:
@@ -83,6 +84,7 @@ class JobStore(Protocol):
         webhook: str | None,
         holder: str | None = None,
         ttl_s: float = 0.0,
+        client: str | None = None,
     ) -> JobRecord:
         """A queued job with its upload, stored together: no job row without its bytes. With ``holder``,
         its lease is taken in the same write, so the replica that took the upload runs it (no other
@@ -117,7 +119,9 @@ class JobStore(Protocol):
 
     def count_unfinished(self, owner: str) -> int: ...
 
-    def total_bytes(self) -> int: ...
+    def total_bytes(self, client: str | None = None) -> int:
+        """Bytes of the stored uploads (an ended job's are freed), all together or of one client's jobs."""
+        ...
 
     def backlog(self) -> Backlog: ...
 
