@@ -4,6 +4,7 @@ and idle or stalled connections cannot starve the server."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import random
@@ -13,6 +14,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -300,47 +302,144 @@ def test_the_bearer_scheme_is_accepted_in_any_case(tiny_engine):
         assert client.get("/v1/models", headers={"Authorization": "Basic k3y"}).status_code == 401
 
 
-def test_connections_past_the_cap_are_closed_at_once_and_logged_once_a_second(caplog):
-    import logging
-
+@contextlib.contextmanager
+def capped_server(max_connections: int) -> Iterator[tuple[int, threading.Event]]:
+    """uvicorn with the service's connection protocol and a cap of ``max_connections``, in a thread: its
+    port, and an event that /slow requests wait for (so that a test can hold requests under way)."""
     import uvicorn
     from fastapi import FastAPI
 
     from service.connections import protocol_with_head_timeout
     from service.loadtest import free_port
 
-    app = FastAPI()
-
-    @app.get("/ping")
-    def ping() -> dict:
-        return {"ok": True}
-
+    app, release = FastAPI(), threading.Event()
+    app.get("/ping")(lambda: {"ok": True})
+    app.get("/slow")(lambda: {"released": release.wait(60)})
     port = free_port()
-    protocol = protocol_with_head_timeout(30, max_connections=3)
+    protocol = protocol_with_head_timeout(30, max_connections=max_connections)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, http=protocol))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
     try:
-        time.sleep(0.2)
-        with caplog.at_level(logging.WARNING, logger="service.connections"):
-            extra = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
-            for sock in extra:
-                sock.settimeout(5)
-                assert sock.recv(1) == b""  # closed by the server at once, not left hanging
-                sock.close()
-        warnings = [r for r in caplog.records if "connections are open" in r.getMessage()]
-        assert len(warnings) == 1  # five refusals within a second: one line
-        idle.pop().close()
-        time.sleep(0.2)
-        assert httpx.get(f"http://127.0.0.1:{port}/ping", timeout=5).json() == {"ok": True}
+        yield port, release
     finally:
-        for sock in idle:
-            sock.close()
+        release.set()
         server.should_exit = True
         thread.join(10)
+
+
+def is_closed_by_server(sock: socket.socket) -> bool:
+    sock.settimeout(5)  # a close arrives at once; an open connection times out
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+
+
+def json_answer(sock: socket.socket) -> bytes:
+    """The body of the one small JSON response ``sock`` is sent (its head and body may come apart)."""
+    sock.settimeout(30)
+    answer = b""
+    while not answer.endswith(b"}") and (chunk := sock.recv(4096)):
+        answer += chunk
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+def test_at_the_connection_cap_a_new_connection_replaces_the_oldest_idle_one(caplog):
+    """A slowloris's idle sockets give way to clients that send a request: the oldest idle one first."""
+    import logging
+
+    with capped_server(max_connections=3) as (port, _):
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        time.sleep(0.2)  # all three accepted
+        with caplog.at_level(logging.WARNING, logger="service.connections"):
+            assert httpx.get(f"http://127.0.0.1:{port}/ping", timeout=5).json() == {"ok": True}
+        assert is_closed_by_server(idle[0])
+        idle[1].sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")  # the two younger ones still answer
+        idle[2].sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert [json_answer(sock) for sock in idle[1:]] == [b'{"ok":true}'] * 2
+        assert any("closing the oldest idle ones" in r.getMessage() for r in caplog.records)
+        for sock in idle:
+            sock.close()
+
+
+def test_when_every_connection_has_a_request_under_way_new_ones_are_closed_and_logged_once_a_second(caplog):
+    import logging
+
+    with capped_server(max_connections=3) as (port, release):
+        busy = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        for sock in busy:
+            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)  # the three heads read: three requests under way
+        with caplog.at_level(logging.WARNING, logger="service.connections"):
+            extra = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+            assert all(is_closed_by_server(sock) for sock in extra)  # at once, not left hanging
+        warnings = [r for r in caplog.records if "each with a request under way" in r.getMessage()]
+        assert len(warnings) == 1  # five refusals within a second: one line
+        release.set()
+        assert [json_answer(sock) for sock in busy] == [b'{"released":true}'] * 3  # the requests under way finish
+        assert httpx.get(f"http://127.0.0.1:{port}/ping", timeout=5).json() == {"ok": True}
+        for sock in [*busy, *extra]:
+            sock.close()
+
+
+def test_health_answers_while_a_reconnecting_slowloris_holds_every_descriptor(preset_cache):
+    """1,000 sockets that send half a request head and reconnect as soon as they are closed, against a
+    server limited to 1,024 open files (a container's default): every /healthz probe is answered."""
+    import selectors
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))  # the attacker needs its sockets
+    stop = threading.Event()
+    attacks = [0]
+
+    def slowloris(port: int) -> None:
+        chooser = selectors.DefaultSelector()
+
+        def attack() -> None:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+                chooser.register(sock, selectors.EVENT_READ)
+                attacks[0] += 1
+            except OSError:
+                pass
+
+        for _ in range(1000):
+            attack()
+        while not stop.is_set():
+            for key, _ in chooser.select(timeout=0.1):
+                chooser.unregister(key.fileobj)
+                key.fileobj.close()
+                attack()  # closed by the server: straight back
+            for _ in range(1000 - len(chooser.get_map())):
+                attack()
+        for key in list(chooser.get_map().values()):
+            key.fileobj.close()
+
+    attackers: list[threading.Thread] = []
+    limit = ("prlimit", "--nofile=1024:1024", "--")  # the server's own limit: it cannot raise it
+    args = ("--model", "tiny", "--device", "cpu", "--no-warmup", "--header-timeout-s", "2")
+    try:
+        with serve_process(preset_cache, *args, launcher=limit) as (base, port, process):
+            attackers.append(threading.Thread(target=slowloris, args=(port,), daemon=True))
+            attackers[0].start()
+            while attacks[0] < 1000:
+                time.sleep(0.05)
+            answers = []
+            for _ in range(20):  # over several of the attacker's 2 s reconnection rounds
+                answers.append(httpx.get(f"{base}/healthz", timeout=30).status_code)
+                time.sleep(0.2)
+            assert answers == [200] * 20
+            assert attacks[0] > 1000  # the server closed the attacker's sockets and it came back
+            assert process.poll() is None
+    finally:
+        stop.set()
+        for attacker in attackers:
+            attacker.join(30)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_running_out_of_file_descriptors_is_logged_once_a_second():
