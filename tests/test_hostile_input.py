@@ -591,6 +591,33 @@ def test_a_30_mb_data_url_costs_the_service_under_3x_its_size_in_memory(tiny_eng
     assert peak < 3 * len(body), f"{peak / len(body):.1f}x the body"
 
 
+def test_a_large_json_body_is_measured_and_its_images_decoded_off_the_event_loop(client, monkeypatch):
+    """The work in proportion to a body's size never runs on the event loop, where it would stall every
+    other request (/healthz included) for as long."""
+    import asyncio
+
+    from service.api import middleware
+
+    on_loop: list[bool] = []
+
+    def observed(body: bytes, max_bytes: int):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # a worker thread runs no event loop
+            on_loop.append(False)
+        return lift_images(body, max_bytes)
+
+    lift_images = middleware.lift_images
+    monkeypatch.setattr(middleware, "lift_images", observed)
+    image = data_url(encoded("PNG") + bytes(200_000), "image/png")  # a PNG with trailing bytes: 270 KB of URL
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}]}
+    small = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    client.post("/v1/chat/completions", json={**body, "max_tokens": 1, "rtprune": {"mode": "tiny"}})
+    client.post("/v1/chat/completions", json=small)
+    assert on_loop == [False, True]  # the large body in a worker thread; a small one costs less than a hop
+
+
 def test_a_handle_the_client_writes_itself_is_no_image(client):
     body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "body-image:0"}}]}]}
     refused = client.post("/v1/chat/completions", json=body)
