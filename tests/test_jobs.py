@@ -70,6 +70,8 @@ def test_unknown_jobs_and_other_keys_jobs_are_404(tiny_engine, tmp_path):
         assert client.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": "b"}).status_code == 404
         assert client.delete(f"/v1/jobs/{job_id}", headers={"Authorization": "Bearer b"}).status_code == 404
         assert client.get("/v1/jobs/does-not-exist").json()["error"]["code"] == "not_found"
+        long = client.get("/v1/jobs/" + "x" * 50_000)  # not echoed back whole
+        assert long.status_code == 404 and len(long.content) < 1000
 
 
 def test_cancelling_a_job_stops_its_pages(tiny_engine, tmp_path):

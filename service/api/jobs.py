@@ -95,7 +95,8 @@ def owner_of(request: Request) -> str:
 async def find(store: JobStore, job_id: str, request: Request) -> JobRecord:
     record = await run_in_threadpool(store.get, job_id, owner_of(request))
     if record is None:
-        raise NotFound(f"no job {job_id!r} (or it belongs to another key, or it expired)")
+        shown = job_id if len(job_id) <= 64 else job_id[:64] + "..."  # an id is 32 characters: no echo of more
+        raise NotFound(f"no job {shown!r} (or it belongs to another key, or it expired)")
     return record
 
 
