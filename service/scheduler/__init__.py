@@ -6,7 +6,8 @@ isolation and graceful shutdown live here. The engine knows nothing of queues; t
 knows nothing of batches.
 """
 
-from .loop import Scheduler, SchedulerConfig
+from .config import SchedulerConfig
+from .loop import Scheduler
 from .queue import PageQueue, PageRequest
 
 __all__ = ["PageQueue", "PageRequest", "Scheduler", "SchedulerConfig"]

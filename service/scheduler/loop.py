@@ -25,6 +25,10 @@ answers while weights are read), warms it up, then repeats one iteration:
 With ``batching="static"`` new pages are admitted only when the batch is empty: the
 micro-batching of earlier versions, kept to compare against.
 
+The class is cut in three along those lines: this module has the front door's side, the thread and the
+iteration (retire, admit); :mod:`.host_work` the preprocessing pool; :mod:`.joining` the join, the
+pieces, the step and eviction.
+
 Failures stay with their page: a page that fails to render, preprocess, encode or prune
 fails its own request; a prefill or decode step that runs out of memory is retried with
 fewer pages (evicted pages rejoin, prefilling the tokens they had), and only a page that fails
@@ -34,86 +38,35 @@ alone fails its request (503 for out-of-memory).
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from typing import Literal
 
 from service.engine import Cancelled, OCREngine, OcrOptions, PageResult
-from service.engine.decode.contract import DecodeBatch, PrefillsInChunks
+from service.engine.decode.contract import DecodeBatch
 from service.engine.device import DeviceLost
-from service.engine.engine import PageTask, PreparedPage
-from service.engine.stats import Adaptation, StageTimer
+from service.engine.engine import PageTask
 from service.errors import NotReady
 
-from .adaptive import QUEUED_SIGNAL_PAGE, AdaptiveRetention, RetentionPolicy
+from .adaptive import AdaptiveRetention, RetentionPolicy
 from .capacity import CPU_ROWS, default_row_cap
-from .memory import after_failed_call, default_batch_tokens, return_memory_to_os
+from .config import SchedulerConfig
+from .host_work import HostWork
+from .joining import Admitted, Joining, Preparing, line_up
+from .memory import default_batch_tokens, return_memory_to_os
 from .queue import PageQueue, PageRequest, Priority
 
 log = logging.getLogger(__name__)
 
-Batching = Literal["continuous", "static"]
 ADAPTIVE_READY_AHEAD = 2  # with adaptive retention: pages prepared ahead of room in the batch
 
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """The scheduler's knobs (from :class:`~service.settings.ServiceSettings`)."""
-
-    queue_size: int = 128  # pages
-    max_batch_size: int | None = None  # pages running at once; None: measured on a GPU, 32 on a CPU
-    max_batch_tokens: int | None = None  # KV slots; None: from the device's free memory
-    max_prefill_tokens: int = 8192  # visual tokens admitted per iteration
-    batch_wait_ms: float = 5.0
-    batching: Batching = "continuous"
-    retry_after_s: int = 2
-    warmup: bool = True
-    preprocess_threads: int = 2  # threads that render and preprocess pages ahead of admission
-    max_queued_pixels: int | None = None  # pixels of the waiting pages (decoded); None: no bound
-    adaptive_target_wait_s: float | None = None  # lower retention when pages wait longer (None: off)
-    adaptive_floor: float = 0.5  # ... never below this
-    join_budget_ms: float | None = None  # joining work between two decode steps; None: the median step time, 0: off
-    prefill_chunk_tokens: int = 512  # a joining prompt's prefill, a chunk at a time while pages decode
-    interactive_rows: int | None = None  # rows job pages leave to interactive ones; None: an eighth, at least 1
-
-
-@dataclass(eq=False)
-class Preparing:
-    """A page whose model work (each view of its vision encoder, then pruning) runs a piece at a time."""
-
-    request: PageRequest
-    index: int
-    task: PageTask
-    pieces: Generator[None, None, PreparedPage]
-
-
-@dataclass(eq=False)
-class Admitted:
-    """A page that has been admitted: its request, its index there, and the engine's state for it."""
-
-    request: PageRequest
-    index: int
-    page: PreparedPage
-
-    @property
-    def sequence(self):
-        return self.page.sequence
-
-    @property
-    def prefill_tokens(self) -> int:
-        """What joining prefills: the prompt, plus the tokens an evicted page had already generated."""
-        return self.page.prompt_tokens + len(self.sequence.tokens)
-
-
-class Scheduler:
+class Scheduler(HostWork, Joining):
     """Loads the engine in its thread, then runs queued pages with continuous batching."""
 
     def __init__(
@@ -372,13 +325,6 @@ class Scheduler:
             p.request.fail(Cancelled("cancelled while its page was encoded"))
         self._drop_host_work(Cancelled("cancelled while being preprocessed"), only_stopped=True)
 
-    def _drop_host_work(self, exc: BaseException, *, only_stopped: bool = False) -> None:
-        """Forget pages the pool holds (their requests stopped, or everything: shutdown, failure)."""
-        for item in [x for x in self._host_work if not only_stopped or x[0].should_stop()]:
-            self._host_work.remove(item)
-            item[2].cancel()
-            item[0].fail(exc)
-
     # --- admit --------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
@@ -400,311 +346,14 @@ class Scheduler:
             futures = [future for _, _, future in list(self._host_work)[:room]]
             wait(futures[:1], timeout=0.05)
             wait(futures, timeout=self.config.batch_wait_ms / 1e3)
-        taken: list[tuple[PageRequest, int, PageTask]] = []
-        visual_tokens = 0
-        static = self.config.batching == "static"
-        # job pages: one an engine call (an interactive page that arrives waits for one page at most), none beside
-        # an interactive page, none while interactive pages decode (they stay with the pool rather than hold rows)
-        jobs_wait = self._in_pieces() or any(  # nor in the engine call of an interactive page
-            request.priority == "interactive" and future.done() for request, _, future in self._host_work
-        )
-        for item in list(self._host_work):
-            if len(taken) >= room or (not static and visual_tokens >= self.config.max_prefill_tokens):
-                break
-            request, index, future = item
-            if (
-                request.priority == "batch"
-                and not static
-                and (jobs_wait or any(t[0].priority == "batch" for t in taken))
-            ):
-                continue
-            if not future.done():
-                break  # the batch goes on; this page joins at a later step
-            self._host_work.remove(item)
-            try:
-                task = future.result()
-            except Exception as exc:  # the page could not be rendered or preprocessed: its request fails
-                request.fail(exc)
-                continue
-            taken.append((request, index, task))
-            visual_tokens += task.visual_tokens
+        taken = self._done_on_host(room)
         if not taken:
             return
         if self._in_pieces():  # pages decode: each page's model work runs a piece at a time between their steps
             for request, index, task in taken:
-                _line_up(self._preparing, Preparing(request, index, task, self.engine.prepare_in_pieces(task)))
+                line_up(self._preparing, Preparing(request, index, task, self.engine.prepare_in_pieces(task)))
             return
         self._prepare_together(taken)
-
-    def _prepare_together(self, taken: list[tuple[PageRequest, int, PageTask]]) -> None:
-        """Prepare pages in one engine call (one vision call per view size, pruning in one pass); each becomes
-        ready to join, or fails its own request."""
-        try:
-            prepared = self.engine.prepare([task for _, _, task in taken])
-        except Exception as exc:  # the engine returns per-page failures; anything else fails these pages only
-            prepared = [exc] * len(taken)
-        for (request, index, _), page in zip(taken, prepared, strict=True):
-            if isinstance(page, BaseException):
-                request.fail(page)
-            else:
-                _line_up(self._ready, Admitted(request, index, page))
-        for failure in {id(p): p for p in prepared if isinstance(p, BaseException)}.values():
-            after_failed_call(failure)  # a lost device ends the loop; the pages above have their answer
-
-    def _start_host_work(self, ahead: int) -> None:
-        """Take pages from the queue (round-robin by request) into the preprocessing pool, up to ``ahead``
-        in the pool or done and waiting."""
-        while len(self._host_work) < ahead:
-            item = self._queue.take(batch=self._may_take_batch_page())
-            if item is None:
-                return
-            request, index = item
-            accepted = time.monotonic()
-            adaptation = self._adapt(request, accepted)
-            future = self._pool.submit(self._host_page, request, index, accepted, adaptation)
-            self._host_work.append((request, index, future))
-
-    def _adapt(self, request: PageRequest, taken_at: float) -> Adaptation | None:
-        """The retention cap of a page taken from the queue now, from how long it waited (None: policy off)."""
-        if self.adaptive is None:
-            return None
-        waiting = self._queue.oldest_waits(taken_at, QUEUED_SIGNAL_PAGE)
-        return self.adaptive.admit(request.options, taken_at - request.accepted_at, taken_at, waiting)
-
-    @property
-    def retention_level(self) -> float:
-        """The adaptive retention cap for pages admitted now (1.0: none, or the policy is off)."""
-        return self.adaptive.level if self.adaptive is not None else 1.0
-
-    @property
-    def last_queue_wait_s(self) -> float:
-        """The adaptive policy's load signal: the median time in the queue of the pages admitted last, or the wait
-        so far of the third page still queued when longer."""
-        return self.adaptive.signal_s if self.adaptive is not None else 0.0
-
-    def _host_page(
-        self, request: PageRequest, index: int, taken_at: float, adaptation: Adaptation | None = None
-    ) -> PageTask:
-        """On a preprocessing thread: render the page (a PDF page now), preprocess it to uint8 views, tokenize
-        its prompt. Never on the scheduler's thread, which only launches model work."""
-        timer = StageTimer(self.engine.device)
-        timer.add("queue", (taken_at - request.accepted_at) * 1e3)
-        with timer.host_stage("preprocess"):
-            image = request.document.page(index)
-        on_token = functools.partial(request.on_token, index) if request.on_token is not None else None
-        task = PageTask(image, request.options, timer, request.should_stop, on_token, adaptation=adaptation)
-        return self.engine.prepare_on_host(task, pixels_only=True)
-
-    # --- join -----------------------------------------------------------------------------------------
-
-    def _join(self) -> None:
-        """Prefill ready pages into the batch while the KV budget allows; halve on failure."""
-        limit = len(self._ready)
-        while self._ready and limit:
-            joiners = self._fitting(limit)
-            if not joiners:
-                return
-            try:
-                finished = self._batch.join([r.sequence for r in joiners])
-            except Exception as exc:
-                after_failed_call(exc)
-                if len(joiners) == 1:
-                    self._ready.popleft()
-                    joiners[0].request.fail(exc)
-                    limit = len(self._ready)
-                else:
-                    limit = len(joiners) // 2
-                    log.warning("prefill of %d pages failed (%s); retrying with %d", len(joiners), exc, limit)
-                continue
-            for _ in joiners:
-                self._ready.popleft()
-            for r in joiners:
-                self._running[id(r.sequence)] = r
-            self._settle(finished)
-            limit = len(self._ready)
-
-    def _fitting(self, limit: int) -> list[Admitted]:
-        """The longest prefix of the ready pages (at most ``limit``) that fits the KV budget and the
-        row cap; at least one page when the batch is empty, so a page larger than the budget still runs."""
-        if not self._batch.rows:
-            self._row_cap = self.max_rows  # memory trouble ends with the batch it was in
-        room = max(0, self._row_cap - len(self._batch.rows))
-        joiners: list[Admitted] = []
-        for r in list(self._ready)[: min(limit, room)]:
-            lengths = [j.prefill_tokens for j in joiners] + [r.prefill_tokens]
-            limit = self.batch_tokens_limit
-            fits = limit is None or self._batch.footprint_with(lengths) <= limit  # None: the decoder budgets
-            if not fits and (joiners or self._batch.rows):
-                break
-            joiners.append(r)
-        return joiners
-
-    @property
-    def reserved_rows(self) -> int:
-        """Rows batch (job) pages leave to interactive ones: an interactive page that arrives while a long job
-        fills the batch joins at once instead of waiting for job pages to finish."""
-        if self.config.interactive_rows is not None:
-            return min(self.config.interactive_rows, self.max_rows - 1)
-        return max(1, self.max_rows // 8) if self.max_rows > 1 else 0
-
-    def _may_take_batch_page(self) -> bool:
-        """Whether a job page may be taken from the queue now: job pages leave ``reserved_rows`` to interactive ones,
-        and at most ``preprocess_threads`` of them are rendered ahead (an interactive page that arrives is not
-        queued behind many job pages in the pool)."""
-        engine_pages = sum(1 for page in self._model_pages() if page.request.priority == "batch")
-        host_pages = sum(1 for request, _, _ in self._host_work if request.priority == "batch")
-        rows_left = engine_pages + host_pages < self.max_rows - self.reserved_rows
-        return rows_left and host_pages < self.config.preprocess_threads
-
-    # --- join in pieces, while pages decode -------------------------------------------------------------
-
-    def _in_pieces(self) -> bool:
-        """Whether joining work runs in pieces now: interactive pages are decoding (continuous batching) and the
-        budget is on. Only someone waiting on a page's tokens minds the pause: with only job pages decoding, or
-        none, pages are prepared and prefilled together (faster for them, and for an interactive page joining
-        a batch of job pages)."""
-        on = self.config.join_budget_ms is None or self.config.join_budget_ms > 0
-        return on and self.config.batching == "continuous" and self._readers_waiting()
-
-    def _readers_waiting(self) -> bool:
-        return any(r.request.priority == "interactive" for r in self._running.values())
-
-    def _join_in_pieces(self) -> None:
-        """Run pieces of joining work until this iteration's budget is spent (at least one piece): a chunk
-        of the prefilling page's prompt, else the next page's next vision view or its pruning. Pages that
-        were prepared join one at a time through chunked prefill (a batch whose decoder schedules its own
-        prefills, vLLM's, takes them whole). With no interactive page decoding there is no budget."""
-        budget_s = self.join_budget_ms / 1e3 if self._readers_waiting() else math.inf
-        started = time.perf_counter()
-        while self._next_piece():
-            if time.perf_counter() - started >= budget_s:
-                return
-
-    def _next_piece(self) -> bool:
-        """One piece of joining work; False when there was none to do. While interactive pages decode, job pages'
-        joining work waits (their rows decode on): it would slow every step of the interactive pages, and job
-        pages take the turns interactive ones leave. Interactive pages are first in both lines (:func:`_line_up`)."""
-        if self._prefilling is not None:
-            self._prefill_chunk(self._prefilling)
-            return True
-        readers = self._readers_waiting()
-        if self._ready and (not readers or not isinstance(self._batch, PrefillsInChunks)):
-            self._join()  # no reader waits on a decoding page (no pause to bound), or the decoder prefills itself
-        elif self._interactive_first() and self._fitting(1):
-            self._prefilling = self._ready.popleft()
-            return True
-        if not readers and self._unstarted_together():
-            return False  # one engine call an iteration, as admission makes
-        if not self._preparing or (readers and self._preparing[0].request.priority == "batch"):
-            return False
-        self._prepare_piece(self._preparing[0])
-        return True
-
-    def _unstarted_together(self) -> bool:
-        """Once no reader waits, pages admitted in pieces whose work has not started are prepared together (within
-        ``max_prefill_tokens`` visual tokens; a job page alone), as admission would: pieces are for the pause a
-        reader minds."""
-        taken: list[Preparing] = []
-        visual_tokens = 0
-        for page in list(self._preparing):
-            if inspect.getgeneratorstate(page.pieces) != inspect.GEN_CREATED:
-                continue
-            over = visual_tokens + page.task.visual_tokens > self.config.max_prefill_tokens
-            if taken and (over or page.request.priority == "batch"):
-                break
-            taken.append(page)
-            visual_tokens += page.task.visual_tokens
-            if page.request.priority == "batch":
-                break  # one job page an engine call, as admission takes them
-        for page in taken:
-            self._preparing.remove(page)
-            page.pieces.close()
-        if taken:
-            self._prepare_together([(page.request, page.index, page.task) for page in taken])
-        return bool(taken)
-
-    def _interactive_first(self) -> bool:
-        """Put the first interactive ready page at the front of the ready line (an evicted job page may be
-        there); False when none is ready."""
-        page = next((r for r in self._ready if r.request.priority == "interactive"), None)
-        if page is None:
-            return False
-        self._ready.remove(page)
-        self._ready.appendleft(page)
-        return True
-
-    def _prepare_piece(self, page: Preparing) -> None:
-        """The next view or the pruning of a page prepared in pieces; when it is done it is ready to join."""
-        try:
-            next(page.pieces)
-            return
-        except StopIteration as done:
-            _line_up(self._ready, Admitted(page.request, page.index, done.value))
-        except Exception as exc:  # this page only: it could not be encoded or pruned
-            page.request.fail(exc)
-            after_failed_call(exc)  # a lost device ends the loop; the page above has its answer
-        finally:
-            if page.pieces.gi_frame is None:  # finished or failed
-                self._preparing.remove(page)
-
-    def _prefill_chunk(self, r: Admitted) -> None:
-        """The next chunk of a joining page's prefill; once its prompt is in, it joins the batch."""
-        try:
-            if self._batch.prefill_chunk(r.sequence, self.config.prefill_chunk_tokens):
-                self._prefilling = None
-                finished = self._batch.join([r.sequence])
-                self._running[id(r.sequence)] = r
-                self._settle(finished)
-        except Exception as exc:  # this page only: the rows that decode are untouched
-            self._prefilling = None
-            self._batch.remove([r.sequence])
-            r.request.fail(exc)
-            after_failed_call(exc)
-
-    # --- step -----------------------------------------------------------------------------------------
-
-    def _step(self) -> None:
-        started = time.perf_counter()
-        try:
-            finished = self._batch.step()
-        except Exception as exc:
-            after_failed_call(exc)
-            self._evict_after_failure(exc)
-            return
-        self._step_ms.append((time.perf_counter() - started) * 1e3)
-        self._step_times.append(time.monotonic())
-        self._on_step(len(self._batch.rows) + len(finished))
-        self._settle(finished)
-
-    def _evict_after_failure(self, exc: Exception) -> None:
-        """A failed step is retried with fewer pages: the newest half goes back to the ready list, keeping
-        the tokens it generated (it rejoins by prefilling its prompt plus those tokens, so what was
-        streamed stays what is returned); a page that fails alone fails."""
-        rows = self._batch.rows
-        if len(rows) == 1:
-            r = self._running.pop(id(rows[0]))
-            self._batch.remove(rows)
-            r.request.fail(exc)
-            return
-        evicted = rows[len(rows) // 2 :]
-        log.warning("decode step with %d pages failed (%s); evicting %d", len(rows), exc, len(evicted))
-        self._row_cap = len(rows) - len(evicted)  # evicted pages rejoin as others finish
-        self._batch.remove(evicted)
-        for seq in reversed(evicted):
-            self._ready.appendleft(self._running.pop(id(seq)))
-
-    def _settle(self, finished) -> None:
-        for seq in finished:
-            r = self._running.pop(id(seq), None)
-            if r is None:
-                continue
-            result = self.engine.page_result(r.page)
-            self._finished_at.append(time.monotonic())
-            if isinstance(result, BaseException):
-                r.request.fail(result)
-                continue
-            self._on_page(result, r.request.options)
-            r.request.record(r.index, result)
 
     # --- failure and shutdown -----------------------------------------------------------------------
 
@@ -730,14 +379,3 @@ class Scheduler:
             f"the service is shutting down{detail}; retry on another replica or shortly",
             headers={"Retry-After": str(self.config.retry_after_s)},
         )
-
-
-def _line_up(line: deque, page: Admitted | Preparing) -> None:
-    """Add a page to a line of pages (ready, or being prepared): an interactive page goes ahead of every batch
-    page, behind the interactive ones already there."""
-    if page.request.priority == "interactive":
-        for position, other in enumerate(line):
-            if other.request.priority == "batch":
-                line.insert(position, page)
-                return
-    line.append(page)

@@ -57,9 +57,7 @@ def cuda_free_bytes(device: torch.device) -> int:
     return free
 
 
-def default_batch_tokens(
-    engine: OCREngine, free_bytes: Callable[[torch.device], int] | None = None
-) -> int | None:
+def default_batch_tokens(engine: OCREngine, free_bytes: Callable[[torch.device], int] | None = None) -> int | None:
     """A KV budget for the device, measured after warm-up (which has seen the vision encoder's peak): a
     share of the free GPU memory over the KV bytes a token takes (from the config, so it also works once
     the vLLM decoder freed the layers), a fixed one on CPU; None on the vLLM decoder, which budgets its
