@@ -66,8 +66,8 @@ from service.engine import OCREngine, OcrOptions
 from service.engine.decode import batch as batch_module
 from service.engine.decode.batch import RunningBatch
 from service.engine.device import memory_bytes
-from service.engine.engine import PageTask
 from service.engine.names import MODES_BY_VERSION
+from service.engine.page import PageTask
 from service.engine.preprocess import PreparedImage, preprocess
 from service.engine.stats import StageTimer
 from service.scheduler.capacity import step_times_ms, synthetic_sequences

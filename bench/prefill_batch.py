@@ -22,7 +22,7 @@ import torch
 from bench.common import summarize
 from bench.pages import document_page
 from service.engine import OCREngine, OcrOptions
-from service.engine.engine import PageTask
+from service.engine.page import PageTask
 from service.engine.stats import StageTimer
 
 RETENTIONS = (1.0, 0.8425, 0.5)

@@ -249,7 +249,7 @@ def run_ocr(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine
-    from service.engine.engine import PageTask
+    from service.engine.page import PageTask
     from service.engine.stats import StageTimer
     from service.schemas import PAGE_SEPARATOR
     from service.settings import apply_threads

@@ -11,7 +11,7 @@ from asgi_lifespan import LifespanManager
 
 from service.api.app import create_app
 from service.engine import Cancelled, OcrOptions
-from service.engine.engine import PageTask
+from service.engine.page import PageTask
 from service.engine.stats import StageTimer
 from service.settings import ServiceSettings
 from tests.helpers import RecordingEngine, image_request, started_scheduler, text_page

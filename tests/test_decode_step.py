@@ -12,7 +12,7 @@ import torch
 
 from service.engine import OcrOptions
 from service.engine.decode.batch import RunningBatch
-from service.engine.engine import PageTask
+from service.engine.page import PageTask
 from service.engine.stats import StageTimer
 from tests.helpers import text_page
 

@@ -20,8 +20,8 @@ from service.api.app import create_app
 from service.engine import OCREngine, OcrOptions
 from service.engine.decode.batch import RunningBatch
 from service.engine.device import device_facts, is_device_broken, is_out_of_memory, nvidia_driver_version
-from service.engine.engine import PageTask
 from service.engine.model import OcrModel
+from service.engine.page import PageTask
 from service.engine.preprocess import preprocess
 from service.engine.stats import StageTimer
 from service.engine.weights.loading import ModelLoadError, load_model

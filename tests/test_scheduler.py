@@ -14,7 +14,7 @@ import torch
 from service.api.app import create_app
 from service.engine import Cancelled, OcrOptions
 from service.engine.decode.batch import RunningBatch
-from service.engine.engine import PageTask
+from service.engine.page import PageTask
 from service.engine.stats import StageTimer
 from service.errors import NotReady, OutOfMemory, Overloaded, to_service_error
 from service.inputs import Document, open_document

@@ -15,7 +15,7 @@ import torch
 from bench.pages import document_page
 from service.engine import OcrOptions
 from service.engine.decode.batch import RunningBatch
-from service.engine.engine import PageTask
+from service.engine.page import PageTask
 from service.engine.preprocess import preprocess
 from service.engine.stats import StageTimer
 from tests.helpers import GUNDAM_PAGE, joining_work_between_steps, text_page

@@ -15,7 +15,7 @@ import pytest
 
 from service.engine import OCREngine, OcrOptions
 from service.engine.decode.vllm_decoder import VllmServer
-from service.engine.engine import PageTask
+from service.engine.page import PageTask
 from service.engine.stats import StageTimer
 from service.engine.weights.presets import tiny_checkpoint_dir
 from service.loadtest import free_port, wait_ready

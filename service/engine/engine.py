@@ -16,15 +16,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, Field, PrivateAttr
 
-from pruning import PruneResult, build_pruner, combined_ratio, prune_together
+from pruning import PruneResult, build_pruner, prune_together
 
 from .assemble import assemble_prompt
 from .decode.batch import RunningBatch
@@ -37,95 +35,22 @@ from .layout import visual_token_count
 from .model import OcrModel, VisualBlock
 from .names import DEFAULT_MODEL, MODES_BY_VERSION, Positions
 from .options import OcrOptions, resolve_options
-from .postprocess import Box, decode_text, parse_boxes, to_markdown
+from .page import PageResult, PageTask, PreparedPage, PromptTooLong, settled_adaptation
+from .postprocess import decode_text, parse_boxes, to_markdown
 from .preprocess import PreparedImage, preprocess
-from .prompts import PromptIds, tokenize_prompt
-from .stats import Adaptation, PageStats, RetentionRequested, StageTimer, shared_stage
-from .token_map import TokenMap, build_token_map, preview_data_url
+from .prompts import tokenize_prompt
+from .stats import PageStats, RetentionRequested, StageTimer, shared_stage
+from .token_map import build_token_map, preview_data_url
 from .weights.loading import load_model
 
 log = logging.getLogger(__name__)
 MAX_VISION_BYTES = 4 * 2**30  # per vision call: ~4 Large pages, ~10 Base pages (see OcrModel.vision_bytes)
 
 
-@dataclass
-class PageTask:
-    """One page of one request, as the batch runner takes it."""
-
-    image: Image.Image | None  # None once the page is prepared (unless its token map needs it)
-    options: OcrOptions
-    timer: StageTimer
-    should_stop: Callable[[], bool] = never
-    on_token: Callable[[int, int], None] | None = None  # (position, token id) as each token is chosen
-    # What :meth:`OCREngine.prepare_on_host` computes once, off the thread that drives the model:
-    prompt: PromptIds | None = None  # the prompt's text tokens
-    pixels: PreparedImage | None = None  # the views (uint8 from the service's threads), not yet on the device
-    visual_tokens: int | None = None  # the page's visual block before pruning
-    adaptation: Adaptation | None = None  # a retention cap the scheduler set under load (None: as asked)
-
-    @property
-    def on_host_done(self) -> bool:
-        return self.pixels is not None
-
-
-class PromptTooLong(ValueError):
-    """The page's prompt leaves no position of the model to generate into (a client error)."""
-
-
-@dataclass
-class PreparedPage:
-    """A page ready to join a batch: its visual block, what pruning kept, and the sequence to decode."""
-
-    task: PageTask
-    block: VisualBlock
-    pruned: PruneResult
-    sequence: Sequence
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.sequence.prompt.length
-
-
-class PageResult(BaseModel):
-    """One page: the model's raw text, clean markdown, layout boxes and statistics."""
-
-    markdown: str
-    text: str = Field(description="raw model output with grounding tags")
-    boxes: list[Box]
-    stats: PageStats
-    token_map: TokenMap | None = Field(None, description="only with token_map=true")
-    preview: str | None = Field(None, description="page preview as a JPEG data URL; only with token_map=true")
-    _spans: dict[str, list[tuple[float, float]]] = PrivateAttr(default_factory=dict)  # stage -> wall-clock spans
-    _page_size: tuple[int, int] = PrivateAttr(default=(0, 0))
-    _tokens: list[int] = PrivateAttr(default_factory=list)
-
-    @property
-    def page_size(self) -> tuple[int, int]:
-        """(width, height) of the page as it was OCR'd, in pixels."""
-        return self._page_size
-
-    @property
-    def tokens(self) -> list[int]:
-        """The generated token ids (a door that decodes them itself, e.g. chat with skip_special_tokens)."""
-        return self._tokens
-
-
 def _pinned(page: PreparedImage) -> PreparedImage:
     """The views in page-locked memory: their copy to the GPU does not make the host wait."""
     tiles = page.tiles.pin_memory() if page.tiles is not None else None
     return dataclasses.replace(page, global_view=page.global_view.pin_memory(), tiles=tiles)
-
-
-def _settled(adaptation: Adaptation | None, options: OcrOptions, pruned: PruneResult) -> Adaptation | None:
-    """The page's adaptation with ``adapted`` known: whether the cap lowered the ratio the page would have had
-    (its fixed retention, or RTPrune's own per-image ratio)."""
-    if adaptation is None:
-        return None
-    if options.retention == "auto":
-        asked = combined_ratio(pruned.r_sim, pruned.r_txt) if pruned.r_sim is not None else 1.0
-    else:
-        asked = float(options.retention)
-    return adaptation.model_copy(update={"adapted": adaptation.cap < asked})
 
 
 def _without_pixels(block: VisualBlock) -> VisualBlock:
@@ -481,7 +406,7 @@ class OCREngine:
             latency_ms=latency,
             decode_tokens_per_s=round(n_out / (latency.decode / 1e3), 3) if latency.decode > 0 else 0.0,
             finish_reason=seq.outcome.finish_reason,
-            adaptation=_settled(task.adaptation, task.options, pruned),
+            adaptation=settled_adaptation(task.adaptation, task.options, pruned),
         )
         result = PageResult(
             markdown=to_markdown(text), text=text, boxes=parse_boxes(text, block.page.size), stats=stats

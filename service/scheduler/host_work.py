@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from service.engine import OCREngine
-from service.engine.engine import PageTask
+from service.engine.page import PageTask
 from service.engine.stats import Adaptation, StageTimer
 
 from .adaptive import QUEUED_SIGNAL_PAGE, AdaptiveRetention

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from service.engine import OCREngine, OcrOptions, PageResult
 from service.engine.decode.contract import DecodeBatch, PrefillsInChunks
-from service.engine.engine import PageTask, PreparedPage
+from service.engine.page import PageTask, PreparedPage
 
 from .config import SchedulerConfig
 from .memory import after_failed_call

@@ -50,7 +50,7 @@ from typing import Literal
 from service.engine import Cancelled, OCREngine, OcrOptions, PageResult
 from service.engine.decode.contract import DecodeBatch
 from service.engine.device import DeviceLost
-from service.engine.engine import PageTask
+from service.engine.page import PageTask
 from service.errors import NotReady
 
 from .adaptive import AdaptiveRetention, RetentionPolicy

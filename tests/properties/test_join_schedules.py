@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from service.engine import OcrOptions
 from service.engine.decode.batch import NonFiniteLogits, RunningBatch
-from service.engine.engine import PageTask
+from service.engine.page import PageTask
 from service.engine.stats import StageTimer
 from tests.helpers import text_page
 
