@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pruning import PruneResult, build_pruner, prune_together
+from pruning import PruneResult
 
 from .assemble import assemble_prompt
 from .decode.batch import RunningBatch
@@ -35,12 +35,12 @@ from .layout import visual_token_count
 from .model import OcrModel, VisualBlock
 from .names import DEFAULT_MODEL, MODES_BY_VERSION, Positions
 from .options import OcrOptions, resolve_options
-from .page import PageResult, PageTask, PreparedPage, PromptTooLong, settled_adaptation
-from .postprocess import decode_text, parse_boxes, to_markdown
+from .page import PageResult, PageTask, PreparedPage, PromptTooLong
 from .preprocess import PreparedImage, preprocess
 from .prompts import tokenize_prompt
-from .stats import PageStats, RetentionRequested, StageTimer, shared_stage
-from .token_map import build_token_map, preview_data_url
+from .prune_pages import page_pruner, prune_inputs, prune_pages
+from .result import page_result
+from .stats import StageTimer, shared_stage
 from .weights.loading import load_model
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class OCREngine:
         blocks, failures = self._encode(pages, tasks)
         for i, exc in failures.items():
             results[i] = exc
-        pruned = self._prune({i: (block, tasks[i]) for i, block in blocks.items()})
+        pruned = prune_pages({i: (block, tasks[i]) for i, block in blocks.items()})
         for i, block in blocks.items():
             try:
                 if isinstance(pruned[i], BaseException):
@@ -239,43 +239,8 @@ class OCREngine:
             yield
         yield  # pruning is a piece of its own
         with task.timer.stage("prune"):
-            pruned = self._pruner(task)(*self._prune_inputs(block))
+            pruned = page_pruner(task)(*prune_inputs(block))
         return self.assemble_page(block, task, pruned)
-
-    def _prune(self, pages: dict[int, tuple[VisualBlock, PageTask]]) -> dict[int, PruneResult | Exception]:
-        """Prune every encoded page of one call together (:func:`pruning.prune_together`: RTPrune pages in
-        one batched device pass with one read); each page is charged the shared time. If the joint call
-        fails, each page is pruned alone, so a bad page fails alone."""
-        if not pages:
-            return {}
-        order = list(pages)
-        calls = [(self._pruner(pages[i][1]), *self._prune_inputs(pages[i][0])) for i in order]
-        try:
-            with shared_stage([pages[i][1].timer for i in order], "prune", self.model.device):
-                return dict(zip(order, prune_together(calls), strict=True))
-        except Exception:
-            if len(order) == 1:
-                raise
-        out: dict[int, PruneResult | Exception] = {}
-        for i, call in zip(order, calls, strict=True):
-            try:
-                with pages[i][1].timer.stage("prune"):
-                    out[i] = prune_together([call])[0]
-            except Exception as exc:
-                out[i] = exc
-        return out
-
-    @staticmethod
-    def _pruner(task: PageTask):
-        """The page's pruner, at most at the cap the scheduler set under load (if any)."""
-        options = task.options
-        keep_ratio = None if options.retention == "auto" else float(options.retention)
-        cap = task.adaptation.cap if task.adaptation is not None and task.adaptation.cap < 1.0 else None
-        return build_pruner(options.pruner, keep_ratio).capped(cap)
-
-    @staticmethod
-    def _prune_inputs(block: VisualBlock) -> tuple[torch.Tensor, ...]:
-        return block.features, block.protected, block.newline, block.global_view
 
     def prepare_on_host(self, task: PageTask, *, pixels_only: bool = False) -> PageTask:
         """A page's host work, done once: check its options, tokenize its prompt, render and preprocess its
@@ -317,7 +282,7 @@ class OCREngine:
         options = task.options
         if pruned is None:
             with task.timer.stage("prune"):
-                pruned = self._pruner(task)(*self._prune_inputs(block))
+                pruned = page_pruner(task)(*prune_inputs(block))
         with task.timer.stage("assemble"):
             ids = task.prompt or tokenize_prompt(self.model.tokenizer, options.prompt_text())
             prompt = assemble_prompt(
@@ -383,42 +348,7 @@ class OCREngine:
 
     def finish(self, page: PreparedPage) -> PageResult:
         """The page's result once its sequence has finished: text, markdown, boxes, statistics."""
-        block, pruned, seq, task = page.block, page.pruned, page.sequence, page.task
-        text = decode_text(self.model.tokenizer, seq.outcome.tokens)
-        latency = task.timer.latency()
-        n_out = len(seq.outcome.tokens)
-        dynamic = task.options.retention == "auto" and pruned.r_sim is not None
-        stats = PageStats(
-            visual_tokens=block.n_tokens,
-            visual_tokens_kept=pruned.n_kept,
-            grid_tokens=pruned.n_prunable,
-            grid_tokens_kept=pruned.n_kept_prunable,
-            retention=round(pruned.n_kept_prunable / pruned.n_prunable, 6) if pruned.n_prunable else 1.0,
-            visual_share=round(pruned.n_kept / block.n_tokens, 6),
-            retention_requested=RetentionRequested(
-                value=task.options.retention,
-                dynamic=pruned.keep_ratio if dynamic else None,
-                r_sim=pruned.r_sim,
-                r_txt=pruned.r_txt,
-            ),
-            prompt_tokens=seq.prompt.length,
-            output_tokens=n_out,
-            latency_ms=latency,
-            decode_tokens_per_s=round(n_out / (latency.decode / 1e3), 3) if latency.decode > 0 else 0.0,
-            finish_reason=seq.outcome.finish_reason,
-            adaptation=settled_adaptation(task.adaptation, task.options, pruned),
-        )
-        result = PageResult(
-            markdown=to_markdown(text), text=text, boxes=parse_boxes(text, block.page.size), stats=stats
-        )
-        result._spans = {stage: list(spans) for stage, spans in task.timer.intervals.items()}
-        result._page_size = block.page.size
-        result._tokens = list(seq.outcome.tokens)
-        if task.options.token_map:
-            merges = task.options.pruner == "rtprune"
-            result.token_map = build_token_map(block, pruned, merges, self.model.version)
-            result.preview = preview_data_url(task.image)
-        return result
+        return page_result(page, self.model.tokenizer, self.model.version)
 
     def warmup(self, *, every_mode: bool | None = None) -> None:
         """One small forward through every stage, so the first request does not pay for lazy init.
