@@ -77,7 +77,7 @@ def test_a_stream_with_nothing_to_say_ends_after_the_idle_cap(tiny_engine, tmp_p
 def test_a_client_is_its_address_whatever_key_it_presents():
     """One key is shared by the service's users (and without one, any key can be invented): keys say
     nothing about who holds the streams."""
-    from service.api.middleware import StreamLimits
+    from service.api.shares import StreamLimits
 
     def scope(address: str, key: str | None) -> dict:
         headers = [(b"x-api-key", key.encode())] if key else []

@@ -22,13 +22,12 @@ from service.api.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     ConcurrencyLimitMiddleware,
-    FetchShares,
     JsonBodyMiddleware,
     RequestContextMiddleware,
-    StreamLimits,
 )
 from service.api.openapi import describe_uploads_as_multipart
 from service.api.responses import JSONResponse
+from service.api.shares import FetchShares, StreamLimits
 from service.engine import OCREngine
 from service.jobs import JobRunner, open_store
 from service.jobs.webhooks import Webhooks

@@ -22,7 +22,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from service.api import data_urls
-from service.api.middleware import ClientShares
+from service.api.shares import ClientShares
 from service.engine import RANDOM_WEIGHTS_WARNING, OCREngine, OcrOptions, PageResult
 from service.engine.options import in_one_sentence
 from service.errors import (
@@ -210,7 +210,7 @@ class StreamLease:
 
 
 def event_stream(request: Request, events: AsyncIterator[str]) -> tuple[StreamingResponse, StreamLease]:
-    """A server-sent event stream under the stream limits (:class:`~service.api.middleware.StreamLimits`),
+    """A server-sent event stream under the stream limits (:class:`~service.api.shares.StreamLimits`),
     counted from now until it ends, however it ends; 429 or 503 at once if there is no room. The lease is
     the caller's to release if it never sends the response."""
     lease = StreamLease(request)

@@ -19,8 +19,9 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.common import ERROR_RESPONSES, OcrForm, build_response, door_options, event_stream, read_upload
 from service.api.deps import get_scheduler, get_settings
-from service.api.middleware import ClientShares, key_digest
+from service.api.middleware import key_digest
 from service.api.responses import JSONResponse
+from service.api.shares import ClientShares
 from service.engine import OcrOptions
 from service.errors import (
     InvalidParameter,

@@ -25,6 +25,7 @@ from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import Scope
 
+from service.api.chat_schema import ImageUrl
 from service.api.common import (
     ERROR_RESPONSES,
     adaptation_warnings,
@@ -36,7 +37,7 @@ from service.api.common import (
     wait_for,
 )
 from service.api.deps import get_scheduler, get_settings
-from service.engine.options import PageKnobs, in_one_sentence
+from service.engine.options import MAX_NEW_TOKENS, PageKnobs, in_one_sentence
 from service.errors import InvalidParameter
 from service.inputs import PDF_DPI, PageRangeOutside, is_pdf
 from service.scheduler import Scheduler
@@ -67,11 +68,6 @@ class DocumentUrl(BaseModel):
     type: Literal["document_url"]
     document_url: str = Field(description="data:application/pdf;base64,... (or http(s) where fetching is allowed)")
     document_name: str | None = None
-
-
-class ImageUrl(BaseModel):
-    url: str
-    detail: str | None = None
 
 
 class ImageUrlDocument(BaseModel):
@@ -173,7 +169,7 @@ class MistralOcrRequest(BaseModel):
     extract_footer: bool | None = None
     include_blocks: bool | None = None
     confidence_scores_granularity: Literal["word", "page", "block"] | None = None
-    max_new_tokens: int | None = Field(None, ge=1, le=8192, description="rtprune-ocr: most tokens a page")
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="rtprune-ocr: most tokens a page")
     rtprune: PageKnobs | None = Field(None, description="rtprune-ocr's page knobs (mode, pruner, retention, ...)")
 
     def url(self) -> str:
