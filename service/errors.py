@@ -71,6 +71,15 @@ class ServiceError(Exception):
         self.param = param  # the request field at fault, when one is
 
 
+class UploadError(ServiceError):
+    """A problem with the uploaded file itself (too large, corrupt, empty, a page range outside it): its status
+    and code are the instance's own."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message, param="pages" if code == "invalid_page_range" else None)  # every door's field
+        self.status, self.code = status, code
+
+
 class Overloaded(ServiceError):
     status, code = 503, "overloaded"
 
@@ -161,51 +170,9 @@ class Unauthorized(ServiceError):
     status, code = 401, "unauthorized"
 
 
-# --- the one table: what a failure means for the client ------------------------------------------
+# --- the one 500 sentence (the table that maps failures to errors is service.failures) -----------------
 
 INTERNAL_MESSAGE = "the engine failed on this request; the request id is in the server logs"
-
-
-def to_service_error(
-    exc: BaseException, *, retry_after_s: int, deadline_passed: bool = False, request_id: str | None = None
-) -> Exception:
-    """What a failure means for the client, in one table for every door (the routes, the chat stream,
-    the job runner): the same failure gives the same status, code and message wherever it surfaces.
-
-    Errors that already speak HTTP (a ServiceError, an upload error) pass as they are; an unexpected one
-    is logged here with its request id and answered with a message that hides its internals.
-    """
-    # The engine's failures are imported here, not at the top: this module is read without torch.
-    from service.engine import Cancelled, PromptTooLong
-    from service.engine.decode.contract import DecoderDown, DecoderRefused
-    from service.engine.device import DeviceLost, is_device_broken, is_out_of_memory
-    from service.inputs import UploadError
-
-    retry = {"Retry-After": str(retry_after_s)}
-    if isinstance(exc, ServiceError | UploadError):
-        return exc
-    if isinstance(exc, Cancelled):
-        if deadline_passed:
-            return DeadlineExceeded("the request ran past its deadline; its work was cancelled")
-        return ClientGone("the request was cancelled")
-    if isinstance(exc, PromptTooLong):
-        return InvalidParameter(str(exc))
-    if isinstance(exc, DecoderDown):
-        return DecoderUnavailable(str(exc), headers=retry)
-    if isinstance(exc, DecoderRefused):
-        return DecoderError(str(exc))
-    if isinstance(exc, DeviceLost) or is_device_broken(exc):
-        return DeviceFailed(
-            "the GPU failed and this replica is restarting; retry (another replica may answer)", headers=retry
-        )
-    if is_out_of_memory(exc):
-        return OutOfMemory(
-            "the device ran out of memory on this page even when it ran alone; retry with a smaller mode "
-            "or a lower RTPRUNE_MAX_BATCH_TOKENS",
-            headers=retry,
-        )
-    log.error("request %s failed in the engine", request_id or "-", exc_info=exc, extra={"request_id": request_id})
-    return InternalError(INTERNAL_MESSAGE)
 
 
 TYPE_TAG = re.compile(r"[\[\]'(-]|^(str|int|float|bool|list|dict|none)$")  # pydantic's union-member labels

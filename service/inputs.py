@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
-from service.errors import InvalidParameter, PayloadTooLarge
+from service.errors import InvalidParameter, PayloadTooLarge, UploadError
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +35,13 @@ DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_PDF_PAGES = 50
 
 
-@dataclass
-class UploadError(Exception):
-    """A problem with the uploaded file itself; ``status`` is the HTTP status to answer with."""
-
-    status: int
-    code: str
-    message: str
-
-    def __str__(self) -> str:
-        return self.message
-
-
-@dataclass
 class PageRangeOutside(UploadError):
     """A page range past the document's end; ``n_pages`` is how many pages it has (a door that numbers pages
     otherwise, e.g. 0-based, says it in its own terms)."""
 
-    n_pages: int = 0
+    def __init__(self, status: int, code: str, message: str, n_pages: int = 0) -> None:
+        super().__init__(status, code, message)
+        self.n_pages = n_pages
 
 
 PDFIUM_LOCK = threading.Lock()  # every pypdfium2 call in this process holds it

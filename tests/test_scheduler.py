@@ -16,7 +16,8 @@ from service.engine import Cancelled, OcrOptions
 from service.engine.decode.batch import RunningBatch
 from service.engine.page import PageTask
 from service.engine.stats import StageTimer
-from service.errors import NotReady, OutOfMemory, Overloaded, to_service_error
+from service.errors import NotReady, OutOfMemory, Overloaded
+from service.failures import to_service_error
 from service.inputs import Document, open_document
 from service.scheduler import PageQueue, PageRequest
 from service.settings import ServiceSettings

@@ -14,7 +14,8 @@ from PIL import Image
 
 from service.engine import Cancelled, OcrOptions
 from service.engine.device import DeviceLost
-from service.errors import DeviceFailed, NotReady, OutOfMemory, to_service_error
+from service.errors import DeviceFailed, NotReady, OutOfMemory
+from service.failures import to_service_error
 from service.inputs import Document
 from service.scheduler import PageRequest, Scheduler
 from service.scheduler.queue import PageQueue

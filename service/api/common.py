@@ -4,7 +4,7 @@ scheduler, and the /v1/ocr answer. Routes import this module (and ``deps``), nev
 A door only translates its dialect into the fields a caller chose (a dict) and back into its
 answer; everything between is the same call for all of them:
 :func:`door_options` -> :func:`open_upload` -> :func:`page_request` -> ``scheduler.submit`` ->
-:func:`wait_for`, whose failures go through the one error table (:func:`service.errors.to_service_error`).
+:func:`wait_for`, whose failures go through the one error table (:func:`service.failures.to_service_error`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from service.errors import (
     DeadlineExceeded,
     ErrorResponse,
     InvalidParameter,
-    to_service_error,
     validation_message,
 )
+from service.failures import to_service_error
 from service.inputs import (
     PAGE_RANGE,
     PAGE_RANGE_HELP,

@@ -16,7 +16,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.responses import JSONResponse
 from service.errors import ErrorInfo, ErrorResponse, ServiceError, error_type, field_path, validation_message
-from service.inputs import UploadError
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +86,6 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
     return error_response(request, exc.status, exc.code, exc.message, headers=exc.headers, param=exc.param)
 
 
-async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
-    param = "pages" if exc.code == "invalid_page_range" else None  # every door's page-range field
-    return error_response(request, exc.status, exc.code, exc.message, param=param)
-
-
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     details = [
         {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")).removeprefix("Value error, "), "type": e["type"]}
@@ -147,7 +141,6 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """All handlers in one place, so every error leaves in the same shape."""
     app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(UploadError, _upload_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(UnicodeEncodeError, _not_unicode)

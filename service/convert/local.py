@@ -13,7 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
 from service.engine import OcrOptions, PageResult
-from service.errors import to_service_error
+from service.failures import to_service_error
 from service.inputs import Document
 from service.scheduler import PageRequest, Scheduler, SchedulerConfig
 

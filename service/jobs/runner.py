@@ -25,7 +25,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from service.engine import Cancelled, OcrOptions, PageResult
-from service.errors import NotReady, Overloaded, StoreUnavailable, to_service_error
+from service.errors import NotReady, Overloaded, StoreUnavailable
+from service.failures import to_service_error
 from service.inputs import Document
 from service.outbound import Policy
 from service.scheduler import PageRequest, Scheduler

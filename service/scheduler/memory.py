@@ -1,7 +1,7 @@
 """Memory for the scheduler: the KV budget a device gets, what a failed model call leaves to clean up
 (cached device blocks after an out-of-memory; a lost device ends the process), and handing freed host
 memory back after a large document. What a failure means for a request is the error table's
-(:func:`service.errors.to_service_error`)."""
+(:func:`service.failures.to_service_error`)."""
 
 from __future__ import annotations
 
