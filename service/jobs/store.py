@@ -19,7 +19,6 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 UNFINISHED = ("queued", "running")
@@ -150,21 +149,6 @@ class JobStore(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def open_store(url: str | None, directory: Path, *, on_timing: Timing | None = None) -> JobStore:
-    """PostgreSQL when ``url`` is given (``RTPRUNE_JOBS_URL``), else SQLite under ``directory``."""
-    if url is None:
-        from .sqlite_store import SQLiteStore
-
-        return SQLiteStore(directory, on_timing=on_timing)
-    try:
-        from .postgres_store import PostgresStore
-    except ImportError as exc:
-        raise RuntimeError(
-            "RTPRUNE_JOBS_URL names a PostgreSQL server, which needs the driver: pip install 'rtprune-ocr[postgres]'"
-        ) from exc
-    return PostgresStore(url, on_timing=on_timing)
 
 
 def timed(operation: Callable) -> Callable:
