@@ -139,7 +139,8 @@ def _ratios(
             n = block.features.shape[0]
             one = _similarity_ratio(x[i : i + 1, :n].contiguous(), prunable[i : i + 1, :n], n_prunable[i : i + 1])[0]
             sim.append(one if dynamic[i] else r_sim[i].float())
-            txt.append(text_density_ratio(block.image).to(x.device) if dynamic[i] else r_txt[i].float())
+            image = block.image
+            txt.append(text_density_ratio(image).to(x.device) if dynamic[i] and image is not None else r_txt[i].float())
         r_sim = torch.stack(sim).double().clamp(0.0, 1.0)
         r_txt = torch.stack(txt).double()
         # float32 terms, combined in float64: what the per-image walk computes in Python after reading them

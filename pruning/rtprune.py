@@ -110,13 +110,15 @@ def prune_together(calls: list[tuple[TokenPruner, torch.Tensor, torch.Tensor, to
     back in the order of ``calls``."""
     results: list[PruneResult | None] = [None] * len(calls)
     groups: dict[tuple, list[int]] = {}
+    rtprune: dict[int, RTPrune] = {}
     for i, (pruner, features, *_rest) in enumerate(calls):
         if isinstance(pruner, RTPrune):
+            rtprune[i] = pruner
             groups.setdefault((pruner.options, features.device, features.shape[1]), []).append(i)
         else:
             results[i] = pruner(*calls[i][1:])
     for (options, _, _), members in groups.items():
-        blocks = [calls[i][0].block(*calls[i][1:]) for i in members]
+        blocks = [rtprune[i].block(*calls[i][1:]) for i in members]
         for i, result in zip(members, prune_blocks(blocks, options), strict=True):
             results[i] = result
     return results

@@ -40,6 +40,13 @@ class PageTask:
     def on_host_done(self) -> bool:
         return self.pixels is not None
 
+    @property
+    def prepared_tokens(self) -> int:
+        """The page's visual tokens before pruning, known once its host work is done."""
+        if self.visual_tokens is None:
+            raise RuntimeError("the page's visual tokens are counted by its host work (prepare_on_host)")
+        return self.visual_tokens
+
 
 class PromptTooLong(ValueError):
     """The page's prompt leaves no position of the model to generate into (a client error)."""

@@ -28,7 +28,6 @@ class HostWork:
     """The scheduler's preprocessing pool (a mixin of :class:`~.loop.Scheduler`, which owns the state)."""
 
     config: SchedulerConfig
-    engine: OCREngine | None
     adaptive: AdaptiveRetention | None
     max_rows: int
     _queue: PageQueue
@@ -36,6 +35,9 @@ class HostWork:
     _host_work: deque[tuple[PageRequest, int, Future[PageTask]]]
 
     if TYPE_CHECKING:  # the scheduler's and the joining half's (declared, not defined: the MRO must find theirs)
+
+        @property
+        def _loaded(self) -> OCREngine: ...
 
         def _model_pages(self) -> list[Admitted | Preparing]: ...
 
@@ -84,13 +86,13 @@ class HostWork:
     ) -> PageTask:
         """On a preprocessing thread: render the page (a PDF page now), preprocess it to uint8 views, tokenize
         its prompt. Never on the scheduler's thread, which only launches model work."""
-        timer = StageTimer(self.engine.device)
+        timer = StageTimer(self._loaded.device)
         timer.add("queue", (taken_at - request.accepted_at) * 1e3)
         with timer.host_stage("preprocess"):
             image = request.document.page(index)
         on_token = functools.partial(request.on_token, index) if request.on_token is not None else None
         task = PageTask(image, request.options, timer, request.should_stop, on_token, adaptation=adaptation)
-        return self.engine.prepare_on_host(task, pixels_only=True)
+        return self._loaded.prepare_on_host(task, pixels_only=True)
 
     @property
     def reserved_rows(self) -> int:
@@ -139,5 +141,5 @@ class HostWork:
                 request.fail(exc)
                 continue
             taken.append((request, index, task))
-            visual_tokens += task.visual_tokens
+            visual_tokens += task.prepared_tokens
         return taken

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from service.engine import OCREngine, OcrOptions, PageResult
 from service.engine.decode.contract import DecodeBatch, PrefillsInChunks
@@ -72,11 +73,8 @@ class Joining:
     """The scheduler's joining and stepping (a mixin of :class:`~.loop.Scheduler`, which owns the state)."""
 
     config: SchedulerConfig
-    engine: OCREngine | None
     max_rows: int
     batch_tokens_limit: int | None
-    join_budget_ms: float
-    _batch: DecodeBatch
     _row_cap: int
     _ready: deque[Admitted]
     _running: dict[int, Admitted]
@@ -88,11 +86,22 @@ class Joining:
     _on_page: Callable[[PageResult, OcrOptions], None]
     _on_step: Callable[[int], None]
 
+    if TYPE_CHECKING:  # the scheduler's (declared, not defined: the MRO must find the scheduler's own)
+
+        @property
+        def _loaded(self) -> OCREngine: ...
+
+        @property
+        def _decoding(self) -> DecodeBatch: ...
+
+        @property
+        def join_budget_ms(self) -> float: ...
+
     def _prepare_together(self, taken: list[tuple[PageRequest, int, PageTask]]) -> None:
         """Prepare pages in one engine call (one vision call per view size, pruning in one pass); each becomes
         ready to join, or fails its own request."""
         try:
-            prepared = self.engine.prepare([task for _, _, task in taken])
+            prepared = self._loaded.prepare([task for _, _, task in taken])
         except Exception as exc:  # the engine returns per-page failures; anything else fails these pages only
             prepared = [exc] * len(taken)
         for (request, index, _), page in zip(taken, prepared, strict=True):
@@ -111,7 +120,7 @@ class Joining:
             if not joiners:
                 return
             try:
-                finished = self._batch.join([r.sequence for r in joiners])
+                finished = self._decoding.join([r.sequence for r in joiners])
             except Exception as exc:
                 after_failed_call(exc)
                 if len(joiners) == 1:
@@ -132,15 +141,15 @@ class Joining:
     def _fitting(self, limit: int) -> list[Admitted]:
         """The longest prefix of the ready pages (at most ``limit``) that fits the KV budget and the
         row cap; at least one page when the batch is empty, so a page larger than the budget still runs."""
-        if not self._batch.rows:
+        if not self._decoding.rows:
             self._row_cap = self.max_rows  # memory trouble ends with the batch it was in
-        room = max(0, self._row_cap - len(self._batch.rows))
+        room = max(0, self._row_cap - len(self._decoding.rows))
         joiners: list[Admitted] = []
         for r in list(self._ready)[: min(limit, room)]:
             lengths = [j.prefill_tokens for j in joiners] + [r.prefill_tokens]
-            limit = self.batch_tokens_limit
-            fits = limit is None or self._batch.footprint_with(lengths) <= limit  # None: the decoder budgets
-            if not fits and (joiners or self._batch.rows):
+            budget = self.batch_tokens_limit
+            fits = budget is None or self._decoding.footprint_with(lengths) <= budget  # None: the decoder budgets
+            if not fits and (joiners or self._decoding.rows):
                 break
             joiners.append(r)
         return joiners
@@ -172,12 +181,12 @@ class Joining:
     def _next_piece(self) -> bool:
         """One piece of joining work; False when there was none to do. While interactive pages decode, job pages'
         joining work waits (their rows decode on): it would slow every step of the interactive pages, and job
-        pages take the turns interactive ones leave. Interactive pages are first in both lines (:func:`_line_up`)."""
+        pages take the turns interactive ones leave. Interactive pages are first in both lines (:func:`line_up`)."""
         if self._prefilling is not None:
             self._prefill_chunk(self._prefilling)
             return True
         readers = self._readers_waiting()
-        if self._ready and (not readers or not isinstance(self._batch, PrefillsInChunks)):
+        if self._ready and (not readers or not isinstance(self._decoding, PrefillsInChunks)):
             self._join()  # no reader waits on a decoding page (no pause to bound), or the decoder prefills itself
         elif self._interactive_first() and self._fitting(1):
             self._prefilling = self._ready.popleft()
@@ -197,10 +206,10 @@ class Joining:
         for page in list(self._preparing):
             if inspect.getgeneratorstate(page.pieces) != inspect.GEN_CREATED:
                 continue
-            if taken and visual_tokens + page.task.visual_tokens > self.config.max_prefill_tokens:
+            if taken and visual_tokens + page.task.prepared_tokens > self.config.max_prefill_tokens:
                 break
             taken.append(page)
-            visual_tokens += page.task.visual_tokens
+            visual_tokens += page.task.prepared_tokens
         for page in taken:
             self._preparing.remove(page)
             page.pieces.close()
@@ -229,20 +238,22 @@ class Joining:
             page.request.fail(exc)
             after_failed_call(exc)  # a lost device ends the loop; the page above has its answer
         finally:
-            if page.pieces.gi_frame is None:  # finished or failed
+            if inspect.getgeneratorstate(page.pieces) == inspect.GEN_CLOSED:  # finished or failed
                 self._preparing.remove(page)
 
     def _prefill_chunk(self, r: Admitted) -> None:
         """The next chunk of a joining page's prefill; once its prompt is in, it joins the batch."""
+        batch = self._decoding
+        assert isinstance(batch, PrefillsInChunks)  # pages are prefilled in chunks only on such a batch
         try:
-            if self._batch.prefill_chunk(r.sequence, self.config.prefill_chunk_tokens):
+            if batch.prefill_chunk(r.sequence, self.config.prefill_chunk_tokens):
                 self._prefilling = None
-                finished = self._batch.join([r.sequence])
+                finished = self._decoding.join([r.sequence])
                 self._running[id(r.sequence)] = r
                 self._settle(finished)
         except Exception as exc:  # this page only: the rows that decode are untouched
             self._prefilling = None
-            self._batch.remove([r.sequence])
+            self._decoding.remove([r.sequence])
             r.request.fail(exc)
             after_failed_call(exc)
 
@@ -251,30 +262,30 @@ class Joining:
     def _step(self) -> None:
         started = time.perf_counter()
         try:
-            finished = self._batch.step()
+            finished = self._decoding.step()
         except Exception as exc:
             after_failed_call(exc)
             self._evict_after_failure(exc)
             return
         self._step_ms.append((time.perf_counter() - started) * 1e3)
         self._step_times.append(time.monotonic())
-        self._on_step(len(self._batch.rows) + len(finished))
+        self._on_step(len(self._decoding.rows) + len(finished))
         self._settle(finished)
 
     def _evict_after_failure(self, exc: Exception) -> None:
         """A failed step is retried with fewer pages: the newest half goes back to the ready list, keeping
         the tokens it generated (it rejoins by prefilling its prompt plus those tokens, so what was
         streamed stays what is returned); a page that fails alone fails."""
-        rows = self._batch.rows
+        rows = self._decoding.rows
         if len(rows) == 1:
             r = self._running.pop(id(rows[0]))
-            self._batch.remove(rows)
+            self._decoding.remove(rows)
             r.request.fail(exc)
             return
         evicted = rows[len(rows) // 2 :]
         log.warning("decode step with %d pages failed (%s); evicting %d", len(rows), exc, len(evicted))
         self._row_cap = len(rows) - len(evicted)  # evicted pages rejoin as others finish
-        self._batch.remove(evicted)
+        self._decoding.remove(evicted)
         for seq in reversed(evicted):
             self._ready.appendleft(self._running.pop(id(seq)))
 
@@ -283,7 +294,7 @@ class Joining:
             r = self._running.pop(id(seq), None)
             if r is None:
                 continue
-            result = self.engine.page_result(r.page)
+            result = self._loaded.page_result(r.page)
             self._finished_at.append(time.monotonic())
             if isinstance(result, BaseException):
                 r.request.fail(result)

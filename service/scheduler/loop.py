@@ -192,6 +192,18 @@ class Scheduler(HostWork, Joining):
         requests = [r.request for r in self._model_pages()] + [x[0] for x in self._host_work]
         return len({id(request) for request in requests})
 
+    @property
+    def _loaded(self) -> OCREngine:
+        """The engine, on the scheduler's thread once it has loaded (the only place the loop runs)."""
+        assert self.engine is not None, "the engine is used only after it has loaded"
+        return self.engine
+
+    @property
+    def _decoding(self) -> DecodeBatch:
+        """The running batch, on the scheduler's thread once the engine has loaded."""
+        assert self._batch is not None, "the batch exists once the engine has loaded"
+        return self._batch
+
     def _model_pages(self) -> list[Admitted | Preparing]:
         """Pages the engine holds: decoding, being prefilled, ready to join, or being prepared piece by piece."""
         prefilling = [self._prefilling] if self._prefilling is not None else []
@@ -291,7 +303,7 @@ class Scheduler(HostWork, Joining):
             self._join_in_pieces()
         else:
             self._join()
-        if self._batch.rows:
+        if self._decoding.rows:
             self._step()
             self._busy = True
         elif not self._ready and not self._host_work and not self._preparing:
@@ -308,7 +320,7 @@ class Scheduler(HostWork, Joining):
             request.fail(Cancelled("cancelled while waiting in the queue"))
         stopped = [r for r in self._running.values() if r.request.should_stop()]
         if stopped:
-            self._batch.remove([r.sequence for r in stopped])
+            self._decoding.remove([r.sequence for r in stopped])
             for r in stopped:
                 del self._running[id(r.sequence)]
                 r.request.fail(Cancelled("generation cancelled"))
@@ -317,7 +329,7 @@ class Scheduler(HostWork, Joining):
             r.request.fail(Cancelled("cancelled before its prefill"))
         if self._prefilling is not None and self._prefilling.request.should_stop():
             r, self._prefilling = self._prefilling, None
-            self._batch.remove([r.sequence])  # forgets its partial prefill
+            self._decoding.remove([r.sequence])  # forgets its partial prefill
             r.request.fail(Cancelled("cancelled during its prefill"))
         for p in [p for p in self._preparing if p.request.should_stop()]:
             self._preparing.remove(p)
@@ -351,7 +363,7 @@ class Scheduler(HostWork, Joining):
             return
         if self._in_pieces():  # pages decode: each page's model work runs a piece at a time between their steps
             for request, index, task in taken:
-                line_up(self._preparing, Preparing(request, index, task, self.engine.prepare_in_pieces(task)))
+                line_up(self._preparing, Preparing(request, index, task, self._loaded.prepare_in_pieces(task)))
             return
         self._prepare_together(taken)
 
@@ -360,7 +372,7 @@ class Scheduler(HostWork, Joining):
     def _fail_in_flight(self, exc: BaseException) -> None:
         if self._batch is not None:
             prefilling = [self._prefilling.sequence] if self._prefilling is not None else []
-            self._batch.remove([*self._batch.rows, *prefilling])  # a partial prefill's cache goes too
+            self._decoding.remove([*self._decoding.rows, *prefilling])  # a partial prefill's cache goes too
         for page in self._model_pages():
             page.request.fail(exc)
         for page in self._preparing:

@@ -70,4 +70,5 @@ def generate(
     generate_batch(model, [seq])
     if isinstance(seq.outcome, BaseException):
         raise seq.outcome
+    assert seq.outcome is not None  # generate_batch runs every sequence to its end
     return seq.outcome
