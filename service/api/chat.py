@@ -30,9 +30,9 @@ from service.api.chat_schema import INSTRUCTION_ROLES, NEUTRAL, TURN_RULE, ChatM
 from service.api.common import (
     ERROR_RESPONSES,
     adaptation_warnings,
-    door_options,
     event_stream,
     failure,
+    open_door,
     open_upload,
     page_request,
     read_url,
@@ -164,14 +164,14 @@ async def chat_completions(
     scheduler: Annotated[Scheduler, Depends(get_scheduler)],
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ):
-    engine = scheduler.ensure_ready()
+    scheduler.ensure_ready()  # 503 before the body is read into options
     chosen, url, turn_notes = chat_options(body)
-    options, notes = door_options(engine, chosen, settings)
-    notes = [*turn_notes, *notes]  # e.g. compact positions on the vLLM decoder
+    door = open_door(scheduler, chosen, settings)
+    notes = [*turn_notes, *door.notes]  # e.g. compact positions on the vLLM decoder
     document = await open_upload(await read_url(request, url, settings), settings, page_range=(1, 1))
     accepted_at = time.monotonic()
-    pages = page_request(request, document, options, settings, accepted_at)
-    reply = Reply(settings.model, engine.detokenizer(body.skip_special_tokens), notes)
+    pages = page_request(request, document, door.options, settings, accepted_at)
+    reply = Reply(settings.model, door.detokenizer(body.skip_special_tokens), notes)
     if body.stream:
         tokens: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Request, UploadFile
@@ -42,7 +43,7 @@ from service.inputs import (
     open_document,
     parse_page_range,
 )
-from service.scheduler import PageRequest
+from service.scheduler import PageRequest, Scheduler
 from service.schemas import PAGE_SEPARATOR, OcrResponse, PageOut, aggregate
 from service.settings import ServiceSettings
 
@@ -91,6 +92,25 @@ class OcrForm(OcrOptions):
 
     def page_range(self) -> PageRange | None:
         return parse_page_range(self.pages) if self.pages is not None else None
+
+
+@dataclass(frozen=True)
+class Door:
+    """What a door learns from the engine before it reads a byte of the upload: the options the pages run
+    with, the notes its answer carries, and how the engine's tokens read. Routes hold this, never the engine."""
+
+    options: OcrOptions
+    notes: list[str]
+    random_weights: bool
+    detokenizer: Callable[[bool], Callable[[list[int]], str]]  # skip_special_tokens -> ids -> text
+
+
+def open_door(scheduler: Scheduler, chosen: dict[str, Any], settings: ServiceSettings) -> Door:
+    """The first step of every door: the model ready (else 503 NotReady) and the caller's options resolved
+    (:func:`door_options`; 422 for anything that cannot run)."""
+    engine = scheduler.ensure_ready()
+    options, notes = door_options(engine, chosen, settings)
+    return Door(options, notes, engine.random_weights, engine.detokenizer)
 
 
 def door_options(engine: OCREngine, chosen: dict[str, Any], settings: ServiceSettings) -> tuple[OcrOptions, list[str]]:

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.api.common import ERROR_RESPONSES, OcrForm, build_response, door_options, event_stream, read_upload
+from service.api.common import ERROR_RESPONSES, OcrForm, build_response, event_stream, open_door, read_upload
 from service.api.deps import get_scheduler, get_settings
 from service.api.middleware import key_digest
 from service.api.responses import JSONResponse
@@ -144,7 +144,7 @@ async def create_job(
     runner: Annotated[JobRunner, Depends(get_runner)],
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ) -> JSONResponse:
-    options, notes = door_options(scheduler.ensure_ready(), form.chosen(), settings)
+    door = open_door(scheduler, form.chosen(), settings)
     if form.webhook_url and not settings.allow_webhooks:
         raise InvalidParameter("webhooks are off on this server (RTPRUNE_ALLOW_WEBHOOKS)")
     if form.webhook_url:
@@ -163,7 +163,7 @@ async def create_job(
         )
     client = ClientShares.client_of(request.scope)  # its address: the key is shared, or the client's choice
     await check_storage(store, client, len(data), settings)
-    options_json = {**options.model_dump(mode="json"), WARNINGS_KEY: notes, PRIORITY_KEY: form.priority}
+    options_json = {**door.options.model_dump(mode="json"), WARNINGS_KEY: door.notes, PRIORITY_KEY: form.priority}
     holder = runner.holder_for_new_job()
     record = await run_in_threadpool(
         store.create, owner, options_json, document.numbers, data, form.webhook_url, holder, LEASE_S, client
@@ -201,10 +201,9 @@ async def job_result(
         raise NotFinished(f"the job is {record.state}; its result is ready when the state is done")
     done = await run_in_threadpool(runner.store.pages, job_id)
     results = [stored_page(done[p][0]) for p in range(len(record.numbers))]
-    random_weights = bool(scheduler.engine and scheduler.engine.random_weights)
     return build_response(
         settings.model,
-        random_weights,
+        scheduler.random_weights,
         OcrOptions(**record.page_options),
         record.numbers,
         results,

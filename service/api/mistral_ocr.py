@@ -29,7 +29,7 @@ from service.api.chat_schema import ImageUrl
 from service.api.common import (
     ERROR_RESPONSES,
     adaptation_warnings,
-    door_options,
+    open_door,
     open_upload,
     page_request,
     random_weights_warnings,
@@ -229,13 +229,13 @@ async def mistral_ocr(
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ) -> MistralOcrResponse:
     accepted_at = time.monotonic()
-    engine = scheduler.ensure_ready()
+    scheduler.ensure_ready()  # 503 before anything else is checked
     ignored = body.without_effect()
     url = body.url()
     wanted = parse_pages(body.pages) if body.pages is not None else None
     if wanted == []:
         raise InvalidParameter("pages selects no page; leave it out to OCR every page", param="pages")
-    options, notes = door_options(engine, mistral_options(body), settings)
+    door = open_door(scheduler, mistral_options(body), settings)
     data = await read_url(request, url, settings)
     # only the pages asked for count against the limits: [0, 999] of a long PDF is two pages, not 1,000
     selection = [(low + 1, high + 1) for low, high in wanted] if wanted and is_pdf(data) else None
@@ -246,20 +246,20 @@ async def mistral_ocr(
         raise
     if wanted is not None and selection is None:
         check_pages_exist(wanted, len(document))  # an image has one page
-    request_pages = page_request(request, document, options, settings, accepted_at)
+    request_pages = page_request(request, document, door.options, settings, accepted_at)
     scheduler.submit(request_pages)
     results = await wait_for(request, request_pages, settings)
     pages = [
         MistralPage(index=number - 1, markdown=result.markdown, dimensions=_dimensions(result))
         for number, result in zip(document.numbers, results, strict=True)
     ]
-    warnings = random_weights_warnings(engine.random_weights, settings.model)
-    warnings += adaptation_warnings([p.index + 1 for p in pages], results)
+    warnings = random_weights_warnings(door.random_weights, settings.model)
+    warnings += adaptation_warnings([p.index + 1 for p in pages], results) + door.notes + ignored
     return MistralOcrResponse(
         pages=pages,
         model=settings.model,
         usage_info=UsageInfo(pages_processed=len(pages), doc_size_bytes=len(data)),
-        rtprune={"pages": [r.stats.model_dump(mode="json") for r in results], "warnings": warnings + notes + ignored},
+        rtprune={"pages": [r.stats.model_dump(mode="json") for r in results], "warnings": warnings},
     )
 
 

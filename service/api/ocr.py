@@ -12,7 +12,7 @@ from service.api.common import (
     ERROR_RESPONSES,
     OcrForm,
     build_response,
-    door_options,
+    open_door,
     page_request,
     read_upload,
     wait_for,
@@ -35,11 +35,11 @@ async def ocr(
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ) -> OcrResponse:
     accepted_at = time.monotonic()
-    engine = scheduler.ensure_ready()
-    options, notes = door_options(engine, form.chosen(), settings)
+    door = open_door(scheduler, form.chosen(), settings)
     _, document = await read_upload(request, form, settings, form.page_range())
-    pages = page_request(request, document, options, settings, accepted_at)
+    pages = page_request(request, document, door.options, settings, accepted_at)
     scheduler.submit(pages)
     results = await wait_for(request, pages, settings)
     wall_ms = (time.monotonic() - accepted_at) * 1e3
-    return build_response(settings.model, engine.random_weights, options, document.numbers, results, notes, wall_ms)
+    numbers = document.numbers
+    return build_response(settings.model, door.random_weights, door.options, numbers, results, door.notes, wall_ms)

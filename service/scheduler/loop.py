@@ -193,6 +193,11 @@ class Scheduler(HostWork, Joining):
         return len({id(request) for request in requests})
 
     @property
+    def random_weights(self) -> bool:
+        """Whether the loaded model has random weights (answers say so); False before it has loaded."""
+        return self.engine is not None and self.engine.random_weights
+
+    @property
     def _loaded(self) -> OCREngine:
         """The engine, on the scheduler's thread once it has loaded (the only place the loop runs)."""
         assert self.engine is not None, "the engine is used only after it has loaded"
