@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.data_urls import STATE_KEY, json_beside_images, lift_images
 from service.api.handlers import UploadStalled, UploadTooLarge, error_json
 from service.api.shares import ClientShares
-from service.errors import JsonTooLarge
+from service.errors import JsonTooLarge, Unauthorized
 from service.metrics import Metrics
 
 log = logging.getLogger("rtprune_ocr.access")
@@ -120,14 +120,14 @@ class ApiKeyMiddleware:
             return
         given = api_key_of(Headers(scope=scope)).encode()
         if not hmac.compare_digest(given, self.api_key):  # constant time
-            response = error_json(
-                401,
-                "unauthorized",
+            refused = Unauthorized(
                 "missing or wrong API key: send it as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
-                scope.get("state", {}).get("request_id"),
                 headers={"WWW-Authenticate": 'Bearer realm="rtprune-ocr"'},
             )
-            await response(scope, receive, send)
+            request_id = scope.get("state", {}).get("request_id")
+            await error_json(refused.status, refused.code, refused.message, request_id, headers=refused.headers)(
+                scope, receive, send
+            )
             return
         await self.app(scope, receive, send)
 

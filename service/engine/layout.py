@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .preprocess import V1_MODES, V2_MODES, Mode, PreparedImage, choose_tile_grid
+from .preprocess import PreparedImage
 
 PIXELS_PER_TOKEN = 64  # 16-px SAM patches, then two stride-2 convolutions
 
@@ -50,18 +50,6 @@ def visual_token_count(page: PreparedImage, version: str = "v1") -> int:
     """Tokens of the whole visual block, newlines and separator included."""
     q_tile = _grid_side(page.tiles.shape[-1]) if page.tiles is not None else 0
     return _block_size(_grid_side(page.global_view.shape[-1]), page.grid, q_tile, version)
-
-
-def visual_tokens_for_size(size: tuple[int, int], mode: Mode | str, version: str = "v1", max_crops: int = 6) -> int:
-    """The same count from a page's size alone, before any pixel is touched (admission control).
-
-    EXIF rotation is not known here, so a rotated page may get another tile grid: an estimate."""
-    spec = (V1_MODES if version == "v1" else V2_MODES)[Mode(mode)]
-    width, height = size
-    grid = None
-    if spec.crop and max(width, height) > spec.tile_size:
-        grid = choose_tile_grid(width, height, spec.tile_size, max_crops)
-    return _block_size(_grid_side(spec.base_size), grid, _grid_side(spec.tile_size), version)
 
 
 def _block_size(q: int, grid: tuple[int, int] | None, q_tile: int, version: str) -> int:
