@@ -22,9 +22,9 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from service.api.chat_schema import INSTRUCTION_ROLES, NEUTRAL, TURN_RULE, ChatMessage, ChatRequest, VllmXargs
 from service.api.common import (
@@ -38,13 +38,13 @@ from service.api.common import (
     read_url,
     wait_for,
 )
-from service.api.deps import get_scheduler, get_settings
+from service.api.deps import SchedulerDep, SettingsDep
 from service.engine import Cancelled, PageResult
 from service.engine.decode.sequence import TABLE_CELL_IDS
 from service.engine.names import Task
 from service.engine.prompts import IMAGE_TOKEN, TASK_PROMPTS
 from service.errors import InvalidParameter
-from service.scheduler import PageRequest, Scheduler
+from service.scheduler import PageRequest
 from service.settings import ServiceSettings
 
 router = APIRouter(tags=["openai"])
@@ -161,8 +161,8 @@ async def model(model_id: str, request: Request) -> dict:
 async def chat_completions(
     request: Request,
     body: ChatRequest,
-    scheduler: Annotated[Scheduler, Depends(get_scheduler)],
-    settings: Annotated[ServiceSettings, Depends(get_settings)],
+    scheduler: SchedulerDep,
+    settings: SettingsDep,
 ):
     scheduler.ensure_ready()  # 503 before the body is read into options
     chosen, url, turn_notes = chat_options(body)

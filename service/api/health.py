@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.deps import get_metrics, get_scheduler, get_settings
+from service.api.deps import MetricsDep, SchedulerDep, SettingsDep
 from service.api.info import describe
 from service.api.responses import JSONResponse
-from service.metrics import Metrics
-from service.scheduler import Scheduler
 from service.schemas import InfoResponse
-from service.settings import ServiceSettings
 
 router = APIRouter(tags=["health"])
 
@@ -29,8 +24,8 @@ async def healthz() -> dict[str, str]:
     responses={503: {"description": "loading or failed"}},
 )
 async def readyz(
-    scheduler: Annotated[Scheduler, Depends(get_scheduler)],
-    settings: Annotated[ServiceSettings, Depends(get_settings)],
+    scheduler: SchedulerDep,
+    settings: SettingsDep,
 ) -> JSONResponse:
     if scheduler.state == "ready":
         return JSONResponse({"status": "ready"})
@@ -40,13 +35,13 @@ async def readyz(
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(registry: Annotated[Metrics, Depends(get_metrics)]) -> Response:
+async def metrics(registry: MetricsDep) -> Response:
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/info", summary="Model, device, defaults and limits")
 async def info(
-    scheduler: Annotated[Scheduler, Depends(get_scheduler)],
-    settings: Annotated[ServiceSettings, Depends(get_settings)],
+    scheduler: SchedulerDep,
+    settings: SettingsDep,
 ) -> InfoResponse:
     return describe(scheduler, settings)

@@ -13,12 +13,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Form, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.common import ERROR_RESPONSES, OcrForm, build_response, event_stream, open_door, read_upload
-from service.api.deps import get_scheduler, get_settings
+from service.api.deps import RunnerDep, SchedulerDep, SettingsDep
 from service.api.middleware import key_digest
 from service.api.responses import JSONResponse
 from service.api.shares import ClientShares
@@ -37,7 +37,6 @@ from service.jobs import JobRecord, JobRunner, JobStore, stored_page
 from service.jobs.runner import LEASE_S
 from service.jobs.store import PRIORITY_KEY, WARNINGS_KEY
 from service.outbound import OutboundRefused, resolve
-from service.scheduler import Scheduler
 from service.settings import ServiceSettings
 
 router = APIRouter(tags=["jobs"])
@@ -82,10 +81,6 @@ def check_webhook(url: str, settings: ServiceSettings) -> None:
         raise InvalidParameter(
             "webhook_url must name a public address (or one in RTPRUNE_OUTBOUND_ALLOW_NETWORKS)"
         ) from None
-
-
-def get_runner(request: Request) -> JobRunner:
-    return request.app.state.jobs
 
 
 def owner_of(request: Request) -> str:
@@ -140,9 +135,9 @@ async def check_storage(store: JobStore, client: str, size: int, settings: Servi
 async def create_job(
     request: Request,
     form: Annotated[JobForm, Form()],
-    scheduler: Annotated[Scheduler, Depends(get_scheduler)],
-    runner: Annotated[JobRunner, Depends(get_runner)],
-    settings: Annotated[ServiceSettings, Depends(get_settings)],
+    scheduler: SchedulerDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
 ) -> JSONResponse:
     door = open_door(scheduler, form.chosen(), settings)
     if form.webhook_url and not settings.allow_webhooks:
@@ -178,7 +173,7 @@ async def create_job(
 
 
 @router.get("/v1/jobs/{job_id}", summary="A job's state and progress in pages", responses=ERROR_RESPONSES)
-async def job_status(job_id: str, request: Request, runner: Annotated[JobRunner, Depends(get_runner)]) -> JobStatus:
+async def job_status(job_id: str, request: Request, runner: RunnerDep) -> JobStatus:
     return await status_of(await find(runner.store, job_id, request), runner.store)
 
 
@@ -188,9 +183,9 @@ async def job_status(job_id: str, request: Request, runner: Annotated[JobRunner,
 async def job_result(
     job_id: str,
     request: Request,
-    runner: Annotated[JobRunner, Depends(get_runner)],
-    settings: Annotated[ServiceSettings, Depends(get_settings)],
-    scheduler: Annotated[Scheduler, Depends(get_scheduler)],
+    runner: RunnerDep,
+    settings: SettingsDep,
+    scheduler: SchedulerDep,
 ):
     record = await find(runner.store, job_id, request)
     if record.state == "cancelled":
@@ -215,7 +210,7 @@ async def job_result(
 @router.delete(
     "/v1/jobs/{job_id}", summary="Cancel a job (finished pages stay until it expires)", responses=ERROR_RESPONSES
 )
-async def cancel_job(job_id: str, request: Request, runner: Annotated[JobRunner, Depends(get_runner)]) -> JobStatus:
+async def cancel_job(job_id: str, request: Request, runner: RunnerDep) -> JobStatus:
     record = await find(runner.store, job_id, request)
     if record.state not in ("done", "failed", "cancelled"):
         await runner.cancel(job_id)
@@ -227,7 +222,7 @@ async def cancel_job(job_id: str, request: Request, runner: Annotated[JobRunner,
     summary="Server-sent events: one per finished page, then the final state",
     responses=ERROR_RESPONSES,
 )
-async def job_events(job_id: str, request: Request, runner: Annotated[JobRunner, Depends(get_runner)]):
+async def job_events(job_id: str, request: Request, runner: RunnerDep):
     record = await find(runner.store, job_id, request)
     settings = request.app.state.settings
     after = resume_point(request.headers.get("last-event-id"))

@@ -18,7 +18,7 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
@@ -36,12 +36,10 @@ from service.api.common import (
     read_url,
     wait_for,
 )
-from service.api.deps import get_scheduler, get_settings
+from service.api.deps import SchedulerDep, SettingsDep
 from service.engine.options import MAX_NEW_TOKENS, PageKnobs, in_one_sentence
 from service.errors import InvalidParameter
 from service.inputs import PDF_DPI, PageRangeOutside, is_pdf
-from service.scheduler import Scheduler
-from service.settings import ServiceSettings
 
 
 class JsonBodyRoute(APIRoute):
@@ -225,8 +223,8 @@ class MistralOcrResponse(BaseModel):
 async def mistral_ocr(
     request: Request,
     body: MistralOcrRequest,
-    scheduler: Annotated[Scheduler, Depends(get_scheduler)],
-    settings: Annotated[ServiceSettings, Depends(get_settings)],
+    scheduler: SchedulerDep,
+    settings: SettingsDep,
 ) -> MistralOcrResponse:
     accepted_at = time.monotonic()
     scheduler.ensure_ready()  # 503 before anything else is checked

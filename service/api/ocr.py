@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Form, Request
 
 from service.api.common import (
     ERROR_RESPONSES,
@@ -17,10 +17,8 @@ from service.api.common import (
     read_upload,
     wait_for,
 )
-from service.api.deps import get_scheduler, get_settings
-from service.scheduler import Scheduler
+from service.api.deps import SchedulerDep, SettingsDep
 from service.schemas import OcrResponse
-from service.settings import ServiceSettings
 
 router = APIRouter(tags=["ocr"])
 
@@ -31,8 +29,8 @@ router = APIRouter(tags=["ocr"])
 async def ocr(
     request: Request,
     form: Annotated[OcrForm, Form()],
-    scheduler: Annotated[Scheduler, Depends(get_scheduler)],
-    settings: Annotated[ServiceSettings, Depends(get_settings)],
+    scheduler: SchedulerDep,
+    settings: SettingsDep,
 ) -> OcrResponse:
     accepted_at = time.monotonic()
     door = open_door(scheduler, form.chosen(), settings)
