@@ -618,6 +618,28 @@ def test_a_large_json_body_is_measured_and_its_images_decoded_off_the_event_loop
     assert on_loop == [False, True]  # the large body in a worker thread; a small one costs less than a hop
 
 
+@pytest.mark.parametrize(
+    ("path", "extra", "field"),
+    [
+        ("/v1/chat/completions", {"user": "u" * 257}, "user"),
+        ("/v1/chat/completions", {"tools": [{"type": "function"}] * 129}, "tools"),
+        ("/v1/chat/completions", {"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ("/v1/chat/completions", {"stop": ["a"] * 5}, "stop"),
+        ("/v1/ocr", {"document_annotation_prompt": "p" * 65_537}, "document_annotation_prompt"),
+    ],
+)
+def test_every_field_is_bounded_and_a_longer_one_is_named(client, path, extra, field):
+    image = data_url(encoded("PNG"), "image/png")
+    if path == "/v1/ocr":
+        body = {"model": "ocr", "document": {"type": "image_url", "image_url": image}, **extra}
+    else:
+        parts = [{"type": "image_url", "image_url": {"url": image}}]
+        body = {"messages": [{"role": "user", "content": parts}], "max_tokens": 1, **extra}
+    refused = client.post(path, json=body)
+    message = refused.json()["error"]["message"]
+    assert refused.status_code in (400, 422) and field in message and "at most" in message, refused.text
+
+
 def test_a_handle_the_client_writes_itself_is_no_image(client):
     body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "body-image:0"}}]}]}
     refused = client.post("/v1/chat/completions", json=body)

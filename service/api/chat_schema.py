@@ -5,22 +5,28 @@ neutral values only (:data:`NEUTRAL` says why any other value fails)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.engine.decode.sequence import TABLE_CELL_IDS
 from service.engine.options import MAX_NEW_TOKENS, PageKnobs
 
+# Every field is bounded, so that what validation costs never grows with what a client sends (the JSON body
+# cap bounds the body as a whole; these say which field is too long). A URL is bounded by the upload limit.
+Short = Annotated[str, Field(max_length=256)]  # ids, names, values spelled as text
+Name = Annotated[str, Field(max_length=1024)]  # a document's name
+Text = Annotated[str, Field(max_length=65_536)]  # a prompt, an instruction, a text part
+
 
 class ImageUrl(BaseModel):
     url: str = Field(description="data:image/...;base64,... (or http(s) when the server allows fetching)")
-    detail: str | None = None
+    detail: Short | None = None
 
 
 class ContentPart(BaseModel):
     type: Literal["text", "image_url"]
-    text: str | None = None
+    text: Text | None = None
     image_url: ImageUrl | None = None
 
     @field_validator("image_url", mode="before")
@@ -34,7 +40,7 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         description="system or developer turns (text), then one user turn with the image"
     )
-    content: str | list[ContentPart] | None = None
+    content: Text | Annotated[list[ContentPart], Field(max_length=64)] | None = None
 
     def parts(self) -> list[ContentPart]:
         if self.content is None:
@@ -57,7 +63,9 @@ class VllmXargs(BaseModel):
 
     ngram_size: int = Field(30, ge=0, le=512)
     window_size: int = Field(90, ge=0, le=8192)
-    whitelist_token_ids: list[int] | None = Field(None, description=f"only {sorted(TABLE_CELL_IDS)} is supported")
+    whitelist_token_ids: Annotated[list[int], Field(max_length=1024)] | None = Field(
+        None, description=f"only {sorted(TABLE_CELL_IDS)} is supported"
+    )
 
 
 class StreamOptions(BaseModel):
@@ -67,7 +75,7 @@ class StreamOptions(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    type: str = Field(description="only text: the answer is the page's markdown")
+    type: Short = Field(description="only text: the answer is the page's markdown")
 
 
 def _not_set(value: Any) -> bool:
@@ -97,7 +105,7 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="any id is accepted; the answer names the model that ran")
+    model: Short | None = Field(None, description="any id is accepted; the answer names the model that ran")
     messages: list[ChatMessage] = Field(min_length=1, max_length=16, description=TURN_RULE)
     max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
@@ -105,20 +113,24 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(None, description="only 1 is supported")
     n: int | None = Field(None, description="only 1 is supported")
     seed: int | None = Field(None, description="accepted and unused: decoding is greedy, so deterministic")
-    user: str | None = Field(None, description="accepted and unused")
-    metadata: dict[str, str] | None = Field(None, description="accepted and unused")
-    service_tier: str | None = Field(None, description="accepted and unused")
+    user: Short | None = Field(None, description="accepted and unused")
+    metadata: Annotated[dict[Short, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = Field(
+        None, description="accepted and unused (as OpenAI: at most 16 pairs)"
+    )
+    service_tier: Short | None = Field(None, description="accepted and unused")
     parallel_tool_calls: bool | None = Field(None, description="accepted and unused")
-    stop: str | list[str] | None = Field(None, description="only empty (no stop sequences)")
+    stop: Short | Annotated[list[Short], Field(max_length=4)] | None = Field(
+        None, description="only empty (no stop sequences)"
+    )
     frequency_penalty: float | None = Field(None, description="only 0")
     presence_penalty: float | None = Field(None, description="only 0")
-    logit_bias: dict[str, float] | None = Field(None, description="only empty")
+    logit_bias: Annotated[dict[Short, float], Field(max_length=300)] | None = Field(None, description="only empty")
     logprobs: bool | None = Field(None, description="only false")
     top_logprobs: int | None = Field(None, description="only 0")
     response_format: ResponseFormat | None = Field(None, description='only {"type": "text"}')
     store: bool | None = Field(None, description="only false")
-    tools: list[dict[str, Any]] | None = Field(None, description="only empty")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="only none")
+    tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = Field(None, description="only empty")
+    tool_choice: Short | Annotated[dict[str, Any], Field(max_length=8)] | None = Field(None, description="only none")
     stream: bool = False
     stream_options: StreamOptions | None = None
     skip_special_tokens: bool = True

@@ -44,7 +44,10 @@ router = APIRouter(tags=["jobs"])
 
 class JobForm(OcrForm):
     webhook_url: str | None = Field(
-        None, pattern=r"^https?://", description="POSTed {id, state} when the job ends (if the server allows it)"
+        None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="POSTed {id, state} when the job ends (if the server allows it)",
     )
     priority: Literal["batch", "interactive"] = Field(
         "batch",

@@ -25,7 +25,7 @@ from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import Scope
 
-from service.api.chat_schema import ImageUrl
+from service.api.chat_schema import ImageUrl, Name, Short, Text
 from service.api.common import (
     ERROR_RESPONSES,
     adaptation_warnings,
@@ -65,7 +65,7 @@ router = APIRouter(tags=["ocr"], route_class=JsonBodyRoute)
 class DocumentUrl(BaseModel):
     type: Literal["document_url"]
     document_url: str = Field(description="data:application/pdf;base64,... (or http(s) where fetching is allowed)")
-    document_name: str | None = None
+    document_name: Name | None = None
 
 
 class ImageUrlDocument(BaseModel):
@@ -81,7 +81,7 @@ class ImageUrlDocument(BaseModel):
 
 class FileDocument(BaseModel):
     type: Literal["file"]
-    file_id: str
+    file_id: Short
 
 
 PAGE_LIST = re.compile(r"^\s*\d{1,5}\s*(-\s*\d{1,5}\s*)?(,\s*\d{1,5}\s*(-\s*\d{1,5}\s*)?)*$")
@@ -150,8 +150,8 @@ class MistralOcrRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="any id is accepted; the answer names the model that ran")
-    id: str | None = None
+    model: Short | None = Field(None, description="any id is accepted; the answer names the model that ran")
+    id: Short | None = None
     document: DocumentUrl | ImageUrlDocument | FileDocument = Field(discriminator="type")
     pages: Annotated[list[PageNumber] | str, PAGES_IN_WORDS] | None = Field(
         None, description="0-based pages: a list, or numbers and ranges such as '0,2-4'; default all"
@@ -159,9 +159,9 @@ class MistralOcrRequest(BaseModel):
     include_image_base64: bool | None = None
     image_limit: int | None = None
     image_min_size: int | None = None
-    bbox_annotation_format: dict[str, Any] | None = None
-    document_annotation_format: dict[str, Any] | None = None
-    document_annotation_prompt: str | None = None
+    bbox_annotation_format: Annotated[dict[str, Any], Field(max_length=64)] | None = None
+    document_annotation_format: Annotated[dict[str, Any], Field(max_length=64)] | None = None
+    document_annotation_prompt: Text | None = None
     table_format: Literal["markdown", "html"] | None = None
     extract_header: bool | None = None
     extract_footer: bool | None = None
