@@ -91,12 +91,17 @@ def test_the_same_options_resolve_to_the_same_options_and_notes_through_every_do
     assert (ocr["mode"], ocr["pruner"], ocr["retention"]) == ("tiny", "none", 0.5)
     notes = {
         "form": set(ocr["warnings"]) & NOTES,
-        "chat": set(chat["warnings"]),
+        "chat": set(chat["warnings"]) & NOTES,
         "mistral": set(mistral["rtprune"]["warnings"]) & NOTES,
         "job": set(job["created"]["warnings"]),
         "cli": {line.removeprefix("warning: ") for line in run.stderr.splitlines()} & NOTES,
     }
     assert all(found == NOTES for found in notes.values()), notes
+    answers = {"form": ocr["warnings"], "chat": chat["warnings"], "mistral": mistral["rtprune"]["warnings"]}
+    answers["job"] = result["warnings"]
+    for door, warnings in answers.items():  # what every answer says of its model and its pages, in the same words
+        assert any("has RANDOM weights" in w for w in warnings), (door, warnings)
+        assert "page 1 stopped at max_new_tokens (3) or the position limit" in warnings, (door, warnings)
 
 
 @pytest.mark.parametrize(

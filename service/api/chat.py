@@ -29,12 +29,13 @@ from fastapi import APIRouter, Request
 from service.api.chat_schema import INSTRUCTION_ROLES, NEUTRAL, TURN_RULE, ChatMessage, ChatRequest, VllmXargs
 from service.api.common import (
     ERROR_RESPONSES,
-    adaptation_warnings,
     event_stream,
     failure,
     open_door,
     open_upload,
     page_request,
+    page_warnings,
+    random_weights_warnings,
     read_url,
     wait_for,
 )
@@ -42,6 +43,7 @@ from service.api.deps import SchedulerDep, SettingsDep
 from service.engine import Cancelled, PageResult
 from service.engine.decode.sequence import TABLE_CELL_IDS
 from service.engine.names import Task
+from service.engine.options import MAX_NEW_TOKENS
 from service.engine.prompts import IMAGE_TOKEN, TASK_PROMPTS
 from service.errors import InvalidParameter
 from service.scheduler import PageRequest
@@ -171,7 +173,8 @@ async def chat_completions(
     document = await open_upload(await read_url(request, url, settings), settings, page_range=(1, 1))
     accepted_at = time.monotonic()
     pages = page_request(request, document, door.options, settings, accepted_at)
-    reply = Reply(settings.model, door.detokenizer(body.skip_special_tokens), notes)
+    warnings = random_weights_warnings(door.random_weights, settings.model) + notes
+    reply = Reply(settings.model, door.detokenizer(body.skip_special_tokens), warnings, door.options.max_new_tokens)
     if body.stream:
         tokens: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -191,11 +194,18 @@ async def chat_completions(
 class Reply:
     """Shapes chat.completion objects and chunks from a page's result and tokens."""
 
-    def __init__(self, model: str, detokenize: Callable[[list[int]], str], warnings: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        detokenize: Callable[[list[int]], str],
+        warnings: list[str] | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+    ) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.include_usage = False
         self.created = int(time.time())
         self.model, self.detokenize, self.warnings = model, detokenize, warnings
+        self.max_new_tokens = max_new_tokens
 
     def _base(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
@@ -214,8 +224,9 @@ class Reply:
         return "", shown
 
     def warnings_for(self, page: PageResult) -> list[str]:
-        """The notes on the request's options, then the page's own (a retention lowered under load)."""
-        return [*(self.warnings or []), *adaptation_warnings([1], [page])]
+        """The request's warnings (random weights, notes on its options), then the page's own (a retention
+        lowered under load, a page cut at its token budget), as every door words them."""
+        return [*(self.warnings or []), *page_warnings([1], [page], self.max_new_tokens)]
 
     @staticmethod
     def usage(page: PageResult) -> dict:

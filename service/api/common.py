@@ -265,6 +265,17 @@ def adaptation_warnings(numbers: list[int], results: list[PageResult]) -> list[s
     return out
 
 
+def page_warnings(numbers: list[int], results: list[PageResult], max_new_tokens: int) -> list[str]:
+    """What every door's answer says of its pages: a retention lowered under load, a page cut at its token
+    budget (the same sentences on every door)."""
+    stopped = [
+        f"page {number} stopped at max_new_tokens ({max_new_tokens}) or the position limit"
+        for number, result in zip(numbers, results, strict=True)
+        if result.stats.finish_reason == "length"
+    ]
+    return adaptation_warnings(numbers, results) + stopped
+
+
 def build_response(
     model: str,
     random_weights: bool,
@@ -276,12 +287,8 @@ def build_response(
 ) -> OcrResponse:
     """The /v1/ocr answer: pages, their markdown joined, request statistics and every warning."""
     pages = [PageOut(page=number, **r.model_dump()) for number, r in zip(numbers, results, strict=True)]
-    warnings = random_weights_warnings(random_weights, model) + notes + adaptation_warnings(numbers, results)
-    warnings += [
-        f"page {p.page} stopped at max_new_tokens ({options.max_new_tokens}) or the position limit"
-        for p in pages
-        if p.stats.finish_reason == "length"
-    ]
+    warnings = random_weights_warnings(random_weights, model) + notes
+    warnings += page_warnings(numbers, results, options.max_new_tokens)
     return OcrResponse(
         model=model,
         random_weights=random_weights,

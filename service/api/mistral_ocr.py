@@ -28,10 +28,10 @@ from starlette.types import Scope
 from service.api.chat_schema import ImageUrl, Name, Short, Text
 from service.api.common import (
     ERROR_RESPONSES,
-    adaptation_warnings,
     open_door,
     open_upload,
     page_request,
+    page_warnings,
     random_weights_warnings,
     read_url,
     wait_for,
@@ -252,7 +252,7 @@ async def mistral_ocr(
         for number, result in zip(document.numbers, results, strict=True)
     ]
     warnings = random_weights_warnings(door.random_weights, settings.model)
-    warnings += adaptation_warnings([p.index + 1 for p in pages], results) + door.notes + ignored
+    warnings += door.notes + ignored + page_warnings([p.index + 1 for p in pages], results, door.options.max_new_tokens)
     return MistralOcrResponse(
         pages=pages,
         model=settings.model,
