@@ -69,6 +69,12 @@ class PageKnobs(BaseModel):
         "false pins this page's retention",
     )
 
+    @property
+    def fixed_retention(self) -> float | None:
+        """The retention as a number, or None for ``auto`` (RTPrune's own per-image ratio): the one place the
+        sentinel is read."""
+        return None if self.retention == "auto" else float(self.retention)
+
 
 class OcrOptions(PageKnobs):
     """Everything a caller may choose per page. Defaults follow DeepSeek-OCR's own."""

@@ -95,8 +95,7 @@ def settled_adaptation(adaptation: Adaptation | None, options: OcrOptions, prune
     (its fixed retention, or RTPrune's own per-image ratio)."""
     if adaptation is None:
         return None
-    if options.retention == "auto":
+    asked = options.fixed_retention
+    if asked is None:
         asked = combined_ratio(pruned.r_sim, pruned.r_txt) if pruned.r_sim is not None else 1.0
-    else:
-        asked = float(options.retention)
     return adaptation.model_copy(update={"adapted": adaptation.cap < asked})

@@ -39,10 +39,8 @@ def prune_pages(pages: dict[int, tuple[VisualBlock, PageTask]]) -> dict[int, Pru
 
 def page_pruner(task: PageTask):
     """The page's pruner, at most at the cap the scheduler set under load (if any)."""
-    options = task.options
-    keep_ratio = None if options.retention == "auto" else float(options.retention)
     cap = task.adaptation.cap if task.adaptation is not None and task.adaptation.cap < 1.0 else None
-    return build_pruner(options.pruner, keep_ratio).capped(cap)
+    return build_pruner(task.options.pruner, task.options.fixed_retention).capped(cap)
 
 
 def prune_inputs(block: VisualBlock) -> tuple[torch.Tensor, ...]:

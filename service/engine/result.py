@@ -17,7 +17,7 @@ def page_result(page: PreparedPage, tokenizer: Any, version: str) -> PageResult:
     text = decode_text(tokenizer, seq.outcome.tokens)
     latency = task.timer.latency()
     n_out = len(seq.outcome.tokens)
-    dynamic = task.options.retention == "auto" and pruned.r_sim is not None
+    dynamic = task.options.fixed_retention is None and pruned.r_sim is not None
     stats = PageStats(
         visual_tokens=block.n_tokens,
         visual_tokens_kept=pruned.n_kept,

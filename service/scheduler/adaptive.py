@@ -68,7 +68,8 @@ class RetentionPolicy:
         if level >= 1.0 or self.pinned(knobs):
             return None
         cap = max(level, self.floor)
-        if knobs.retention != "auto" and float(knobs.retention) <= cap:
+        fixed = knobs.fixed_retention
+        if fixed is not None and fixed <= cap:
             return None
         return cap
 
