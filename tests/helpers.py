@@ -3,6 +3,7 @@ the engine around the real tiny one. Fixtures live in ``conftest.py``; tests imp
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from service.loadtest import free_port, wait_ready
+from service.settings import ServiceSettings
 
 
 def v1_block_masks(rows: int, cols: int, with_separator: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,3 +279,61 @@ def joining_work_between_steps(engine, decoding_priority: str = "interactive", d
         else:
             segments[-1].append(event)
     return segments, result, measured
+
+
+# --- the in-process app, as the API tests drive it ------------------------------------------------------
+
+FAST = {"mode": "tiny", "max_new_tokens": "4"}  # form fields: the smallest mode, a few tokens
+JOB_PDF = text_pdf(3, lines=3)  # a three-page document for the jobs' tests
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def api_settings(**overrides) -> ServiceSettings:
+    base = {"model": "tiny", "log_json": False, "queue_size": 4, "max_pdf_pages": 4, "request_timeout_s": 60}
+    return ServiceSettings(**{**base, **overrides})
+
+
+def wait_until_ready(client, timeout: float = 60.0) -> None:
+    """Until an in-process app (a TestClient) answers /readyz 200."""
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "service did not become ready"
+        time.sleep(0.05)
+
+
+@contextmanager
+def client_for(engine, **overrides):
+    """The app on ``engine`` with the API tests' settings (and ``overrides``), ready: (client, app)."""
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+
+    app = create_app(api_settings(**overrides), load_engine=lambda: engine)
+    with TestClient(app) as client:
+        wait_until_ready(client)
+        yield client, app
+
+
+def jobs_client(engine, jobs_dir: Path, **overrides):
+    """The app on ``engine`` keeping its jobs under ``jobs_dir`` (not started: enter it with ``with``)."""
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+
+    settings = ServiceSettings(model="tiny", log_json=False, warmup=False, jobs_dir=jobs_dir, **overrides)
+    return TestClient(create_app(settings, load_engine=lambda: engine))
+
+
+VLLM_SERVE_FLAGS = [  # the README's `vllm serve` flags for DeepSeek-OCR
+    "--enable-prompt-embeds",
+    "--limit-mm-per-prompt",
+    '{"image":0}',
+    "--no-enable-prefix-caching",
+    "--logits_processors",
+    "vllm.model_executor.models.deepseek_ocr:NGramPerReqLogitsProcessor",
+]

@@ -17,8 +17,7 @@ from service.engine.options import PageKnobs
 from service.inputs import Document
 from service.scheduler.adaptive import RetentionPolicy
 from service.settings import ServiceSettings
-from tests.helpers import text_page
-from tests.test_api import png_bytes
+from tests.helpers import png_bytes, text_page
 
 waits = st.floats(min_value=0, max_value=600, allow_nan=False)
 gaps = st.floats(min_value=0, max_value=60, allow_nan=False)

@@ -7,7 +7,6 @@ import io
 import socket
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -15,14 +14,17 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.api.app import create_app
-from service.settings import ServiceSettings
-from tests.helpers import GatedEngine, live_server, stopped_before_its_budget, text_page
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.helpers import (
+    FAST,
+    GatedEngine,
+    client_for,
+    live_server,
+    png_bytes,
+    stopped_before_its_budget,
+    text_page,
+)
+from tests.helpers import api_settings as settings
+from tests.helpers import wait_until_ready as wait_ready
 
 
 def pdf_bytes(n_pages: int) -> bytes:
@@ -33,27 +35,6 @@ def pdf_bytes(n_pages: int) -> bytes:
 
 
 PAGE = png_bytes(text_page((600, 800)))
-FAST = {"mode": "tiny", "max_new_tokens": "4"}
-
-
-def settings(**overrides) -> ServiceSettings:
-    base = {"model": "tiny", "log_json": False, "queue_size": 4, "max_pdf_pages": 4, "request_timeout_s": 60}
-    return ServiceSettings(**{**base, **overrides})
-
-
-@contextmanager
-def client_for(engine, **overrides):
-    app = create_app(settings(**overrides), load_engine=lambda: engine)
-    with TestClient(app) as client:
-        wait_ready(client)
-        yield client, app
-
-
-def wait_ready(client, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "service did not become ready"
-        time.sleep(0.05)
 
 
 def post(client, data=None, file: bytes = PAGE, name: str = "page.png", **kwargs):

@@ -235,8 +235,7 @@ def test_streamed_deltas_add_up_to_the_whole_text_across_multi_byte_characters(t
 def test_the_mistral_route_refuses_an_empty_page_list_and_measures_only_the_pages_asked_for(tiny_engine):
     import base64
 
-    from tests.helpers import text_pdf
-    from tests.test_api import client_for
+    from tests.helpers import client_for, text_pdf
 
     pdf = text_pdf(3, lines=3, size=(612, 792))  # a letter page renders to 1.9 MP at 144 DPI
     with client_for(tiny_engine, max_document_pixels=3_000_000) as (client, _):  # one page fits, three do not

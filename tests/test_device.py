@@ -27,8 +27,8 @@ from service.engine.stats import StageTimer
 from service.engine.weights.loading import ModelLoadError, load_model
 from service.scheduler.memory import GPU_KV_SHARE, default_batch_tokens
 from service.settings import ServiceSettings
-from tests.helpers import GatedEngine, text_page
-from tests.test_api import png_bytes, wait_ready
+from tests.helpers import GatedEngine, png_bytes, text_page
+from tests.helpers import wait_until_ready as wait_ready
 
 GIB = 2**30
 ROOT = Path(__file__).resolve().parents[1]

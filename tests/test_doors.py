@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from service.errors import INTERNAL_MESSAGE
-from tests.helpers import GatedEngine, text_page
-from tests.test_api import client_for, png_bytes, wait_ready
+from tests.helpers import GatedEngine, client_for, png_bytes, text_page
+from tests.helpers import wait_until_ready as wait_ready
 
 PAGE = png_bytes(text_page((640, 480), lines=6))
 DATA_URL = "data:image/png;base64," + base64.b64encode(PAGE).decode()

@@ -13,20 +13,10 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.helpers import GatedEngine, serve_process, stopped_before_its_budget, text_pdf
-
-FAST = {"mode": "tiny", "max_new_tokens": "5"}
-PDF = text_pdf(3, lines=3)
-
-
-def app_client(tiny_engine, jobs_dir, **overrides) -> TestClient:
-    settings = ServiceSettings(model="tiny", log_json=False, warmup=False, jobs_dir=jobs_dir, **overrides)
-    return TestClient(create_app(settings, load_engine=lambda: tiny_engine))
-
-
-def ready(client) -> None:
-    while client.get("/readyz").status_code != 200:
-        time.sleep(0.02)
+from tests.helpers import FAST, GatedEngine, serve_process, stopped_before_its_budget, text_pdf
+from tests.helpers import JOB_PDF as PDF
+from tests.helpers import jobs_client as app_client
+from tests.helpers import wait_until_ready as ready
 
 
 def wait_state(get, job_id: str, states=("done", "failed", "cancelled"), timeout: float = 120) -> dict:

@@ -16,8 +16,7 @@ import pytest
 from service.inputs import FETCH_FAILED
 from service.jobs.webhooks import Webhooks
 from service.outbound import Policy
-from tests.helpers import text_page, wait_until
-from tests.test_api import client_for, png_bytes
+from tests.helpers import client_for, png_bytes, text_page, wait_until
 
 PNG = png_bytes(text_page((400, 300), lines=3))
 
@@ -149,7 +148,10 @@ def test_fetches_run_on_their_own_threads_not_the_upload_threads(tiny_engine, mo
 
 
 def test_a_webhook_to_an_internal_address_is_refused_when_the_job_is_made(tiny_engine, tmp_path):
-    from tests.test_jobs import FAST, PDF, app_client, ready
+    from tests.helpers import FAST
+    from tests.helpers import JOB_PDF as PDF
+    from tests.helpers import jobs_client as app_client
+    from tests.helpers import wait_until_ready as ready
 
     with listener(http_reply("204 No Content")) as (port, contacts):
         with app_client(tiny_engine, tmp_path, allow_webhooks=True) as client:

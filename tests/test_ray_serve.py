@@ -28,8 +28,8 @@ from service.api.app import create_app
 from service.ray_serve import DEPLOYMENT_NAME, deployment_options, wait_until_loaded
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
-from tests.helpers import serve_process, text_page, text_pdf
-from tests.test_api import png_bytes, wait_ready
+from tests.helpers import png_bytes, serve_process, text_page, text_pdf
+from tests.helpers import wait_until_ready as wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = png_bytes(text_page((600, 800)))

@@ -11,8 +11,8 @@ import pytest
 
 from service.api.app import create_app
 from service.settings import ServiceSettings
-from tests.helpers import GatedEngine, live_server
-from tests.test_jobs import FAST, PDF
+from tests.helpers import FAST, GatedEngine, live_server
+from tests.helpers import JOB_PDF as PDF
 
 
 def started_job(client: httpx.Client, base: str) -> str:

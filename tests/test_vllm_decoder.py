@@ -32,8 +32,8 @@ from service.engine.decode.sequence import EOS_ID, NGramGuard
 from service.engine.decode.vllm_decoder import STREAM_INTERVAL, VllmServer
 from service.engine.stats import StageTimer
 from service.settings import ServiceSettings
-from tests.helpers import live_server, text_page
-from tests.test_api import png_bytes, wait_ready
+from tests.helpers import live_server, png_bytes, text_page
+from tests.helpers import wait_until_ready as wait_ready
 
 PAGE = png_bytes(text_page((700, 900)))
 
@@ -272,7 +272,7 @@ def test_the_documented_vllm_flags_are_the_ones_the_live_test_runs():
 
     import yaml
 
-    from tests.test_vllm_live import SERVE_FLAGS
+    from tests.helpers import VLLM_SERVE_FLAGS as SERVE_FLAGS
 
     root = Path(__file__).resolve().parents[1]
     readme = root.joinpath("docs/scaling.md").read_text()

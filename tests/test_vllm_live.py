@@ -19,20 +19,13 @@ from service.engine.page import PageTask
 from service.engine.stats import StageTimer
 from service.engine.weights.presets import tiny_checkpoint_dir
 from service.loadtest import free_port, wait_ready
+from tests.helpers import VLLM_SERVE_FLAGS as SERVE_FLAGS
 from tests.helpers import text_page
 
 VLLM_PYTHON = os.environ.get("RTPRUNE_VLLM_PYTHON")
 pytestmark = pytest.mark.skipif(
     not VLLM_PYTHON, reason="set RTPRUNE_VLLM_PYTHON to a Python with vLLM (bash docker/vllm/cpu-venv.sh .vllm-venv)"
 )
-SERVE_FLAGS = [  # the README's `vllm serve` flags for DeepSeek-OCR
-    "--enable-prompt-embeds",
-    "--limit-mm-per-prompt",
-    '{"image":0}',
-    "--no-enable-prefix-caching",
-    "--logits_processors",
-    "vllm.model_executor.models.deepseek_ocr:NGramPerReqLogitsProcessor",
-]
 
 
 @pytest.fixture(scope="module")
