@@ -140,3 +140,14 @@ def test_routes_do_not_hold_the_engine(route):
         and node.value.func.attr == "ensure_ready"
     ]
     assert held == [] and assigned == []
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers.py (and the fakes beside it), never in another test module."""
+    importing = sorted(
+        f"{path.name} -> {node.module}"
+        for path in (ROOT / "tests").rglob("test_*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1].startswith("test_")
+    )
+    assert importing == []
