@@ -17,7 +17,7 @@ import torch
 
 from service.engine import OCREngine
 from service.engine.assemble import PromptInputs
-from service.engine.decode.batch import RunningBatch
+from service.engine.decode.contract import DecodeBatch
 from service.engine.decode.sequence import NGramGuard, Sequence
 from service.engine.stats import StageTimer
 
@@ -64,7 +64,7 @@ def default_row_cap(engine: OCREngine, kv_budget: int | None) -> int:
 @torch.inference_mode()
 def measure_step_ms(engine: OCREngine, rows: int, width: int = 256, steps: int = 3) -> float:
     """Median wall time of a decode step of ``rows`` synthetic rows ``width`` tokens wide, on the device."""
-    batch = RunningBatch(engine.model)
+    batch = engine.new_batch()  # the decoder the service runs (only ever the in-process one here: see above)
     sequences = synthetic_sequences(engine, rows, width, budget=steps + 3)
     for start in range(0, rows, 32):
         batch.join(sequences[start : start + 32])
@@ -82,7 +82,7 @@ def synthetic_sequences(engine: OCREngine, rows: int, width: int, budget: int) -
     return [Sequence(prompt, budget, NGramGuard(0, 0), StageTimer()) for _ in range(rows)]
 
 
-def step_times_ms(engine: OCREngine, batch: RunningBatch, steps: int) -> list[float]:
+def step_times_ms(engine: OCREngine, batch: DecodeBatch, steps: int) -> list[float]:
     """Wall time of each of ``steps`` decode steps after a warm one, the device synchronised around each."""
     timer = StageTimer(engine.device)
     batch.step()  # warm
