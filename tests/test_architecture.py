@@ -151,3 +151,20 @@ def test_no_test_module_imports_another():
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1].startswith("test_")
     )
     assert importing == []
+
+
+def test_each_scheduler_knob_defaults_to_its_setting():
+    """SchedulerConfig is built from the settings (``scheduler_config``); its own defaults serve benches and
+    tests that build one directly, and must say what the settings say (one had drifted)."""
+    from dataclasses import fields
+
+    from service.scheduler.config import SchedulerConfig
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings.model_fields
+    drifted = {
+        knob.name: (knob.default, settings[knob.name].default)
+        for knob in fields(SchedulerConfig)
+        if knob.default != settings[knob.name].default
+    }
+    assert drifted == {}

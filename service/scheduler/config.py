@@ -22,7 +22,7 @@ class SchedulerConfig:
     retry_after_s: int = 2
     warmup: bool = True
     preprocess_threads: int = 2  # threads that render and preprocess pages ahead of admission
-    max_queued_pixels: int | None = None  # pixels of the waiting pages (decoded); None: no bound
+    max_queued_pixels: int | None = 2_000_000_000  # pixels of the waiting pages (decoded); None: no bound
     adaptive_target_wait_s: float | None = None  # lower retention when pages wait longer (None: off)
     adaptive_floor: float = 0.5  # ... never below this
     join_budget_ms: float | None = None  # joining work between two decode steps; None: the median step time, 0: off
