@@ -121,7 +121,7 @@ def test_no_service_module_is_over_400_lines():
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_routes_do_not_hold_the_engine(route):
-    """A route goes through the door step (api/common.open_door) and the scheduler; it never takes the
+    """A route goes through the door step (api/doors.open_door) and the scheduler; it never takes the
     engine itself (``scheduler.engine``, or the engine ``ensure_ready`` returns)."""
     tree = ast.parse(MODULES[f"service.api.{route}"].read_text())
     held = [

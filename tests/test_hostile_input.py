@@ -461,7 +461,7 @@ def test_running_out_of_file_descriptors_is_logged_once_a_second():
 
 def test_a_page_range_with_any_whitespace_reads_as_its_numbers():
     """The form's pattern allows whitespace around the numbers (tabs, newlines too: found by schema fuzzing)."""
-    from service.api.common import OcrForm
+    from service.api.doors import OcrForm
 
     def page_range(pages: str):
         return OcrForm.model_construct(pages=pages).page_range()

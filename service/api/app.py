@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.api import chat, health, jobs, mistral_ocr, ocr, web
-from service.api.common import open_upload
+from service.api.doors import open_upload
 from service.api.handlers import install_error_handlers
 from service.api.middleware import (
     AdmissionMiddleware,

@@ -27,7 +27,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from service.api.chat_schema import INSTRUCTION_ROLES, NEUTRAL, TURN_RULE, ChatMessage, ChatRequest, VllmXargs
-from service.api.common import (
+from service.api.deps import SchedulerDep, SettingsDep
+from service.api.doors import (
     ERROR_RESPONSES,
     event_stream,
     failure,
@@ -39,7 +40,6 @@ from service.api.common import (
     read_url,
     wait_for,
 )
-from service.api.deps import SchedulerDep, SettingsDep
 from service.engine import Cancelled, PageResult
 from service.engine.decode.sequence import TABLE_CELL_IDS
 from service.engine.names import Task

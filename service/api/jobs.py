@@ -17,8 +17,8 @@ from fastapi import APIRouter, Form, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.api.common import ERROR_RESPONSES, OcrForm, build_response, event_stream, open_door, read_upload
 from service.api.deps import RunnerDep, SchedulerDep, SettingsDep
+from service.api.doors import ERROR_RESPONSES, OcrForm, build_response, event_stream, open_door, read_upload
 from service.api.middleware import key_digest
 from service.api.responses import JSONResponse
 from service.api.shares import ClientShares

@@ -26,7 +26,8 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from service.api.chat_schema import ImageUrl, Name, Short, Text
-from service.api.common import (
+from service.api.deps import SchedulerDep, SettingsDep
+from service.api.doors import (
     ERROR_RESPONSES,
     open_door,
     open_upload,
@@ -36,7 +37,6 @@ from service.api.common import (
     read_url,
     wait_for,
 )
-from service.api.deps import SchedulerDep, SettingsDep
 from service.engine.options import MAX_NEW_TOKENS, PageKnobs, in_one_sentence
 from service.errors import InvalidParameter
 from service.inputs import PDF_DPI, PageRangeOutside, is_pdf

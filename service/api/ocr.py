@@ -8,7 +8,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 
-from service.api.common import (
+from service.api.deps import SchedulerDep, SettingsDep
+from service.api.doors import (
     ERROR_RESPONSES,
     OcrForm,
     build_response,
@@ -17,7 +18,6 @@ from service.api.common import (
     read_upload,
     wait_for,
 )
-from service.api.deps import SchedulerDep, SettingsDep
 from service.schemas import OcrResponse
 
 router = APIRouter(tags=["ocr"])
