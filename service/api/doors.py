@@ -3,7 +3,8 @@ scheduler, and the /v1/ocr answer. Routes import this module (and ``deps``), nev
 
 A door only translates its dialect into the fields a caller chose (a dict) and back into its
 answer; everything between is the same call for all of them:
-:func:`door_options` -> :func:`open_upload` -> :func:`page_request` -> ``scheduler.submit`` ->
+:func:`open_door` (the model ready, :func:`door_options`) -> :func:`open_upload` -> :func:`page_request` ->
+``scheduler.submit`` ->
 :func:`wait_for`, whose failures go through the one error table (:func:`service.failures.to_service_error`).
 """
 
